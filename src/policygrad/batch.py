@@ -1,0 +1,73 @@
+"""`Batch`: the one contract between collecting experience and learning from it.
+
+Every per-step tensor is (B, T) with a `mask` of valid steps. For control, B = environments and
+T = steps; for a language model, B = completions and T = generated tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Batch:
+    obs: torch.Tensor
+    """(B, T, *obs_shape) observations the actions were taken in (normalised, if normalising)."""
+    actions: torch.Tensor
+    """(B, T) discrete actions or (B, T, act_dim) continuous ones."""
+    log_prob: torch.Tensor
+    """(B, T) log-probability of each action under the policy that collected it (old_log_prob)."""
+    rewards: torch.Tensor
+    """(B, T) reward received after each action."""
+    terminated: torch.Tensor
+    """(B, T) 1.0 where the episode truly ended after this step: no bootstrap."""
+    truncated: torch.Tensor
+    """(B, T) 1.0 where the episode was cut (time limit): bootstrap from next_values."""
+    mask: torch.Tensor
+    """(B, T) 1.0 on valid steps, 0.0 on padding."""
+    values: Optional[torch.Tensor] = None
+    """(B, T) critic's value of obs, None for critic-free policies."""
+    next_values: Optional[torch.Tensor] = None
+    """(B, T) critic's value of the observation after each step (the final observation of a
+    truncated episode, the next rollout's first at the rollout's end)."""
+    group: Optional[torch.Tensor] = None
+    """(B,) index of the prompt a completion answers (language models)."""
+    advantages: Optional[torch.Tensor] = None
+    """(B, T) filled by an advantage estimator."""
+    returns: Optional[torch.Tensor] = None
+    """(B, T) value targets, filled by an advantage estimator."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.mask.shape)  # type: ignore[return-value]
+
+    def replace(self, **changes) -> "Batch":
+        return dataclasses.replace(self, **changes)
+
+    def _map(self, fn) -> "Batch":
+        """Apply fn to every per-step tensor (those with leading dims (B, T))."""
+        changes = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None and f.name != "group":
+                changes[f.name] = fn(value)
+        return self.replace(**changes)
+
+    def flatten_steps(self) -> "Batch":
+        """View every step as its own row: (B, T, ...) -> (B*T, 1, ...), for per-step minibatches."""
+        B, T = self.shape
+        return self._map(lambda x: x.reshape(B * T, 1, *x.shape[2:])).replace(group=None)
+
+    def select_rows(self, rows: torch.Tensor) -> "Batch":
+        """The sub-batch of rows (B',) of this batch."""
+        out = self._map(lambda x: x[rows])
+        return out.replace(group=None if self.group is None else self.group[rows])
+
+    def minibatches(self, size: int, generator: torch.Generator) -> Iterator["Batch"]:
+        """Shuffled row minibatches of at most `size` rows covering the batch once."""
+        order = torch.randperm(self.shape[0], generator=generator)
+        for start in range(0, len(order), size):
+            yield self.select_rows(order[start:start + size])

@@ -1,0 +1,262 @@
+"""One flat, documented config; YAML files and `key=value` overrides map onto it.
+
+Resolution order (later wins): dataclass defaults < the shipped preset for (env, algo) <
+`--config FILE.yaml` < `key=value` overrides < explicit CLI flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the CLI prints it as one line and exits with code 2."""
+
+
+@dataclass
+class Config:
+    # --- what to train ---
+    algo: str = "ppo"
+    """Algorithm: reinforce | trpo | ppo."""
+    env: str = "CartPole-v1"
+    """A registered Gymnasium environment id."""
+    total_steps: int = 100_000
+    """Environment steps to train for (summed over all vector environments)."""
+    seed: int = 1
+    """Seed of the run; each rank and environment derives its own from it."""
+
+    # --- rollouts ---
+    num_envs: int = 8
+    """Parallel environments in the vector env."""
+    n_steps: int = 128
+    """Steps per environment in each rollout; a rollout holds num_envs * n_steps transitions."""
+    vectorization: str = "sync"
+    """Gymnasium vector env: sync (one process) | async (one process per env)."""
+
+    # --- advantages ---
+    advantage: str = "gae"
+    """Advantage estimator: gae | mc (Monte-Carlo discounted returns minus the baseline)."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda (1.0 gives Monte-Carlo returns minus the value)."""
+    normalize_advantages: bool = True
+    """Whiten advantages over the batch before the update."""
+
+    # --- optimisation (shared) ---
+    lr: float = 3e-4
+    """Adam learning rate of the policy (and, for PPO/REINFORCE, the shared value head)."""
+    lr_schedule: str = "constant"
+    """constant | linear (anneal to 0 over total_steps)."""
+    max_grad_norm: float = 0.5
+    """Clip the global gradient norm to this (0 disables)."""
+    value_baseline: bool = True
+    """REINFORCE: subtract a learned value baseline."""
+    vf_coef: float = 0.5
+    """Weight of the value loss in the joint loss (PPO, REINFORCE)."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus."""
+
+    # --- PPO ---
+    n_epochs: int = 10
+    """PPO epochs over each rollout."""
+    batch_size: int = 64
+    """Minibatch size (transitions) for PPO and for TRPO's value regression."""
+    clip_eps: float = 0.2
+    """PPO ratio clip epsilon."""
+    clip_schedule: str = "constant"
+    """constant | linear (anneal clip_eps to 0 over total_steps)."""
+    clip_value_eps: Optional[float] = None
+    """Clip the value update to +-this around the old value (None disables)."""
+    target_kl: Optional[float] = None
+    """Stop the PPO epochs early once the approximate KL exceeds 1.5 * this (None disables)."""
+
+    # --- TRPO ---
+    max_kl: float = 0.01
+    """Trust region: the mean KL(old || new) a TRPO step may reach."""
+    cg_iters: int = 15
+    """Conjugate-gradient iterations for the natural-gradient direction."""
+    cg_damping: float = 0.1
+    """Damping added to the Fisher-vector product."""
+    line_search_steps: int = 10
+    """Backtracking steps before a TRPO update is rejected."""
+    line_search_shrink: float = 0.8
+    """Step shrink factor per backtracking step."""
+    value_lr: float = 1e-3
+    """TRPO: Adam learning rate of the value regression."""
+    value_epochs: int = 10
+    """TRPO: passes of value regression over each rollout."""
+
+    # --- policy network ---
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
+    """Hidden layer widths of the actor and of the critic MLP."""
+    activation: str = "tanh"
+    """tanh | relu."""
+    log_std_init: float = 0.0
+    """Initial log standard deviation of the Gaussian head (Box actions)."""
+    ortho_init: bool = True
+    """Orthogonal initialisation (gain sqrt(2) hidden, 0.01 policy head, 1 value head)."""
+    normalize_obs: bool = False
+    """Running observation normalisation (saved with the checkpoint)."""
+    normalize_reward: bool = False
+    """Scale rewards by the running std of the discounted return (as SB3's VecNormalize)."""
+    clip_obs: float = 10.0
+    """Clip normalised observations to +-this."""
+
+    # --- evaluation, logging ---
+    eval_every: int = 10_000
+    """Evaluate on separate environments every this many environment steps (0: only at the end)."""
+    eval_episodes: int = 10
+    """Episodes per periodic evaluation (deterministic actions)."""
+    stop_at_return: Optional[float] = None
+    """Stop early once the mean return of the last 20 training episodes reaches this (None: never)."""
+    torch_threads: int = 1
+    """Torch intra-op threads; small MLPs run fastest on one."""
+
+    @property
+    def rollout_size(self) -> int:
+        return self.num_envs * self.n_steps
+
+    @property
+    def total_updates(self) -> int:
+        return max(1, self.total_steps // self.rollout_size)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "algo": ("reinforce", "trpo", "ppo"),
+    "vectorization": ("sync", "async"),
+    "advantage": ("gae", "mc"),
+    "lr_schedule": ("constant", "linear"),
+    "clip_schedule": ("constant", "linear"),
+    "activation": ("tanh", "relu"),
+}
+POSITIVE = ("total_steps", "num_envs", "n_steps", "n_epochs", "batch_size", "cg_iters",
+            "line_search_steps", "value_epochs", "eval_episodes", "torch_threads", "lr", "value_lr",
+            "max_kl", "clip_eps")
+UNIT_INTERVAL = ("gamma", "gae_lambda", "line_search_shrink")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check one value against its field's type; ints are accepted where floats are due."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, e.g. {key}=[64,64]; got {value!r}")
+        return [_coerce(key, v, inner) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e5 parses as a float
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{key}' must be {getattr(hint, '__name__', hint)}; got {value!r}")
+
+
+def _unknown_key(key: str) -> ConfigError:
+    names = field_names()
+    near = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; valid keys: {', '.join(names)}")
+
+
+def apply(cfg: Config, values: dict[str, Any]) -> Config:
+    """Return cfg with values set, each checked against its field's type."""
+    hints = typing.get_type_hints(Config)
+    changes = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in hints or key not in field_names():
+            raise _unknown_key(key)
+        changes[key] = _coerce(key, value, hints[key])
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings to a dict; values are read as YAML scalars (1e-3, true, [64,64], null)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of key: value")
+    return data
+
+
+def preset(env: str, algo: str) -> dict[str, Any]:
+    """Tuned hyper-parameters shipped for (env, algo); empty for any other env."""
+    text = resources.files("policygrad.control").joinpath("presets.yaml").read_text(encoding="utf-8")
+    table = yaml.safe_load(text) or {}
+    return dict((table.get(env) or {}).get(algo) or {})
+
+
+def validate(cfg: Config) -> Config:
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key} '{getattr(cfg, key)}' is not one of: {', '.join(allowed)}")
+    for key in POSITIVE:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive; got {getattr(cfg, key)}")
+    for key in UNIT_INTERVAL:
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ConfigError(f"{key} must lie in [0, 1]; got {getattr(cfg, key)}")
+    if not cfg.hidden_sizes or any(h <= 0 for h in cfg.hidden_sizes):
+        raise ConfigError(f"hidden_sizes must be a non-empty list of positive ints; got {cfg.hidden_sizes}")
+    if cfg.eval_every < 0:
+        raise ConfigError(f"eval_every must be >= 0; got {cfg.eval_every}")
+    return cfg
+
+
+def resolve(file_values: dict[str, Any], overrides: dict[str, Any], flags: dict[str, Any]) -> Config:
+    """Build the run's config from a YAML file's values, key=value overrides and explicit flags."""
+    layered = {**file_values, **overrides, **{k: v for k, v in flags.items() if v is not None}}
+    probe = apply(Config(), layered)  # find algo/env (and reject unknown keys) before the preset
+    cfg = apply(Config(), preset(probe.env, probe.algo))
+    return validate(apply(cfg, layered))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

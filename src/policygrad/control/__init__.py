@@ -1,0 +1,1 @@
+"""Classic-control policies and rollouts on Gymnasium environments."""

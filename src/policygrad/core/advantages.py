@@ -1,0 +1,90 @@
+"""Advantage estimators, registered by name with one signature: fn(batch, cfg) -> (advantages, returns).
+
+Termination is not truncation: a terminated episode has no future, a truncated one bootstraps from
+the value of its final observation (Pardo et al. 2018, "Time Limits in Reinforcement Learning").
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..batch import Batch
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor,
+        terminated: torch.Tensor, truncated: torch.Tensor, gamma: float, gae_lambda: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) on (B, T) tensors.
+
+    next_values[:, t] is the value of the observation that followed step t: for a truncated step the
+    final observation of the episode, for the last column the first observation of the next rollout.
+    """
+    not_terminated = 1.0 - terminated                                   # (B, T)
+    not_done = not_terminated * (1.0 - truncated)                       # (B, T) no episode boundary
+    deltas = rewards + gamma * next_values * not_terminated - values    # (B, T)
+    advantages = torch.zeros_like(deltas)                               # (B, T)
+    running = torch.zeros_like(deltas[:, 0])                            # (B,)
+    for t in reversed(range(deltas.shape[1])):
+        running = deltas[:, t] + gamma * gae_lambda * not_done[:, t] * running  # (B,)
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+def discounted_returns(rewards: torch.Tensor, terminated: torch.Tensor, truncated: torch.Tensor,
+                       gamma: float, next_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Monte-Carlo discounted returns on (B, T) tensors.
+
+    Where an episode is cut (truncation, or the rollout's end) the return bootstraps from
+    next_values, or from 0 when there is no critic.
+    """
+    if next_values is None:
+        next_values = torch.zeros_like(rewards)                         # (B, T)
+    not_terminated = 1.0 - terminated                                   # (B, T)
+    returns = torch.zeros_like(rewards)                                 # (B, T)
+    future = next_values[:, -1]                                         # (B,) bootstrap at rollout end
+    for t in reversed(range(rewards.shape[1])):
+        cut = truncated[:, t]                                           # (B,)
+        future = cut * next_values[:, t] + (1.0 - cut) * future         # (B,)
+        returns[:, t] = rewards[:, t] + gamma * not_terminated[:, t] * future
+        future = returns[:, t]
+    return returns
+
+
+def normalize(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Whiten x over its valid (mask = 1) entries; padding stays 0."""
+    n = mask.sum()
+    mean = (x * mask).sum() / n                                          # ()
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)        # () unbiased
+    return (x - mean) / (var.sqrt() + eps) * mask                        # (B, T)
+
+
+def _gae(batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    if batch.values is None or batch.next_values is None:
+        raise ValueError("the gae advantage needs a critic (values and next_values in the batch)")
+    return gae(batch.rewards, batch.values, batch.next_values, batch.terminated, batch.truncated,
+               cfg.gamma, cfg.gae_lambda)
+
+
+def _monte_carlo(batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    # Without a learned baseline there is no critic to bootstrap from either.
+    critic = batch.values is not None and getattr(cfg, "value_baseline", True)
+    returns = discounted_returns(batch.rewards, batch.terminated, batch.truncated, cfg.gamma,
+                                 batch.next_values if critic else None)
+    baseline = batch.values if critic else torch.zeros_like(returns)
+    return returns - baseline, returns
+
+
+ADVANTAGES: dict[str, Callable[[Batch, object], tuple[torch.Tensor, torch.Tensor]]] = {
+    "gae": _gae,
+    "mc": _monte_carlo,
+}
+
+
+def compute(batch: Batch, cfg) -> Batch:
+    """The batch with advantages (whitened if cfg.normalize_advantages) and returns filled in."""
+    advantages, returns = ADVANTAGES[cfg.advantage](batch, cfg)
+    advantages = advantages * batch.mask
+    if cfg.normalize_advantages:
+        advantages = normalize(advantages, batch.mask)
+    return batch.replace(advantages=advantages, returns=returns)

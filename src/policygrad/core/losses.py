@@ -1,0 +1,84 @@
+"""Policy losses, registered by name with one signature: fn(log_prob, batch, cfg) -> (loss, metrics);
+plus the value loss and KL estimators they share. All (B, T) tensors are averaged over batch.mask.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..batch import Batch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def reinforce_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:
+    """Score-function estimator: -E[log pi(a|s) * A] (Williams 1992)."""
+    loss = -masked_mean(log_prob * batch.advantages, batch.mask)        # ()
+    return loss, {"policy/loss": loss.item()}
+
+
+def ppo_clip_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate of Schulman et al. 2017, eq. 7, with its usual diagnostics."""
+    log_ratio = log_prob - batch.log_prob                               # (B, T)
+    ratio = log_ratio.exp()                                             # (B, T)
+    unclipped = ratio * batch.advantages                                # (B, T)
+    clipped = ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * batch.advantages  # (B, T)
+    loss = -masked_mean(torch.min(unclipped, clipped), batch.mask)      # ()
+    with torch.no_grad():
+        approx_kl = masked_mean(kl_k3(log_ratio), batch.mask)           # () KL(old || new), k3
+        clip_fraction = masked_mean(((ratio - 1.0).abs() > cfg.clip_eps).float(), batch.mask)
+    return loss, {"policy/loss": loss.item(), "policy/approx_kl": approx_kl.item(),
+                  "policy/clip_fraction": clip_fraction.item()}
+
+
+POLICY_LOSSES: dict[str, Callable[[torch.Tensor, Batch, object], tuple[torch.Tensor, dict]]] = {
+    "reinforce": reinforce_loss,
+    "ppo": ppo_clip_loss,
+}
+
+
+def value_loss(values: torch.Tensor, batch: Batch, clip_value_eps: Optional[float] = None
+               ) -> torch.Tensor:
+    """Mean squared error to the returns; with clip_value_eps, PPO's pessimistic clipped variant."""
+    error = (values - batch.returns) ** 2                               # (B, T)
+    if clip_value_eps is not None:
+        clipped = batch.values + (values - batch.values).clamp(-clip_value_eps, clip_value_eps)
+        error = torch.max(error, (clipped - batch.returns) ** 2)        # (B, T)
+    return masked_mean(error, batch.mask)
+
+
+# KL(p || q) estimators from samples x ~ p, given log_ratio = log q(x) - log p(x)
+# (Schulman 2020, "Approximating KL divergence"): k1 unbiased, k2 low variance, k3 unbiased and >= 0.
+def kl_k1(log_ratio: torch.Tensor) -> torch.Tensor:
+    return -log_ratio
+
+
+def kl_k2(log_ratio: torch.Tensor) -> torch.Tensor:
+    return 0.5 * log_ratio ** 2
+
+
+def kl_k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    return log_ratio.exp() - 1.0 - log_ratio
+
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "k1": kl_k1, "k2": kl_k2, "k3": kl_k3,
+}
+
+
+def categorical_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Exact KL(p || q) between categoricals given by logits (..., K) -> (...)."""
+    log_p = torch.log_softmax(logits_p, dim=-1)                         # (..., K)
+    log_q = torch.log_softmax(logits_q, dim=-1)                         # (..., K)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)                      # (...)
+
+
+def gaussian_kl(mean_p: torch.Tensor, log_std_p: torch.Tensor, mean_q: torch.Tensor,
+                log_std_q: torch.Tensor) -> torch.Tensor:
+    """Exact KL(p || q) between diagonal Gaussians (..., D) -> (...)."""
+    var_ratio = torch.exp(2.0 * (log_std_p - log_std_q))                # (..., D)
+    mean_term = ((mean_p - mean_q) * torch.exp(-log_std_q)) ** 2        # (..., D)
+    return 0.5 * (var_ratio + mean_term - 1.0 - torch.log(var_ratio)).sum(-1)

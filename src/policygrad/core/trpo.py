@@ -1,0 +1,98 @@
+"""The TRPO solver (Schulman et al. 2015, appendix C), on any list of parameters.
+
+It sees only closures: `loss_fn()` -> the surrogate loss to minimise and `kl_fn()` -> the mean
+KL(old || new), both evaluated at the parameters' current values. So the same solver steps an MLP
+policy and a language model.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+
+def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
+                       iters: int = 10, tol: float = 1e-10) -> torch.Tensor:
+    """Solve A x = b for symmetric positive-definite A given only x -> A x."""
+    x = torch.zeros_like(b)                                             # (P,)
+    r = b.clone()                                                       # (P,) residual b - A x
+    p = b.clone()                                                       # (P,) search direction
+    r_dot = r @ r
+    for _ in range(iters):
+        if r_dot <= tol:
+            break
+        Ap = matvec(p)                                                  # (P,)
+        alpha = r_dot / (p @ Ap)
+        x += alpha * p
+        r -= alpha * Ap
+        new_r_dot = r @ r
+        p = r + (new_r_dot / r_dot) * p
+        r_dot = new_r_dot
+    return x
+
+
+def flat_grad(output: torch.Tensor, params: Sequence[torch.Tensor], **kwargs) -> torch.Tensor:
+    grads = torch.autograd.grad(output, params, allow_unused=True, **kwargs)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(grads, params)])                  # (P,)
+
+
+def fisher_vector_product(kl_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+                          damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> (H + damping I) v, H the Hessian of the mean KL at new = old, which is the Fisher
+    information matrix. One graph of the KL gradient is built and reused for every product."""
+    kl_grad = flat_grad(kl_fn(), params, create_graph=True)             # (P,)
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        hv = flat_grad(kl_grad @ v, params, retain_graph=True)          # (P,)
+        return hv + damping * v
+
+    return product
+
+
+def line_search(params: Sequence[torch.Tensor], old_flat: torch.Tensor, full_step: torch.Tensor,
+                loss_fn: Callable[[], torch.Tensor], kl_fn: Callable[[], torch.Tensor],
+                old_loss: float, max_kl: float, steps: int, shrink: float) -> dict:
+    """Backtrack along full_step; accept the first step that lowers the loss and keeps
+    KL <= max_kl. If none does, the parameters are restored to old_flat."""
+    fraction = 1.0
+    for i in range(steps):
+        vector_to_parameters(old_flat + fraction * full_step, params)
+        with torch.no_grad():
+            loss = loss_fn().item()
+            kl = kl_fn().item()
+        if kl <= max_kl and loss < old_loss:
+            return {"trpo/accepted": 1.0, "trpo/backtracks": float(i), "trpo/step_fraction": fraction,
+                    "trpo/kl": kl, "trpo/improvement": old_loss - loss}
+        fraction *= shrink
+    vector_to_parameters(old_flat, params)
+    return {"trpo/accepted": 0.0, "trpo/backtracks": float(steps), "trpo/step_fraction": 0.0,
+            "trpo/kl": 0.0, "trpo/improvement": 0.0}
+
+
+def trpo_step(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Tensor],
+              kl_fn: Callable[[], torch.Tensor], max_kl: float, damping: float = 0.1,
+              cg_iters: int = 10, line_search_steps: int = 10, shrink: float = 0.8,
+              fvp_kl_fn: Callable[[], torch.Tensor] | None = None) -> dict:
+    """One natural-gradient step of params inside the trust region KL(old || new) <= max_kl.
+
+    fvp_kl_fn, if given, is the KL used for Fisher-vector products (e.g. on a sub-sample of the
+    batch, which is cheaper and, per the TRPO paper, nearly as good).
+    """
+    params = list(params)
+    loss = loss_fn()
+    grad = flat_grad(loss, params)                                      # (P,)
+    fvp = fisher_vector_product(fvp_kl_fn or kl_fn, params, damping)
+    direction = conjugate_gradient(fvp, -grad, iters=cg_iters)          # (P,) ~ -F^-1 g
+    # Scale so that the quadratic model of the KL, 0.5 s^T F s, equals max_kl.
+    quad = 0.5 * (direction @ fvp(direction))
+    if not torch.isfinite(quad) or quad <= 0:
+        return {"trpo/accepted": 0.0, "trpo/backtracks": 0.0, "trpo/step_fraction": 0.0,
+                "trpo/kl": 0.0, "trpo/improvement": 0.0, "trpo/grad_norm": grad.norm().item()}
+    full_step = direction * torch.sqrt(max_kl / quad)                   # (P,)
+    old_flat = parameters_to_vector(params).detach()                    # (P,)
+    metrics = line_search(params, old_flat, full_step, loss_fn, kl_fn, loss.item(), max_kl,
+                          line_search_steps, shrink)
+    metrics["trpo/grad_norm"] = grad.norm().item()
+    return metrics
