@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .batch import Batch
-from .core.losses import POLICY_LOSSES, masked_mean, value_loss
+from .core.losses import POLICY_LOSSES, batch_mean, value_loss
 from .core.trpo import trpo_step
 
 
@@ -82,9 +82,9 @@ def _gradient_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_g
 def reinforce_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) -> dict:
     """One gradient step on the score-function loss (plus the baseline's regression)."""
     _set_lr(opts.main, _scheduled(cfg.lr, cfg.lr_schedule, progress))
-    log_prob, entropy, values = policy.evaluate(batch)
+    log_prob, entropy, values = policy.evaluate(batch, entropy_grad=cfg.ent_coef != 0)
     loss, metrics = POLICY_LOSSES["reinforce"](log_prob, batch, cfg)
-    entropy_mean = masked_mean(entropy, batch.mask)
+    entropy_mean = batch_mean(entropy, batch)
     total = loss - cfg.ent_coef * entropy_mean
     if cfg.value_baseline and values is not None:
         v_loss = value_loss(values, batch)
@@ -106,11 +106,13 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
     stopped_early = 0.0
     for _ in range(cfg.n_epochs):
         for mb in rows.minibatches(cfg.batch_size, progress.generator):
-            log_prob, entropy, values = policy.evaluate(mb)
+            log_prob, entropy, values = policy.evaluate(mb, entropy_grad=cfg.ent_coef != 0)
             loss, metrics = POLICY_LOSSES["ppo"](log_prob, mb, step_cfg)
-            entropy_mean = masked_mean(entropy, mb.mask)
+            entropy_mean = batch_mean(entropy, mb)
             v_loss = value_loss(values, mb, cfg.clip_value_eps)
-            total = loss - cfg.ent_coef * entropy_mean + cfg.vf_coef * v_loss
+            total = loss + cfg.vf_coef * v_loss
+            if cfg.ent_coef:
+                total = total - cfg.ent_coef * entropy_mean
             metrics.update({"value/loss": v_loss.item(), "policy/entropy": entropy_mean.item()})
             metrics["policy/grad_norm"] = _gradient_step(opts.main, total, params, cfg.max_grad_norm)
             mean.add(metrics)
@@ -129,7 +131,7 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
 
     def surrogate() -> torch.Tensor:
         ratio = torch.exp(policy.log_prob(batch) - batch.log_prob)      # (B, T)
-        return -masked_mean(ratio * batch.advantages, batch.mask)
+        return -batch_mean(ratio * batch.advantages, batch)
 
     metrics = trpo_step(policy.actor_parameters(), surrogate, lambda: policy.kl(batch, old),
                         max_kl=cfg.max_kl, damping=cfg.cg_damping, cg_iters=cfg.cg_iters,
@@ -152,11 +154,11 @@ class Algo:
 
 
 def _joint_adam(policy, cfg) -> Optimizers:
-    return Optimizers(main=torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5))
+    return Optimizers(main=torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5, fused=True))
 
 
 def _critic_adam(policy, cfg) -> Optimizers:
-    return Optimizers(main=None, value=torch.optim.Adam(policy.critic_parameters(), lr=cfg.value_lr))
+    return Optimizers(main=None, value=torch.optim.Adam(policy.critic_parameters(), lr=cfg.value_lr, fused=True))
 
 
 ALGOS: dict[str, Algo] = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator, Optional
 
 import torch
@@ -40,6 +41,11 @@ class Batch:
     returns: Optional[torch.Tensor] = None
     """(B, T) value targets, filled by an advantage estimator."""
 
+    @cached_property
+    def n_valid(self) -> torch.Tensor:
+        """() number of valid steps, the denominator of every masked mean (computed once)."""
+        return self.mask.sum().clamp(min=1.0)
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.mask.shape)  # type: ignore[return-value]
@@ -68,6 +74,9 @@ class Batch:
 
     def minibatches(self, size: int, generator: torch.Generator) -> Iterator["Batch"]:
         """Shuffled row minibatches of at most `size` rows covering the batch once."""
+        if size >= self.shape[0]:  # one minibatch of everything: order does not change the gradient
+            yield self
+            return
         order = torch.randperm(self.shape[0], generator=generator)
         for start in range(0, len(order), size):
             yield self.select_rows(order[start:start + size])

@@ -87,12 +87,13 @@ def latest(out_dir: Path) -> Optional[Path]:
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """(model tensors, optimizer tensors, state) of a checkpoint folder; CheckpointError if unreadable."""
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint '{path}' is incomplete: {name} is missing")
     try:
         model = load_file(str(path / "model.safetensors"))
         opt = load_file(str(path / "optimizer.safetensors"))
         state = json.loads((path / "state.json").read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"checkpoint '{path}' is incomplete: {Path(e.filename).name} is missing") from None
     except (SafetensorError, json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint '{path}' is corrupt ({e.__class__.__name__}); "
                               "re-train or point at an earlier checkpoint") from None

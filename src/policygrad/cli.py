@@ -23,8 +23,15 @@ class UsageError(ValueError):
     """A wrong command line or an --out/run folder that does not fit."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"policygrad: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="policygrad", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="policygrad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a policy")
     train.add_argument("--algo", help="reinforce | trpo | ppo")
@@ -101,7 +108,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may stand between options; argparse alone would stop at the first one.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "train"]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if args.command == "train":
+        args.overrides = [*args.overrides, *extra]
     try:
         return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
     except (*USER_ERRORS, UsageError) as e:

@@ -38,7 +38,7 @@ class Collector:
         self.envs = envs
         self.n = envs.num_envs
         self.gamma = gamma
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
         self.obs, _ = envs.reset(seed=seed)
         self.episode_return = np.zeros(self.n)
         self.episode_length = np.zeros(self.n, dtype=np.int64)
@@ -69,37 +69,36 @@ class Collector:
     @torch.no_grad()
     def collect(self, policy: ControlPolicy, n_steps: int) -> Batch:
         T, N = n_steps, self.n
+        actor = policy.numpy_snapshot()
         obs_buf, act_buf, logp_buf, val_buf = [], [], [], []
-        rewards = torch.zeros(T, N)
-        terminated = torch.zeros(T, N)
-        truncated = torch.zeros(T, N)
-        next_values = torch.zeros(T, N)
+        rewards, terminated, truncated = (np.zeros((T, N), np.float32) for _ in range(3))
+        final_values = np.zeros((T, N), np.float32)
         for t in range(T):
             obs = policy.normalize(self.obs, update=True)               # (N, obs_dim)
-            actions, log_prob, values = policy.act(obs, self.generator)
+            actions, log_prob, values = actor.act(obs, self.rng)
             self.obs, reward, term, trunc, info = self.envs.step(policy.to_env_actions(actions))
             done = term | trunc
             self._track(reward, done)
-            rewards[t] = torch.from_numpy(self._scale(policy, reward, done).astype(np.float32))
-            terminated[t] = torch.from_numpy(term.astype(np.float32))
-            truncated[t] = torch.from_numpy((trunc & ~term).astype(np.float32))
+            rewards[t] = self._scale(policy, reward, done)
+            terminated[t] = term
+            truncated[t] = trunc & ~term
             cut = np.flatnonzero(trunc & ~term)
             if len(cut):  # bootstrap from the episode's final observation, not the reset one
                 final = np.stack([info["final_obs"][i] for i in cut])
-                next_values[t, cut] = policy.value(torch.from_numpy(policy.normalize(final, update=False)))
-            obs_buf.append(torch.from_numpy(obs))
+                final_values[t, cut] = actor.value(policy.normalize(final, update=False))
+            obs_buf.append(obs)
             act_buf.append(actions)
             logp_buf.append(log_prob)
             val_buf.append(values)
-        values = torch.stack(val_buf)                                   # (T, N)
-        last_value = policy.value(torch.from_numpy(policy.normalize(self.obs, update=False)))
-        following = torch.cat([values[1:], last_value[None]])           # (T, N) value of obs t+1
-        boundary = terminated + truncated
-        next_values = torch.where(boundary > 0, next_values, following)  # (T, N)
+        values = np.stack(val_buf)                                      # (T, N)
+        last_value = actor.value(policy.normalize(self.obs, update=False))
+        following = np.concatenate([values[1:], last_value[None]])      # (T, N) value of obs t+1
+        next_values = np.where(terminated + truncated > 0, final_values, following)  # (T, N)
+        per_step = lambda x: torch.from_numpy(np.ascontiguousarray(np.swapaxes(np.asarray(x), 0, 1)))
         return Batch(
-            obs=torch.stack(obs_buf).transpose(0, 1), actions=torch.stack(act_buf).transpose(0, 1),
-            log_prob=torch.stack(logp_buf).T, rewards=rewards.T, terminated=terminated.T,
-            truncated=truncated.T, mask=torch.ones(N, T), values=values.T, next_values=next_values.T)
+            obs=per_step(obs_buf), actions=per_step(act_buf), log_prob=per_step(logp_buf),
+            rewards=per_step(rewards), terminated=per_step(terminated), truncated=per_step(truncated),
+            mask=torch.ones(N, T), values=per_step(values), next_values=per_step(next_values))
 
 
 @torch.no_grad()
@@ -112,10 +111,10 @@ def evaluate(policy: ControlPolicy, env_id: str, episodes: int, seed: int) -> np
     obs, _ = envs.reset(seed=seed)
     running, returns = np.zeros(n), []
     done_count = np.zeros(n, dtype=np.int64)
-    generator = torch.Generator().manual_seed(seed)
+    actor, rng = policy.numpy_snapshot(), np.random.default_rng(seed)
     try:
         while (done_count < quota).any():
-            actions, _, _ = policy.act(policy.normalize(obs, update=False), generator, deterministic=True)
+            actions, _, _ = actor.act(policy.normalize(obs, update=False), rng, deterministic=True)
             obs, reward, term, trunc, _ = envs.step(policy.to_env_actions(actions))
             running += reward
             for i in np.flatnonzero(term | trunc):

@@ -10,13 +10,20 @@ import torch
 from ..batch import Batch
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, n_valid: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+    """Mean of x over mask = 1; pass n_valid (= mask.sum()) when it is known, to save the sum."""
+    return (x * mask).sum() / (mask.sum().clamp(min=1.0) if n_valid is None else n_valid)
+
+
+def batch_mean(x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean of a (B, T) tensor over the batch's valid steps."""
+    return masked_mean(x, batch.mask, batch.n_valid)
 
 
 def reinforce_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:
     """Score-function estimator: -E[log pi(a|s) * A] (Williams 1992)."""
-    loss = -masked_mean(log_prob * batch.advantages, batch.mask)        # ()
+    loss = -batch_mean(log_prob * batch.advantages, batch)               # ()
     return loss, {"policy/loss": loss.item()}
 
 
@@ -26,10 +33,10 @@ def ppo_clip_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tens
     ratio = log_ratio.exp()                                             # (B, T)
     unclipped = ratio * batch.advantages                                # (B, T)
     clipped = ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * batch.advantages  # (B, T)
-    loss = -masked_mean(torch.min(unclipped, clipped), batch.mask)      # ()
+    loss = -batch_mean(torch.min(unclipped, clipped), batch)            # ()
     with torch.no_grad():
-        approx_kl = masked_mean(kl_k3(log_ratio), batch.mask)           # () KL(old || new), k3
-        clip_fraction = masked_mean(((ratio - 1.0).abs() > cfg.clip_eps).float(), batch.mask)
+        approx_kl = batch_mean((ratio - 1.0) - log_ratio, batch)         # () KL(old || new), k3
+        clip_fraction = batch_mean(((ratio - 1.0).abs() > cfg.clip_eps).float(), batch)
     return loss, {"policy/loss": loss.item(), "policy/approx_kl": approx_kl.item(),
                   "policy/clip_fraction": clip_fraction.item()}
 
@@ -47,7 +54,7 @@ def value_loss(values: torch.Tensor, batch: Batch, clip_value_eps: Optional[floa
     if clip_value_eps is not None:
         clipped = batch.values + (values - batch.values).clamp(-clip_value_eps, clip_value_eps)
         error = torch.max(error, (clipped - batch.returns) ** 2)        # (B, T)
-    return masked_mean(error, batch.mask)
+    return batch_mean(error, batch)
 
 
 # KL(p || q) estimators from samples x ~ p, given log_ratio = log q(x) - log p(x)

@@ -1,0 +1,105 @@
+"""Advantage estimators on hand-computed cases."""
+import pytest
+import torch
+
+from policygrad.batch import Batch
+from policygrad.config import Config
+from policygrad.core import advantages as adv
+
+
+def t(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_gae_mixes_termination_and_truncation():
+    # step 1 is truncated (bootstrap from the final obs value 0.7), step 3 terminated (no bootstrap).
+    rewards = t([1.0, 1.0, 1.0, 1.0])
+    values = t([0.5, 0.4, 0.3, 0.2])
+    next_values = t([0.4, 0.7, 0.2, 9.9])
+    terminated = t([0.0, 0.0, 0.0, 1.0])
+    truncated = t([0.0, 1.0, 0.0, 0.0])
+    a, r = adv.gae(rewards, values, next_values, terminated, truncated, gamma=0.9, gae_lambda=0.8)
+    # deltas: 0.86, 1.23, 0.88, 0.80; gamma * lambda = 0.72
+    expected = t([0.86 + 0.72 * 1.23, 1.23, 0.88 + 0.72 * 0.8, 0.8])
+    torch.testing.assert_close(a, expected)
+    torch.testing.assert_close(r, expected + values)
+
+
+def test_gae_lambda_one_equals_monte_carlo_minus_value():
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.rand(3, 7, generator=g), torch.rand(3, 7, generator=g)
+    next_values = torch.cat([values[:, 1:], torch.rand(3, 1, generator=g)], 1)
+    terminated = torch.zeros(3, 7)
+    terminated[0, 3] = 1.0
+    truncated = torch.zeros(3, 7)
+    truncated[1, 2] = 1.0
+    next_values[1, 2] = 5.0
+    a, _ = adv.gae(rewards, values, next_values, terminated, truncated, 0.95, 1.0)
+    mc = adv.discounted_returns(rewards, terminated, truncated, 0.95, next_values)
+    torch.testing.assert_close(a, mc - values)
+
+
+def test_discounted_returns_bootstrap_only_where_cut():
+    rewards = t([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0])
+    terminated = t([0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0])
+    truncated = t([0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0])
+    next_values = t([0.0, 0.7, 0.0, 9.9], [0.0, 0.0, 0.0, 2.0])
+    r = adv.discounted_returns(rewards, terminated, truncated, 0.9, next_values)
+    torch.testing.assert_close(r[0], torch.tensor([1 + 0.9 * 1.63, 1.63, 1.9, 1.0]))
+    # row 2: the rollout ends without a done: bootstrap from next_values[:, -1] = 2.0
+    torch.testing.assert_close(r[1], torch.tensor([1 + 0.9 * 2.458, 1 + 0.9 * 1.62, 0.9 * 1.8, 0.9 * 2.0]))
+    # without a critic nothing is bootstrapped
+    r0 = adv.discounted_returns(rewards, terminated, truncated, 0.9)
+    torch.testing.assert_close(r0[0], torch.tensor([1.9, 1.0, 1.9, 1.0]))
+
+
+def test_normalize_ignores_padding():
+    x = t([1.0, 2.0, 3.0, 100.0])
+    mask = t([1.0, 1.0, 1.0, 0.0])
+    n = adv.normalize(x, mask)
+    assert n[0, 3] == 0.0
+    torch.testing.assert_close(n[0, :3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6, rtol=0)
+
+
+def _batch(values=None, next_values=None):
+    rewards = t([1.0, 1.0, 1.0])
+    zeros = torch.zeros_like(rewards)
+    return Batch(obs=torch.zeros(1, 3, 1), actions=torch.zeros(1, 3), log_prob=zeros, rewards=rewards,
+                 terminated=t([0.0, 0.0, 1.0]), truncated=zeros, mask=torch.ones_like(rewards),
+                 values=values, next_values=next_values)
+
+
+def test_monte_carlo_estimator_with_and_without_baseline():
+    values = t([0.5, 0.5, 0.5])
+    cfg = Config(advantage="mc", gamma=1.0, normalize_advantages=False)
+    out = adv.compute(_batch(values, values), cfg)
+    torch.testing.assert_close(out.returns, t([3.0, 2.0, 1.0]))
+    torch.testing.assert_close(out.advantages, t([2.5, 1.5, 0.5]))
+    out = adv.compute(_batch(values, values), Config(advantage="mc", gamma=1.0, value_baseline=False,
+                                                      normalize_advantages=False))
+    torch.testing.assert_close(out.advantages, t([3.0, 2.0, 1.0]))
+
+
+def test_gae_needs_a_critic():
+    with pytest.raises(ValueError, match="critic"):
+        adv.compute(_batch(), Config(advantage="gae"))
+
+
+def _constant_value_fixed_point(bootstrap: bool, gamma: float = 0.9, horizon: int = 10) -> float:
+    """Fit one value V to GAE(lambda=1) targets of an endless reward-1 task cut every `horizon`
+    steps, by fixed-point iteration; truncation either bootstraps or is (wrongly) a termination."""
+    T = 4 * horizon
+    cut = torch.zeros(1, T)
+    cut[0, horizon - 1::horizon] = 1.0
+    v = 0.0
+    for _ in range(300):
+        values = torch.full((1, T), v)
+        truncated, terminated = (cut, torch.zeros(1, T)) if bootstrap else (torch.zeros(1, T), cut)
+        _, returns = adv.gae(torch.ones(1, T), values, values, terminated, truncated, gamma, 1.0)
+        v = returns.mean().item()
+    return v
+
+
+def test_value_reaches_one_over_one_minus_gamma_only_when_truncation_bootstraps():
+    assert _constant_value_fixed_point(bootstrap=True) == pytest.approx(10.0, rel=1e-3)
+    assert _constant_value_fixed_point(bootstrap=False) < 7.0

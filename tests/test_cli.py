@@ -1,0 +1,117 @@
+"""The command line through a subprocess, with tiny budgets: a run, its evaluation, and bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = ["num_envs=2", "n_steps=16", "n_epochs=1", "batch_size=32", "eval_every=0", "eval_episodes=2"]
+
+
+def policygrad(*args, cwd=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "policygrad.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "cp"
+    r = policygrad("train", "--algo", "ppo", "--env", "CartPole-v1", "--total-steps", 96, "--seed", 1,
+                   "--out", out, "--no-progress", *TINY)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_train_writes_config_metrics_and_checkpoint(trained_run):
+    files = {p.name for p in trained_run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "checkpoints", "tb"} <= files
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["env_steps"] for r in rows] == [32, 64, 96]
+    assert all({"time/elapsed_s", "train/episode_return_mean", "policy/loss", "value/loss"} <= r.keys()
+               for r in rows)
+    assert "eval/return_mean" in rows[-1] or (trained_run / "checkpoints" / "latest").exists()
+    ckpt = trained_run / "checkpoints" / (trained_run / "checkpoints" / "latest").read_text().strip()
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.safetensors", "state.json"}
+    assert any((trained_run / "tb").iterdir())
+
+
+def test_eval_prints_json_last(trained_run):
+    r = policygrad("eval", trained_run, "--episodes", 3)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["episodes"] == 3
+    assert {"mean_return", "std_return"} <= result.keys()
+    assert 8 <= result["mean_return"] <= 500
+
+
+def test_config_file_and_overrides_resolve(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("algo: trpo\nenv: Acrobot-v1\ngamma: 0.9\nmax_kl: 0.02\n")
+    out = tmp_path / "run"
+    r = policygrad("train", "--config", cfg_file, "--out", out, "--total-steps", 40, "max_kl=0.03",
+                   "--no-progress", "num_envs=2", "n_steps=20", "value_epochs=1", "eval_episodes=1")
+    assert r.returncode == 0, r.stderr
+    import yaml
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["algo"] == "trpo" and saved["env"] == "Acrobot-v1"
+    assert saved["gamma"] == 0.9 and saved["max_kl"] == 0.03  # the file, then the override
+    assert saved["normalize_obs"] is True  # from the shipped Acrobot-v1 TRPO preset
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("policygrad: error:")
+    assert "Traceback" not in r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--env", "CartPol-v1"], ["CartPol-v1"]),
+    (["--algo", "a2c"], ["a2c", "reinforce, trpo, ppo"]),
+    (["gama=0.9"], ["gama", "did you mean 'gamma'", "valid keys"]),
+    (["gamma=high"], ["gamma", "float"]),
+    (["n_steps=2.5"], ["n_steps", "int"]),
+    (["gamma"], ["key=value"]),
+    (["--total-steps", "0"], ["total_steps", "positive"]),
+    (["--total-steps", "-5"], ["total_steps", "positive"]),
+    (["hidden_sizes=64"], ["hidden_sizes", "list"]),
+    (["--config", "missing.yaml"], ["missing.yaml", "not found"]),
+    (["--bogus"], ["unrecognized arguments: --bogus"]),
+    (["--total-steps", "many"], ["--total-steps", "invalid int"]),
+])
+def test_bad_train_input_is_one_line_exit_2(tmp_path, args, needles):
+    r = policygrad("train", "--out", tmp_path / "run", *args)
+    assert_one_line_error(r, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_holding_another_run_is_refused_and_left_alone(trained_run):
+    before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")}
+    r = policygrad("train", "--algo", "trpo", "--out", trained_run, "--total-steps", 32)
+    assert_one_line_error(r, "different run", "--overwrite")
+    assert {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")} == before
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path, trained_run):
+    assert_one_line_error(policygrad("eval", tmp_path / "nowhere"), "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(policygrad("eval", tmp_path / "empty"), "no checkpoint")
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    ckpt = copy / "checkpoints" / (copy / "checkpoints" / "latest").read_text().strip()
+    model = ckpt / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:50])
+    assert_one_line_error(policygrad("eval", copy), "corrupt")
+    model.unlink()
+    assert_one_line_error(policygrad("eval", copy), "model.safetensors is missing")
+    shutil.rmtree(copy)
+    shutil.copytree(trained_run, copy)
+    (ckpt / "state.json").write_text('{"config": {"gamma": "x"}}')
+    assert_one_line_error(policygrad("eval", copy), "invalid config")

@@ -1,0 +1,148 @@
+"""Control policies and rollouts: fast paths against their naive twins, and behavioural invariants."""
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+from policygrad import checkpoint
+from policygrad.algos import ALGOS, Progress
+from policygrad.config import Config
+from policygrad.control.policy import ControlPolicy, FastTanh, RunningNorm
+from policygrad.control.rollout import Collector, make_envs
+from policygrad.core import advantages
+from policygrad.trainer import RunState, build_policy, load_policy, save_run
+
+
+class CounterEnv(gym.Env):
+    """Observation = steps taken so far; reward 1; never terminates (a TimeLimit truncates it)."""
+    observation_space = spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.array([self.t], np.float32), 1.0, False, False, {}
+
+
+gym.register("policygrad-test/Counter-v0", entry_point=CounterEnv, max_episode_steps=5)
+
+
+def test_fast_tanh_matches_torch_tanh():
+    x = torch.linspace(-20, 20, 4001, dtype=torch.float32).requires_grad_()
+    y = FastTanh()(x)
+    torch.testing.assert_close(y, torch.tanh(x), atol=2e-7, rtol=0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 1 - torch.tanh(x.detach()) ** 2, atol=5e-7, rtol=0)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_numpy_actor_matches_torch_policy(env_id):
+    cfg = Config(env=env_id, log_std_init=-0.5)
+    policy = build_policy(cfg, seed=3)
+    actor = policy.numpy_snapshot()
+    obs = np.random.default_rng(0).normal(size=(6, policy.actor_body[0].in_features)).astype(np.float32)
+    actions, log_prob, values = actor.act(obs, np.random.default_rng(1))
+    with torch.no_grad():
+        x = torch.from_numpy(obs)
+        ref_log_prob, _ = policy.log_prob_entropy(policy.actor_output(x), torch.as_tensor(actions))
+        np.testing.assert_allclose(values, policy.value(x).numpy(), atol=1e-5)
+    np.testing.assert_allclose(log_prob, ref_log_prob.numpy(), atol=1e-5)
+    det, _, _ = actor.act(obs, np.random.default_rng(1), deterministic=True)
+    expected = policy.actor_output(x).detach()
+    expected = expected.argmax(-1) if policy.discrete else expected
+    np.testing.assert_allclose(det, expected.numpy(), atol=1e-5)
+
+
+def test_numpy_categorical_sampling_follows_the_softmax():
+    policy = build_policy(Config(env="CartPole-v1", ortho_init=False), seed=0)
+    actor = policy.numpy_snapshot()
+    obs = np.repeat(np.array([[0.3, -1.0, 0.5, 2.0]], np.float32), 20000, 0)
+    actions, _, _ = actor.act(obs, np.random.default_rng(0))
+    probs = torch.softmax(policy.actor_output(torch.from_numpy(obs[:1])), -1).detach().numpy()[0]
+    assert abs(actions.mean() - probs[1]) < 0.015
+
+
+def test_same_seed_same_rollout():
+    cfg = Config(env="CartPole-v1", num_envs=3)
+    batches = []
+    for _ in range(2):
+        policy = build_policy(cfg, seed=7)
+        batches.append(Collector(make_envs(cfg.env, 3), seed=7, gamma=0.99).collect(policy, 40))
+    for name in ("obs", "actions", "log_prob", "rewards", "terminated", "values", "next_values"):
+        torch.testing.assert_close(getattr(batches[0], name), getattr(batches[1], name))
+    other = Collector(make_envs(cfg.env, 3), seed=8, gamma=0.99).collect(build_policy(cfg, seed=7), 40)
+    assert not torch.equal(other.actions, batches[0].actions)
+
+
+def test_truncation_bootstraps_from_the_final_observation():
+    cfg = Config(env="policygrad-test/Counter-v0", num_envs=2)
+    policy = build_policy(cfg, seed=0)
+    batch = Collector(make_envs(cfg.env, 2), seed=0, gamma=0.9).collect(policy, 12)
+    assert batch.terminated.sum() == 0
+    expected_cut = torch.zeros(12)
+    expected_cut[[4, 9]] = 1.0
+    torch.testing.assert_close(batch.truncated[0], expected_cut)
+    with torch.no_grad():
+        final_value = policy.value(torch.tensor([[5.0]])).item()   # the obs after the 5th step
+        reset_value = policy.value(torch.tensor([[0.0]])).item()
+    assert batch.next_values[0, 4].item() == pytest.approx(final_value, abs=1e-5)
+    assert batch.next_values[0, 4].item() != pytest.approx(reset_value, abs=1e-3)
+    # elsewhere next_values is the value of the following observation
+    torch.testing.assert_close(batch.next_values[0, :4], batch.values[0, 1:5])
+
+
+def test_gaussian_actions_are_clipped_for_the_env_but_not_in_the_batch():
+    cfg = Config(env="Pendulum-v1", log_std_init=3.0)  # std 20 against bounds +-2
+    policy = build_policy(cfg, seed=0)
+    batch = Collector(make_envs(cfg.env, 2), seed=0, gamma=0.9).collect(policy, 20)
+    assert batch.actions.abs().max() > 2.0
+    clipped = policy.to_env_actions(batch.actions.reshape(-1, 1).numpy())
+    assert np.abs(clipped).max() <= 2.0
+
+
+def test_running_norm_matches_numpy_moments():
+    rng = np.random.default_rng(0)
+    chunks = [rng.normal(3.0, 2.0, size=(n, 2)) for n in (5, 17, 40)]
+    norm = RunningNorm((2,))
+    for c in chunks:
+        norm.update(c)
+    data = np.concatenate(chunks)
+    np.testing.assert_allclose(norm.mean.numpy(), data.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(norm.var.numpy(), data.var(0), rtol=1e-3)
+
+
+@pytest.mark.parametrize("algo", ["reinforce", "ppo", "trpo"])
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_every_trainable_parameter_changes_after_an_update(algo, env_id):
+    cfg = Config(algo=algo, env=env_id, num_envs=2, n_steps=64, n_epochs=2, batch_size=32, value_epochs=2)
+    policy = build_policy(cfg, seed=0)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    batch = Collector(make_envs(env_id, 2), seed=0, gamma=cfg.gamma).collect(policy, cfg.n_steps)
+    batch = advantages.compute(batch, cfg)
+    spec = ALGOS[algo]
+    metrics = spec.update(policy, spec.make_optimizers(policy, cfg), batch, cfg,
+                          Progress(1.0, torch.Generator().manual_seed(0)))
+    unchanged = [n for n, p in policy.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == [], unchanged
+    assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_checkpoint_round_trip_keeps_weights_and_normaliser(tmp_path):
+    cfg = Config(env="CartPole-v1", normalize_obs=True, normalize_reward=True)
+    policy = build_policy(cfg, seed=0)
+    Collector(make_envs(cfg.env, 2), seed=0, gamma=0.99).collect(policy, 30)  # moves the normalisers
+    assert policy.obs_norm.count.item() > 1
+    opts = ALGOS["ppo"].make_optimizers(policy, cfg)
+    path = save_run(tmp_path, cfg, policy, opts, RunState(update=3, env_steps=60))
+    assert checkpoint.latest(tmp_path) == path
+    loaded, loaded_cfg = load_policy(path)
+    assert loaded_cfg == cfg
+    for (name, a), (_, b) in zip(policy.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    obs = np.ones((1, 4), np.float32)
+    np.testing.assert_allclose(policy.normalize(obs, False), loaded.normalize(obs, False))
