@@ -17,14 +17,21 @@ import torch.distributed as dist
 from .batch import Batch
 from .core.losses import POLICY_LOSSES, batch_mean, value_loss
 from .core.trpo import trpo_step
+from .flat import FlatParameters
 
 
 @dataclass
 class Optimizers:
     main: Optional[torch.optim.Optimizer]
     """Gradient optimiser of the policy (and of the critic where the losses are joint)."""
+    main_params: Optional[FlatParameters] = None
+    """The parameters `main` steps, in one flat buffer."""
     value: Optional[torch.optim.Optimizer] = None
     """TRPO's separate critic optimiser."""
+    value_params: Optional[FlatParameters] = None
+
+    def named(self) -> dict[str, torch.optim.Optimizer]:
+        return {k: v for k, v in (("main", self.main), ("value", self.value)) if v is not None}
 
 
 @dataclass
@@ -68,14 +75,14 @@ def sync_gradients(params) -> None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
 
 
-def _gradient_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float
-                   ) -> float:
-    opt.zero_grad(set_to_none=True)
+def _gradient_step(opt: torch.optim.Optimizer, flat: FlatParameters, loss: torch.Tensor,
+                   max_grad_norm: float) -> float:
+    flat.zero_grad()
     loss.backward()
-    sync_gradients(params)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    sync_gradients([flat.param])
+    norm = flat.clip_grad_norm_(max_grad_norm)
     opt.step()
-    return norm.item()
+    return norm
 
 
 # --- REINFORCE ---------------------------------------------------------------------------------
@@ -90,8 +97,7 @@ def reinforce_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Prog
         v_loss = value_loss(values, batch)
         total = total + cfg.vf_coef * v_loss
         metrics["value/loss"] = v_loss.item()
-    params = [p for g in opts.main.param_groups for p in g["params"]]
-    metrics["policy/grad_norm"] = _gradient_step(opts.main, total, params, cfg.max_grad_norm)
+    metrics["policy/grad_norm"] = _gradient_step(opts.main, opts.main_params, total, cfg.max_grad_norm)
     metrics["policy/entropy"] = entropy_mean.item()
     return metrics
 
@@ -101,7 +107,6 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
     """Epochs x shuffled minibatches of the clipped surrogate, value loss and entropy bonus."""
     _set_lr(opts.main, _scheduled(cfg.lr, cfg.lr_schedule, progress))
     step_cfg = dataclasses.replace(cfg, clip_eps=_scheduled(cfg.clip_eps, cfg.clip_schedule, progress))
-    params = [p for g in opts.main.param_groups for p in g["params"]]
     rows, mean = policy.rows(batch), MetricMean()
     stopped_early = 0.0
     for _ in range(cfg.n_epochs):
@@ -114,7 +119,8 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
             if cfg.ent_coef:
                 total = total - cfg.ent_coef * entropy_mean
             metrics.update({"value/loss": v_loss.item(), "policy/entropy": entropy_mean.item()})
-            metrics["policy/grad_norm"] = _gradient_step(opts.main, total, params, cfg.max_grad_norm)
+            metrics["policy/grad_norm"] = _gradient_step(opts.main, opts.main_params, total,
+                                                         cfg.max_grad_norm)
             mean.add(metrics)
             if cfg.target_kl is not None and metrics["policy/approx_kl"] > 1.5 * cfg.target_kl:
                 stopped_early = 1.0
@@ -138,11 +144,10 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
                         line_search_steps=cfg.line_search_steps, shrink=cfg.line_search_shrink)
     _set_lr(opts.value, _scheduled(cfg.value_lr, cfg.lr_schedule, progress))
     rows, mean = policy.rows(batch), MetricMean()
-    critic = policy.critic_parameters()
     for _ in range(cfg.value_epochs):
         for mb in rows.minibatches(cfg.batch_size, progress.generator):
             v_loss = value_loss(policy.value(mb.obs), mb)
-            grad_norm = _gradient_step(opts.value, v_loss, critic, cfg.max_grad_norm)
+            grad_norm = _gradient_step(opts.value, opts.value_params, v_loss, cfg.max_grad_norm)
             mean.add({"value/loss": v_loss.item(), "value/grad_norm": grad_norm})
     return {**metrics, **mean.result()}
 
@@ -154,11 +159,14 @@ class Algo:
 
 
 def _joint_adam(policy, cfg) -> Optimizers:
-    return Optimizers(main=torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5, fused=True))
+    flat = FlatParameters(policy.parameters())
+    return Optimizers(main=torch.optim.Adam([flat.param], lr=cfg.lr, eps=1e-5, fused=True), main_params=flat)
 
 
 def _critic_adam(policy, cfg) -> Optimizers:
-    return Optimizers(main=None, value=torch.optim.Adam(policy.critic_parameters(), lr=cfg.value_lr, fused=True))
+    flat = FlatParameters(policy.critic_parameters())
+    return Optimizers(main=None, value=torch.optim.Adam([flat.param], lr=cfg.value_lr, fused=True),
+                      value_params=flat)
 
 
 ALGOS: dict[str, Algo] = {

@@ -46,6 +46,11 @@ class Batch:
         """() number of valid steps, the denominator of every masked mean (computed once)."""
         return self.mask.sum().clamp(min=1.0)
 
+    @cached_property
+    def all_valid(self) -> bool:
+        """True when no step is padding (control rollouts), so means need no mask."""
+        return bool(self.n_valid == self.mask.numel())
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.mask.shape)  # type: ignore[return-value]

@@ -14,6 +14,7 @@ from . import config as config_mod
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .control.rollout import EnvError
+from .log import format_table
 
 USER_ERRORS = (ConfigError, EnvError, CheckpointError)
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints")
@@ -82,7 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     make_envs(cfg.env, 1).close()  # an unknown env id fails here, before the run folder is touched
     out = Path(args.out)
     prepare_out(out, config_mod.to_dict(cfg), args.overwrite)
-    train(cfg, out, progress=not args.no_progress)
+    summary = train(cfg, out, progress=not args.no_progress)
+    print(format_table(summary), file=sys.stderr)
     return 0
 
 

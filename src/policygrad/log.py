@@ -37,14 +37,13 @@ class RunLogger:
         if headline and headline in metrics and metrics[headline] is not None:
             self.bar.set_postfix_str(f"{headline.split('/')[-1]}={metrics[headline]:.1f}", refresh=False)
 
-    def close(self, summary: dict) -> None:
+    def close(self) -> None:
         self.bar.close()
         if not self.enabled:
             return
         self.tb.flush()
         self.tb.close()
         self.metrics_file.close()
-        print(format_table(summary), file=sys.stderr)
 
 
 def format_table(rows: dict) -> str:

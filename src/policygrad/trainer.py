@@ -60,8 +60,7 @@ def evaluation_due(cfg: Config, state: RunState) -> bool:
 
 
 def save_run(out_dir: Path, cfg: Config, policy: ControlPolicy, opts: Optimizers, state: RunState) -> Path:
-    optimizers = {k: v for k, v in (("main", opts.main), ("value", opts.value)) if v is not None}
-    return checkpoint.save(out_dir, f"update-{state.update:06d}", policy, optimizers,
+    return checkpoint.save(out_dir, f"update-{state.update:06d}", policy, opts.named(),
                            {"config": to_dict(cfg), "run": state.__dict__})
 
 
@@ -115,7 +114,7 @@ def train(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
                "train_return_mean": logger.last.get("train/episode_return_mean", float("nan")),
                "eval_return_mean": final.get("eval/return_mean", float("nan")),
                "wall_s": time.perf_counter() - start}
-    logger.close(summary)
+    logger.close()
     return summary
 
 

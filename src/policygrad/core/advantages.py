@@ -21,12 +21,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor,
     final observation of the episode, for the last column the first observation of the next rollout.
     """
     not_terminated = 1.0 - terminated                                   # (B, T)
-    not_done = not_terminated * (1.0 - truncated)                       # (B, T) no episode boundary
+    carry = (gamma * gae_lambda) * not_terminated * (1.0 - truncated)   # (B, T) 0 at episode ends
     deltas = rewards + gamma * next_values * not_terminated - values    # (B, T)
-    advantages = torch.zeros_like(deltas)                               # (B, T)
+    advantages = torch.empty_like(deltas)                               # (B, T)
     running = torch.zeros_like(deltas[:, 0])                            # (B,)
     for t in reversed(range(deltas.shape[1])):
-        running = deltas[:, t] + gamma * gae_lambda * not_done[:, t] * running  # (B,)
+        running = torch.addcmul(deltas[:, t], carry[:, t], running)     # (B,)
         advantages[:, t] = running
     return advantages, advantages + values
 

@@ -17,8 +17,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, n_valid: Optional[torch.Ten
 
 
 def batch_mean(x: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean of a (B, T) tensor over the batch's valid steps."""
-    return masked_mean(x, batch.mask, batch.n_valid)
+    """Mean of a (B, T) tensor over the batch's valid steps (a plain mean when none is padding:
+    two fewer ops forward and backward, on the hot path of every minibatch)."""
+    return x.mean() if batch.all_valid else masked_mean(x, batch.mask, batch.n_valid)
 
 
 def reinforce_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
@@ -51,6 +51,15 @@ def fisher_vector_product(kl_fn: Callable[[], torch.Tensor], params: Sequence[to
     return product
 
 
+@torch.no_grad()
+def set_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy a flat vector into the parameters in place (their storage, and any views of it, stay)."""
+    offset = 0
+    for p in params:
+        p.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
 def line_search(params: Sequence[torch.Tensor], old_flat: torch.Tensor, full_step: torch.Tensor,
                 loss_fn: Callable[[], torch.Tensor], kl_fn: Callable[[], torch.Tensor],
                 old_loss: float, max_kl: float, steps: int, shrink: float) -> dict:
@@ -58,7 +67,7 @@ def line_search(params: Sequence[torch.Tensor], old_flat: torch.Tensor, full_ste
     KL <= max_kl. If none does, the parameters are restored to old_flat."""
     fraction = 1.0
     for i in range(steps):
-        vector_to_parameters(old_flat + fraction * full_step, params)
+        set_flat(params, old_flat + fraction * full_step)
         with torch.no_grad():
             loss = loss_fn().item()
             kl = kl_fn().item()
@@ -66,7 +75,7 @@ def line_search(params: Sequence[torch.Tensor], old_flat: torch.Tensor, full_ste
             return {"trpo/accepted": 1.0, "trpo/backtracks": float(i), "trpo/step_fraction": fraction,
                     "trpo/kl": kl, "trpo/improvement": old_loss - loss}
         fraction *= shrink
-    vector_to_parameters(old_flat, params)
+    set_flat(params, old_flat)
     return {"trpo/accepted": 0.0, "trpo/backtracks": float(steps), "trpo/step_fraction": 0.0,
             "trpo/kl": 0.0, "trpo/improvement": 0.0}
 
