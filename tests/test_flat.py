@@ -18,11 +18,14 @@ def test_flat_gradients_and_steps_match_separate_parameters():
         (plain.actor_output(x).square().sum() + plain.value(x).sum()).backward()
         flat.zero_grad()
         (flat_policy.actor_output(x).square().sum() + flat_policy.value(x).sum()).backward()
-        expected = torch.cat([p.grad.reshape(-1) for p in plain.parameters()])
+        # log_std takes no part in this loss: no gradient there, zeros in the flat buffer
+        expected = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                              for p in plain.parameters()])
         torch.testing.assert_close(flat.param.grad, expected, rtol=0, atol=0)
         with torch.no_grad():  # a step on the flat buffer moves every module parameter
             for p in plain.parameters():
-                p -= 0.1 * p.grad
+                if p.grad is not None:
+                    p -= 0.1 * p.grad
             flat.param -= 0.1 * flat.param.grad
         for a, b in zip(plain.parameters(), flat_policy.parameters()):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
