@@ -25,7 +25,7 @@ import torch
 from policygrad.config import resolve
 from policygrad.trainer import train
 
-SPEED_SEEDS = (1, 2, 3, 4, 5)
+SPEED_SEEDS = tuple(range(1, 11))  # time to a threshold varies a lot between seeds
 LEARNING = [  # (algo, env, steps, seeds, threshold, seeds that must pass)
     ("ppo", "CartPole-v1", 100_000, (1, 2, 3), 475.0, 3),
     ("trpo", "CartPole-v1", 100_000, (1, 2, 3), 475.0, 3),

@@ -8,7 +8,7 @@ from gymnasium import spaces
 from policygrad import checkpoint
 from policygrad.algos import ALGOS, Progress
 from policygrad.config import Config
-from policygrad.control.policy import ControlPolicy, FastTanh, RunningNorm
+from policygrad.control.policy import ControlPolicy, RunningNorm, fused_mlp, mlp
 from policygrad.control.rollout import Collector, make_envs
 from policygrad.core import advantages
 from policygrad.trainer import RunState, build_policy, load_policy, save_run
@@ -32,12 +32,21 @@ class CounterEnv(gym.Env):
 gym.register("policygrad-test/Counter-v0", entry_point=CounterEnv, max_episode_steps=5)
 
 
-def test_fast_tanh_matches_torch_tanh():
-    x = torch.linspace(-20, 20, 4001, dtype=torch.float32).requires_grad_()
-    y = FastTanh()(x)
-    torch.testing.assert_close(y, torch.tanh(x), atol=2e-7, rtol=0)
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, 1 - torch.tanh(x.detach()) ** 2, atol=5e-7, rtol=0)
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_fused_mlp_matches_the_sequential_twin(activation):
+    torch.manual_seed(0)
+    body, head = mlp([5, 16, 8], activation), torch.nn.Linear(8, 3)
+    layers = [m for m in body if isinstance(m, torch.nn.Linear)] + [head]
+    params = [t for m in layers for t in (m.weight, m.bias)]
+    x = (torch.randn(2, 7, 5) * 3).requires_grad_()
+    target = torch.randn(2, 7, 3)
+    naive = head(body(x))
+    fast = fused_mlp(x, layers, activation)
+    torch.testing.assert_close(fast, naive, atol=2e-6, rtol=1e-5)
+    naive_grads = torch.autograd.grad(((naive - target) ** 2).sum(), [x, *params])
+    fast_grads = torch.autograd.grad(((fast - target) ** 2).sum(), [x, *params])
+    for a, b in zip(fast_grads, naive_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
