@@ -47,7 +47,7 @@ def run_policygrad(algo: str, env: str, steps: int, seed: int, **overrides) -> t
 def learning() -> list[dict]:
     results = []
     for algo, env, steps, seeds, threshold, need in LEARNING:
-        returns = [run_policygrad(algo, env, steps, s)[0]["eval_return_mean"] for s in seeds]
+        returns = [run_policygrad(algo, env, steps, s)[0]["final_eval_return_mean"] for s in seeds]
         passed = sum(r >= threshold for r in returns)
         results.append({"algo": algo, "env": env, "steps": steps, "eval_returns": returns,
                         "threshold": threshold, "seeds_passed": passed, "ok": passed >= need})

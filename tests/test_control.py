@@ -9,9 +9,9 @@ from policygrad import checkpoint
 from policygrad.algos import ALGOS, Progress
 from policygrad.config import Config
 from policygrad.control.policy import ControlPolicy, RunningNorm, fused_mlp, mlp
-from policygrad.control.rollout import Collector, make_envs
+from policygrad.control.rollout import Collector, ControlWorkload, build_policy, make_envs
 from policygrad.core import advantages
-from policygrad.trainer import RunState, build_policy, load_policy, save_run
+from policygrad.trainer import RunState, load_workload, save_run
 
 
 class CounterEnv(gym.Env):
@@ -142,14 +142,16 @@ def test_every_trainable_parameter_changes_after_an_update(algo, env_id):
 
 
 def test_checkpoint_round_trip_keeps_weights_and_normaliser(tmp_path):
-    cfg = Config(env="CartPole-v1", normalize_obs=True, normalize_reward=True)
-    policy = build_policy(cfg, seed=0)
-    Collector(make_envs(cfg.env, 2), seed=0, gamma=0.99).collect(policy, 30)  # moves the normalisers
-    assert policy.obs_norm.count.item() > 1
+    cfg = Config(env="CartPole-v1", normalize_obs=True, normalize_reward=True, num_envs=2, n_steps=30)
+    work = ControlWorkload(cfg, seed=0)
+    policy = work.policy
     opts = ALGOS["ppo"].make_optimizers(policy, cfg)
-    path = save_run(tmp_path, cfg, policy, opts, RunState(update=3, env_steps=60))
+    work.collect()  # moves the normalisers
+    assert policy.obs_norm.count.item() > 1
+    path = save_run(tmp_path, cfg, work, opts, RunState(update=3, env_steps=60))
     assert checkpoint.latest(tmp_path) == path
-    loaded, loaded_cfg = load_policy(path)
+    loaded_work, loaded_cfg = load_workload(path)
+    loaded = loaded_work.policy
     assert loaded_cfg == cfg
     for (name, a), (_, b) in zip(policy.state_dict().items(), loaded.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)

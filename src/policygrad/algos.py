@@ -8,27 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from .batch import Batch
-from .core.losses import POLICY_LOSSES, batch_mean, value_loss
+from .core.losses import KL_ESTIMATORS, POLICY_LOSSES, batch_mean, value_loss
 from .core.trpo import trpo_step
-from .flat import FlatParameters
+from .flat import FlatParameters, clip_grad_norm_
 
 
 @dataclass
 class Optimizers:
     main: Optional[torch.optim.Optimizer]
     """Gradient optimiser of the policy (and of the critic where the losses are joint)."""
-    main_params: Optional[FlatParameters] = None
-    """The parameters `main` steps, in one flat buffer."""
+    main_params: list[FlatParameters] = field(default_factory=list)
+    """The parameters `main` steps, one flat buffer per parameter group."""
     value: Optional[torch.optim.Optimizer] = None
     """TRPO's separate critic optimiser."""
-    value_params: Optional[FlatParameters] = None
+    value_params: list[FlatParameters] = field(default_factory=list)
 
     def named(self) -> dict[str, torch.optim.Optimizer]:
         return {k: v for k, v in (("main", self.main), ("value", self.value)) if v is not None}
@@ -57,10 +57,13 @@ class MetricMean:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
-def _set_lr(opt: Optional[torch.optim.Optimizer], lr: float) -> None:
-    if opt is not None:
-        for group in opt.param_groups:
-            group["lr"] = lr
+def _set_lr(opt: Optional[torch.optim.Optimizer], progress: Progress, cfg, base: Optional[float] = None) -> None:
+    """Anneal every parameter group's learning rate from its initial value (cfg.lr_schedule)."""
+    if opt is None:
+        return
+    for group in opt.param_groups:
+        initial = group.setdefault("initial_lr", group["lr"] if base is None else base)
+        group["lr"] = _scheduled(initial, cfg.lr_schedule, progress)
 
 
 def _scheduled(value: float, schedule: str, progress: Progress) -> float:
@@ -75,52 +78,81 @@ def sync_gradients(params) -> None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
 
 
-def _gradient_step(opt: torch.optim.Optimizer, flat: FlatParameters, loss: torch.Tensor,
-                   max_grad_norm: float) -> float:
-    flat.zero_grad()
-    loss.backward()
-    sync_gradients([flat.param])
-    norm = flat.clip_grad_norm_(max_grad_norm)
+def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batch: Batch,
+                   loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]], cfg) -> dict:
+    """One optimiser step on loss_fn over `batch`, accumulated over micro-batches of
+    cfg.micro_batch_size rows; each micro-batch's mean is weighted by its share of valid steps, so
+    the gradient equals that of one pass over the whole batch."""
+    for flat in flats:
+        flat.zero_grad()
+    micro_batches, mean = batch.split_rows(cfg.micro_batch_size), MetricMean()
+    for micro in micro_batches:
+        loss, metrics = loss_fn(micro)
+        if len(micro_batches) > 1:
+            loss = loss * (micro.n_valid / batch.n_valid)
+        loss.backward()
+        mean.add(metrics)
+    sync_gradients([flat.param for flat in flats])
+    metrics = mean.result()
+    metrics["policy/grad_norm"] = clip_grad_norm_(flats, cfg.max_grad_norm)
     opt.step()
-    return norm
+    return metrics
+
+
+def kl_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:
+    """kl_coef * KL(policy || reference) as a loss term, when cfg.kl_in == 'loss'."""
+    if cfg.kl_in != "loss" or batch.ref_log_prob is None or cfg.kl_coef == 0:
+        return torch.zeros(()), {}
+    kl = batch_mean(KL_ESTIMATORS[cfg.kl_estimator](batch.ref_log_prob - log_prob), batch)
+    return cfg.kl_coef * kl, {"kl/loss_term": kl.item()}
 
 
 # --- REINFORCE ---------------------------------------------------------------------------------
 def reinforce_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) -> dict:
     """One gradient step on the score-function loss (plus the baseline's regression)."""
-    _set_lr(opts.main, _scheduled(cfg.lr, cfg.lr_schedule, progress))
-    log_prob, entropy, values = policy.evaluate(batch, entropy_grad=cfg.ent_coef != 0)
-    loss, metrics = POLICY_LOSSES["reinforce"](log_prob, batch, cfg)
-    entropy_mean = batch_mean(entropy, batch)
-    total = loss - cfg.ent_coef * entropy_mean
-    if cfg.value_baseline and values is not None:
-        v_loss = value_loss(values, batch)
-        total = total + cfg.vf_coef * v_loss
-        metrics["value/loss"] = v_loss.item()
-    metrics["policy/grad_norm"] = _gradient_step(opts.main, opts.main_params, total, cfg.max_grad_norm)
-    metrics["policy/entropy"] = entropy_mean.item()
-    return metrics
+    _set_lr(opts.main, progress, cfg)
+
+    def loss_fn(mb: Batch) -> tuple[torch.Tensor, dict]:
+        log_prob, entropy, values = policy.evaluate(mb, entropy_grad=cfg.ent_coef != 0)
+        loss, metrics = POLICY_LOSSES["reinforce"](log_prob, mb, cfg)
+        kl_term, kl_metrics = kl_loss(log_prob, mb, cfg)
+        entropy_mean = batch_mean(entropy, mb)
+        total = loss + kl_term - cfg.ent_coef * entropy_mean
+        if cfg.value_baseline and values is not None and cfg.advantage != "sequence":
+            v_loss = value_loss(values, mb)
+            total = total + cfg.vf_coef * v_loss
+            metrics["value/loss"] = v_loss.item()
+        return total, {**metrics, **kl_metrics, "policy/entropy": entropy_mean.item()}
+
+    return _gradient_step(opts.main, opts.main_params, batch, loss_fn, cfg)
 
 
 # --- PPO ---------------------------------------------------------------------------------------
 def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) -> dict:
     """Epochs x shuffled minibatches of the clipped surrogate, value loss and entropy bonus."""
-    _set_lr(opts.main, _scheduled(cfg.lr, cfg.lr_schedule, progress))
+    _set_lr(opts.main, progress, cfg)
     step_cfg = dataclasses.replace(cfg, clip_eps=_scheduled(cfg.clip_eps, cfg.clip_schedule, progress))
+    critic = batch.values is not None and cfg.advantage != "sequence"
+
+    def loss_fn(mb: Batch) -> tuple[torch.Tensor, dict]:
+        log_prob, entropy, values = policy.evaluate(mb, entropy_grad=cfg.ent_coef != 0)
+        loss, metrics = POLICY_LOSSES["ppo"](log_prob, mb, step_cfg)
+        kl_term, kl_metrics = kl_loss(log_prob, mb, cfg)
+        entropy_mean = batch_mean(entropy, mb)
+        total = loss + kl_term
+        if critic:
+            v_loss = value_loss(values, mb, cfg.clip_value_eps)
+            total = total + cfg.vf_coef * v_loss
+            metrics["value/loss"] = v_loss.item()
+        if cfg.ent_coef:
+            total = total - cfg.ent_coef * entropy_mean
+        return total, {**metrics, **kl_metrics, "policy/entropy": entropy_mean.item()}
+
     rows, mean = policy.rows(batch), MetricMean()
     stopped_early = 0.0
     for _ in range(cfg.n_epochs):
         for mb in rows.minibatches(cfg.batch_size, progress.generator):
-            log_prob, entropy, values = policy.evaluate(mb, entropy_grad=cfg.ent_coef != 0)
-            loss, metrics = POLICY_LOSSES["ppo"](log_prob, mb, step_cfg)
-            entropy_mean = batch_mean(entropy, mb)
-            v_loss = value_loss(values, mb, cfg.clip_value_eps)
-            total = loss + cfg.vf_coef * v_loss
-            if cfg.ent_coef:
-                total = total - cfg.ent_coef * entropy_mean
-            metrics.update({"value/loss": v_loss.item(), "policy/entropy": entropy_mean.item()})
-            metrics["policy/grad_norm"] = _gradient_step(opts.main, opts.main_params, total,
-                                                         cfg.max_grad_norm)
+            metrics = _gradient_step(opts.main, opts.main_params, mb, loss_fn, cfg)
             mean.add(metrics)
             if cfg.target_kl is not None and metrics["policy/approx_kl"] > 1.5 * cfg.target_kl:
                 stopped_early = 1.0
@@ -132,24 +164,38 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
 
 # --- TRPO --------------------------------------------------------------------------------------
 def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) -> dict:
-    """A natural-gradient policy step in the trust region, then value regression with Adam."""
+    """A natural-gradient policy step in the trust region, then value regression with Adam.
+
+    Fisher-vector products use a sub-sample of cfg.fvp_fraction of the rows; the line search
+    checks the KL bound on the whole batch."""
     old = policy.snapshot_actor(batch)
+    n_rows = batch.shape[0]
+    n_sub = max(1, round(cfg.fvp_fraction * n_rows))
+    if n_sub < n_rows:
+        sub = batch.select_rows(torch.randperm(n_rows, generator=progress.generator)[:n_sub])
+        old_sub = policy.snapshot_actor(sub)
+        fvp_kl = lambda: policy.kl(sub, old_sub)
+    else:
+        fvp_kl = None
 
     def surrogate() -> torch.Tensor:
-        ratio = torch.exp(policy.log_prob(batch) - batch.log_prob)      # (B, T)
-        return -batch_mean(ratio * batch.advantages, batch)
+        log_prob = policy.log_prob(batch)
+        ratio = torch.exp(log_prob - batch.log_prob)                     # (B, T)
+        return -batch_mean(ratio * batch.advantages, batch) + kl_loss(log_prob, batch, cfg)[0]
 
     metrics = trpo_step(policy.actor_parameters(), surrogate, lambda: policy.kl(batch, old),
                         max_kl=cfg.max_kl, damping=cfg.cg_damping, cg_iters=cfg.cg_iters,
-                        line_search_steps=cfg.line_search_steps, shrink=cfg.line_search_shrink)
-    _set_lr(opts.value, _scheduled(cfg.value_lr, cfg.lr_schedule, progress))
+                        line_search_steps=cfg.line_search_steps, shrink=cfg.line_search_shrink,
+                        fvp_kl_fn=fvp_kl)
+    if opts.value is None:  # critic-free (a sequence baseline)
+        return metrics
+    _set_lr(opts.value, progress, cfg, base=cfg.value_lr)
     rows, mean = policy.rows(batch), MetricMean()
+    value_fn = lambda mb: (lambda v: (v, {"value/loss": v.item()}))(value_loss(policy.values(mb), mb))
     for _ in range(cfg.value_epochs):
         for mb in rows.minibatches(cfg.batch_size, progress.generator):
-            v_loss = value_loss(policy.value(mb.obs), mb)
-            grad_norm = _gradient_step(opts.value, opts.value_params, v_loss, cfg.max_grad_norm)
-            mean.add({"value/loss": v_loss.item(), "value/grad_norm": grad_norm})
-    return {**metrics, **mean.result()}
+            mean.add(_gradient_step(opts.value, opts.value_params, mb, value_fn, cfg))
+    return {**metrics, **{k.replace("policy/grad_norm", "value/grad_norm"): v for k, v in mean.result().items()}}
 
 
 @dataclass(frozen=True)
@@ -158,15 +204,24 @@ class Algo:
     update: Callable[[object, Optimizers, Batch, object, Progress], dict]
 
 
+def _adam(groups: list[tuple[list, float]]) -> tuple[torch.optim.Optimizer, list[FlatParameters]]:
+    flats = [FlatParameters(params) for params, _ in groups]
+    opt = torch.optim.Adam([{"params": [f.param], "lr": lr} for f, (_, lr) in zip(flats, groups)],
+                           eps=1e-5, fused=True)
+    return opt, flats
+
+
 def _joint_adam(policy, cfg) -> Optimizers:
-    flat = FlatParameters(policy.parameters())
-    return Optimizers(main=torch.optim.Adam([flat.param], lr=cfg.lr, eps=1e-5, fused=True), main_params=flat)
+    opt, flats = _adam(policy.optimizer_groups(cfg))
+    return Optimizers(main=opt, main_params=flats)
 
 
 def _critic_adam(policy, cfg) -> Optimizers:
-    flat = FlatParameters(policy.critic_parameters())
-    return Optimizers(main=None, value=torch.optim.Adam([flat.param], lr=cfg.value_lr, fused=True),
-                      value_params=flat)
+    critic = policy.critic_parameters()
+    if not critic or cfg.advantage == "sequence":
+        return Optimizers(main=None)
+    opt, flats = _adam([(critic, cfg.value_lr)])
+    return Optimizers(main=None, value=opt, value_params=flats)
 
 
 ALGOS: dict[str, Algo] = {

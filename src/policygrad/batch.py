@@ -29,6 +29,10 @@ class Batch:
     """(B, T) 1.0 where the episode was cut (time limit): bootstrap from next_values."""
     mask: torch.Tensor
     """(B, T) 1.0 on valid steps, 0.0 on padding."""
+    obs_mask: Optional[torch.Tensor] = None
+    """(B, P+T) attention mask of obs (language models: left-padded prompt, then completion)."""
+    ref_log_prob: Optional[torch.Tensor] = None
+    """(B, T) log-probability of each action under the frozen reference policy."""
     values: Optional[torch.Tensor] = None
     """(B, T) critic's value of obs, None for critic-free policies."""
     next_values: Optional[torch.Tensor] = None
@@ -36,6 +40,8 @@ class Batch:
     truncated episode, the next rollout's first at the rollout's end)."""
     group: Optional[torch.Tensor] = None
     """(B,) index of the prompt a completion answers (language models)."""
+    baseline: Optional[torch.Tensor] = None
+    """(B,) a running baseline of the sequence score (the moving-average baseline)."""
     advantages: Optional[torch.Tensor] = None
     """(B, T) filled by an advantage estimator."""
     returns: Optional[torch.Tensor] = None
@@ -63,19 +69,27 @@ class Batch:
         changes = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is not None and f.name != "group":
+            if value is not None and f.name not in ("group", "baseline"):
                 changes[f.name] = fn(value)
         return self.replace(**changes)
 
     def flatten_steps(self) -> "Batch":
         """View every step as its own row: (B, T, ...) -> (B*T, 1, ...), for per-step minibatches."""
         B, T = self.shape
-        return self._map(lambda x: x.reshape(B * T, 1, *x.shape[2:])).replace(group=None)
+        return self._map(lambda x: x.reshape(B * T, 1, *x.shape[2:])).replace(group=None, baseline=None)
 
     def select_rows(self, rows: torch.Tensor) -> "Batch":
         """The sub-batch of rows (B',) of this batch."""
         out = self._map(lambda x: x[rows])
-        return out.replace(group=None if self.group is None else self.group[rows])
+        return out.replace(group=None if self.group is None else self.group[rows],
+                           baseline=None if self.baseline is None else self.baseline[rows])
+
+    def split_rows(self, size: int) -> list["Batch"]:
+        """Consecutive row chunks of at most `size` (micro-batches for gradient accumulation)."""
+        if size <= 0 or size >= self.shape[0]:
+            return [self]
+        return [self.select_rows(torch.arange(s, min(s + size, self.shape[0])))
+                for s in range(0, self.shape[0], size)]
 
     def minibatches(self, size: int, generator: torch.Generator) -> Iterator["Batch"]:
         """Shuffled row minibatches of at most `size` rows covering the batch once."""

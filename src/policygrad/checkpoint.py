@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -38,7 +38,7 @@ def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     for idx, entry in state["state"].items():
         for name, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value.contiguous()
+                tensors[f"{idx}.{name}"] = value.detach().clone()
             else:
                 scalars[f"{idx}.{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -52,16 +52,19 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
     opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
 
 
-def save(out_dir: Path, name: str, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
-         state: dict, keep: int = 2) -> Path:
-    """Write checkpoint `name` atomically, point `latest` at it, keep the newest `keep`."""
+def save(out_dir: Path, name: str, tensors: dict[str, torch.Tensor],
+         optimizers: dict[str, torch.optim.Optimizer], state: dict,
+         write_extra: Optional[Callable[[Path], None]] = None, keep: int = 2) -> Path:
+    """Write checkpoint `name` atomically, point `latest` at it, keep the newest `keep`.
+
+    write_extra(folder) may add files (a language model's transformers folder) before the rename."""
     root = out_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              str(tmp / "model.safetensors"))
+    # clone: parameters may be views of one flat buffer, which safetensors would see as shared
+    save_file({k: v.detach().clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
     opt_tensors, opt_rest = {}, {}
     for key, opt in optimizers.items():
         tensors, rest = optimizer_to_flat(opt)
@@ -69,6 +72,8 @@ def save(out_dir: Path, name: str, model: torch.nn.Module, optimizers: dict[str,
         opt_rest[key] = rest
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "optimizers": opt_rest}, indent=1))
+    if write_extra is not None:
+        write_extra(tmp)
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)

@@ -1,5 +1,6 @@
-"""`policygrad train | eval`: the command line. A mistake a user can make ends in one line,
-`policygrad: error: ...`, and exit code 2; it never shows a traceback or touches an existing run."""
+"""`policygrad train | eval | sample | tasks`: the command line. A mistake a user can make ends in
+one line, `policygrad: error: ...`, and exit code 2; it never shows a traceback or touches an
+existing run."""
 from __future__ import annotations
 
 import argparse
@@ -16,12 +17,18 @@ from .config import ConfigError
 from .control.rollout import EnvError
 from .log import format_table
 
-USER_ERRORS = (ConfigError, EnvError, CheckpointError)
-RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "samples", "final_eval.json")
 
 
 class UsageError(ValueError):
     """A wrong command line or an --out/run folder that does not fit."""
+
+
+def user_errors() -> tuple[type, ...]:
+    from .lm.models import ModelError
+    from .lm.rewards import RewardError
+    from .lm.tasks import TaskError
+    return (ConfigError, EnvError, CheckpointError, UsageError, ModelError, RewardError, TaskError)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -34,20 +41,32 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="policygrad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a policy")
+    train = sub.add_parser("train", help="train a policy on a Gymnasium env or a text task")
     train.add_argument("--algo", help="reinforce | trpo | ppo")
     train.add_argument("--env", help="Gymnasium environment id, e.g. CartPole-v1")
-    train.add_argument("--total-steps", type=int, help="environment steps to train for")
+    train.add_argument("--task", help="text task: a built-in name (see `policygrad tasks`) or a task YAML")
+    train.add_argument("--model", help="language model: a local Hugging Face folder or smollm2-135m")
+    train.add_argument("--total-steps", "--steps", dest="total_steps", type=int,
+                       help="environment steps (control) or training steps (language models)")
     train.add_argument("--seed", type=int, help="seed of the run")
     train.add_argument("--config", help="YAML file of config keys")
     train.add_argument("--out", required=True, help="run folder to write")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    ev = sub.add_parser("eval", help="evaluate a trained run with deterministic actions")
-    ev.add_argument("run", help="run folder written by `policygrad train`")
-    ev.add_argument("--episodes", type=int, default=20, help="episodes to run")
-    ev.add_argument("--seed", type=int, default=12345, help="seed of the evaluation environments")
+    ev = sub.add_parser("eval", help="evaluate a trained run, or an untrained model on a task")
+    ev.add_argument("run", nargs="?", help="run folder written by `policygrad train`")
+    ev.add_argument("--episodes", type=int, default=20, help="control: episodes to run")
+    ev.add_argument("--seed", type=int, default=12345, help="control: seed of the evaluation envs")
+    ev.add_argument("--split", default="test", choices=("validation", "test"), help="text tasks: split")
+    ev.add_argument("--model", help="without a run: the model to evaluate (the untrained baseline)")
+    ev.add_argument("--task", help="without a run: the task to evaluate on")
+    sample = sub.add_parser("sample", help="sample completions from a trained language-model run")
+    sample.add_argument("run", help="run folder of a language-model run")
+    sample.add_argument("--prompt", required=True, action="append", help="a prompt (repeatable)")
+    sample.add_argument("-n", type=int, default=1, help="completions per prompt")
+    sample.add_argument("--seed", type=int, default=0)
+    sub.add_parser("tasks", help="list the built-in text tasks and rewards")
     return parser
 
 
@@ -74,24 +93,38 @@ def prepare_out(out: Path, cfg_dict: dict, overwrite: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import train  # heavy imports only once the command line is sound
-
     file_values = config_mod.load_yaml(args.config) if args.config else {}
-    flags = {"algo": args.algo, "env": args.env, "total_steps": args.total_steps, "seed": args.seed}
+    flags = {"algo": args.algo, "env": args.env, "task": args.task, "model": args.model,
+             "total_steps": args.total_steps, "seed": args.seed}
     cfg = config_mod.resolve(file_values, config_mod.parse_overrides(args.overrides), flags)
-    from .control.rollout import make_envs
-    make_envs(cfg.env, 1).close()  # an unknown env id fails here, before the run folder is touched
+    if cfg.is_lm:
+        from .lm import models
+        models.resolve(cfg.model)  # an unknown model fails here, before the run folder is touched
+    else:
+        from .control.rollout import make_envs
+        make_envs(cfg.env, 1).close()
     out = Path(args.out)
     prepare_out(out, config_mod.to_dict(cfg), args.overwrite)
+    from .trainer import train
     summary = train(cfg, out, progress=not args.no_progress)
     print(format_table(summary), file=sys.stderr)
     return 0
 
 
+def print_result(result: dict) -> None:
+    """A human table, then one JSON line last (for scripts)."""
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    print(json.dumps(result))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import checkpoint
-    from .trainer import evaluate_run
+    from .trainer import load_workload
 
+    if args.run is None:
+        return eval_baseline(args)
     if args.episodes <= 0:
         raise UsageError(f"--episodes must be positive; got {args.episodes}")
     run = Path(args.run)
@@ -101,11 +134,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if path is None:
         raise CheckpointError(f"run '{run}' has no checkpoint (checkpoints/latest is missing); "
                               "train it first or point at another run")
-    result = evaluate_run(path, args.episodes, args.seed)
-    width = max(len(k) for k in result)
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-    print(json.dumps(result))
+    work, cfg = load_workload(path)
+    if cfg.is_lm:
+        result = lm_result(work.evaluate(args.split), args.split)
+    else:
+        from .control.rollout import evaluate
+        returns = evaluate(work.policy, cfg.env, args.episodes, args.seed)
+        result = {"env": cfg.env, "algo": cfg.algo, "episodes": len(returns),
+                  "mean_return": float(returns.mean()), "std_return": float(returns.std()),
+                  "min_return": float(returns.min()), "max_return": float(returns.max())}
+    print_result({"checkpoint": path.name, **result})
+    return 0
+
+
+def lm_result(metrics: dict, split: str) -> dict:
+    prefix = "eval" if split == "validation" else split
+    return {"split": split, "mean_reward": metrics[f"{prefix}/reward_mean"],
+            "std_reward": metrics[f"{prefix}/reward_std"],
+            "kl_to_reference": metrics[f"{prefix}/kl_to_reference"], "n": metrics[f"{prefix}/n"]}
+
+
+def eval_baseline(args: argparse.Namespace) -> int:
+    if not args.task:
+        raise UsageError("eval needs a run folder, or --task (and --model) to evaluate an untrained model")
+    cfg = config_mod.resolve({}, {}, {"task": args.task, "model": args.model})
+    from .lm.rollout import LMWorkload
+    work = LMWorkload(cfg, cfg.seed)
+    print_result({"model": cfg.model, "task": cfg.task, **lm_result(work.evaluate(args.split), args.split)})
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from . import checkpoint
+    from .trainer import load_workload
+
+    path = checkpoint.latest(Path(args.run)) if Path(args.run).is_dir() else None
+    if path is None:
+        raise UsageError(f"'{args.run}' is not a run folder with a checkpoint")
+    work, cfg = load_workload(path)
+    if not cfg.is_lm:
+        raise UsageError(f"run '{args.run}' trained a control policy; `sample` is for language models")
+    rows = [{"prompt": p} for p in args.prompt]
+    texts = [work.policy.render(r) for r in rows for _ in range(args.n)]
+    batch = work.policy.generate(texts, cfg, args.seed)
+    for text, completion in zip([p for p in args.prompt for _ in range(args.n)],
+                                work.policy.decode(batch.actions, batch.mask)):
+        print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False))
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .lm.rewards import BUILTIN
+    from .lm.tasks import BUILTIN_DESCRIPTIONS
+
+    print("built-in tasks:")
+    for name, text in BUILTIN_DESCRIPTIONS.items():
+        print(f"  {name:<16} {text}")
+    print("rewards: " + ", ".join(BUILTIN) + ", python:path/to/file.py:function")
     return 0
 
 
@@ -118,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if args.command == "train":
         args.overrides = [*args.overrides, *extra]
+    commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "tasks": cmd_tasks}
     try:
-        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
-    except (*USER_ERRORS, UsageError) as e:
+        return commands[args.command](args)
+    except user_errors() as e:
         print(f"policygrad: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -25,9 +25,15 @@ class Config:
     algo: str = "ppo"
     """Algorithm: reinforce | trpo | ppo."""
     env: str = "CartPole-v1"
-    """A registered Gymnasium environment id."""
+    """A registered Gymnasium environment id (control runs)."""
+    task: Optional[str] = None
+    """A text task: a built-in name (`policygrad tasks`) or a task YAML file; set, it makes a
+    language-model run."""
+    model: str = "smollm2-135m"
+    """Language model: a local Hugging Face folder or an alias (smollm2-135m)."""
     total_steps: int = 100_000
-    """Environment steps to train for (summed over all vector environments)."""
+    """Control: environment steps to train for. Language models: training steps (one batch of
+    completions each)."""
     seed: int = 1
     """Seed of the run; each rank and environment derives its own from it."""
 
@@ -109,9 +115,50 @@ class Config:
     clip_obs: float = 10.0
     """Clip normalised observations to +-this."""
 
+    # --- language models ---
+    prompts_per_step: int = 4
+    """Prompts in each training batch."""
+    samples_per_prompt: int = 4
+    """Completions sampled per prompt (the group of the rloo and group baselines)."""
+    max_new_tokens: int = 32
+    """Longest completion, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probabilities are of the tempered distribution)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 disables)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0 disables)."""
+    baseline: str = "rloo"
+    """Critic-free baseline of a sequence's score: none | moving-average | rloo | group."""
+    kl_coef: float = 0.05
+    """Weight of KL(policy || reference)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator: k1 | k2 | k3."""
+    kl_in: str = "reward"
+    """Where the KL term goes: reward (a per-token penalty) | loss (added to the policy loss)."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target KL per completion (nats) of the adaptive controller."""
+    kl_horizon: int = 10_000
+    """Horizon (completions) of the adaptive controller."""
+    use_value_head: bool = False
+    """Language-model PPO/TRPO: learn a value head and use GAE instead of a critic-free baseline."""
+    whiten_rewards: bool = False
+    """Whiten the task rewards over each batch before the KL penalty is added."""
+    micro_batch_size: int = 0
+    """Completions per forward/backward pass; gradients accumulate over a minibatch (0: all at once)."""
+    fvp_fraction: float = 0.25
+    """Share of a batch's completions used for TRPO's Fisher-vector products."""
+    logprob_chunk: int = 8
+    """Completion positions per chunk when computing log-probabilities over the vocabulary."""
+    eval_prompts: int = 40
+    """Validation prompts per periodic evaluation (the test split is evaluated whole)."""
+
     # --- evaluation, logging ---
     eval_every: int = 10_000
-    """Evaluate on separate environments every this many environment steps (0: only at the end)."""
+    """Evaluate every this many environment steps (control) or training steps (language models);
+    0: only at the end."""
     eval_episodes: int = 10
     """Episodes per periodic evaluation (deterministic actions)."""
     stop_at_return: Optional[float] = None
@@ -120,26 +167,38 @@ class Config:
     """Torch intra-op threads; small MLPs run fastest on one."""
 
     @property
+    def is_lm(self) -> bool:
+        return self.task is not None
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+    @property
     def rollout_size(self) -> int:
-        return self.num_envs * self.n_steps
+        return self.completions_per_step if self.is_lm else self.num_envs * self.n_steps
 
     @property
     def total_updates(self) -> int:
-        return max(1, self.total_steps // self.rollout_size)
+        return self.total_steps if self.is_lm else max(1, self.total_steps // self.rollout_size)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "algo": ("reinforce", "trpo", "ppo"),
     "vectorization": ("sync", "async"),
-    "advantage": ("gae", "mc"),
+    "advantage": ("gae", "mc", "sequence"),
     "lr_schedule": ("constant", "linear"),
     "clip_schedule": ("constant", "linear"),
     "activation": ("tanh", "relu"),
+    "baseline": ("none", "moving-average", "rloo", "group"),
+    "kl_estimator": ("k1", "k2", "k3"),
+    "kl_in": ("reward", "loss"),
 }
 POSITIVE = ("total_steps", "num_envs", "n_steps", "n_epochs", "batch_size", "cg_iters",
             "line_search_steps", "value_epochs", "eval_episodes", "torch_threads", "lr", "value_lr",
-            "max_kl", "clip_eps")
-UNIT_INTERVAL = ("gamma", "gae_lambda", "line_search_shrink")
+            "max_kl", "clip_eps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
+            "temperature", "logprob_chunk", "eval_prompts", "kl_horizon")
+UNIT_INTERVAL = ("gamma", "gae_lambda", "line_search_shrink", "top_p", "fvp_fraction")
 
 
 def field_names() -> list[str]:
@@ -250,11 +309,35 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+# Language-model runs start from these, then the algorithm's and the task's own defaults.
+LM_DEFAULTS: dict[str, Any] = {
+    "gamma": 1.0, "gae_lambda": 0.95, "lr": 1e-5, "value_lr": 1e-4, "advantage": "sequence",
+    "max_grad_norm": 1.0, "eval_every": 10, "n_epochs": 1, "batch_size": 16, "cg_iters": 10,
+    "cg_damping": 0.1, "fvp_fraction": 0.25, "torch_threads": 2, "normalize_advantages": True,
+}
+LM_ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "reinforce": {},
+    "ppo": {"n_epochs": 2, "batch_size": 8},
+    "trpo": {"max_kl": 0.01, "value_epochs": 2},
+}
+
+
+def lm_defaults(task: str, algo: str, user: dict[str, Any]) -> dict[str, Any]:
+    from .lm import tasks  # reads the task's data: an unknown task fails here, before any run starts
+
+    defaults = {**LM_DEFAULTS, **LM_ALGO_DEFAULTS.get(algo, {}),
+                **tasks.load(task, set(field_names())).defaults}
+    if user.get("use_value_head") and "advantage" not in user:
+        defaults["advantage"] = "gae"  # a value head is there to be used
+    return defaults
+
+
 def resolve(file_values: dict[str, Any], overrides: dict[str, Any], flags: dict[str, Any]) -> Config:
     """Build the run's config from a YAML file's values, key=value overrides and explicit flags."""
     layered = {**file_values, **overrides, **{k: v for k, v in flags.items() if v is not None}}
-    probe = apply(Config(), layered)  # find algo/env (and reject unknown keys) before the preset
-    cfg = apply(Config(), preset(probe.env, probe.algo))
+    probe = apply(Config(), layered)  # find algo/env/task (and reject unknown keys) before defaults
+    base = lm_defaults(probe.task, probe.algo, layered) if probe.task else preset(probe.env, probe.algo)
+    cfg = apply(Config(), base)
     return validate(apply(cfg, layered))
 
 

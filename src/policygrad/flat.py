@@ -39,10 +39,15 @@ class FlatParameters:
     def zero_grad(self) -> None:
         self.param.grad.zero_()
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Scale the gradient to norm <= max_norm (no-op for max_norm <= 0); returns the norm before."""
-        grad = self.param.grad
-        norm = torch.linalg.vector_norm(grad)
-        if max_norm > 0:
-            grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-        return norm.item()
+
+
+def clip_grad_norm_(flats: list[FlatParameters], max_norm: float) -> float:
+    """Scale all gradients so that their joint norm is <= max_norm (no-op for max_norm <= 0), as
+    torch.nn.utils.clip_grad_norm_ does; returns the norm before clipping."""
+    norms = [torch.linalg.vector_norm(f.param.grad) for f in flats]
+    norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for f in flats:
+            f.param.grad.mul_(scale)
+    return norm.item()

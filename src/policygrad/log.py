@@ -37,6 +37,15 @@ class RunLogger:
         if headline and headline in metrics and metrics[headline] is not None:
             self.bar.set_postfix_str(f"{headline.split('/')[-1]}={metrics[headline]:.1f}", refresh=False)
 
+    def log_final(self, step: int, metrics: dict) -> None:
+        """The closing evaluation: TensorBoard and final_eval.json (metrics.jsonl is per update)."""
+        if not self.enabled or not metrics:
+            return
+        (self.out_dir / "final_eval.json").write_text(json.dumps(metrics, indent=1))
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+
     def close(self) -> None:
         self.bar.close()
         if not self.enabled:

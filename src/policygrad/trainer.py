@@ -1,7 +1,9 @@
 """The one training loop every algorithm and every policy shares.
 
+A workload (control/rollout.py: Gymnasium; lm/rollout.py: a text task and a language model)
+supplies the policy, rollouts, evaluation and what to save; everything else is here and the same.
 Rank-aware: under torchrun each rank collects its own experience with its own seed, gradients are
-averaged across ranks (algos.sync_gradients), and only rank 0 logs and checkpoints.
+averaged across ranks (algos.sync_gradients), and only rank 0 evaluates, logs and checkpoints.
 """
 from __future__ import annotations
 
@@ -9,19 +11,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 
 from . import checkpoint
-from .algos import ALGOS, Optimizers, Progress
 from . import config as config_mod
+from .algos import ALGOS, Optimizers, Progress
 from .config import Config, to_dict
-from .control.policy import ControlPolicy
-from .control.rollout import Collector, evaluate, make_envs
 from .core import advantages
-from .log import RunLogger
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -34,14 +32,12 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + 10_007 * rank
 
 
-def build_policy(cfg: Config, seed: int) -> ControlPolicy:
-    envs = make_envs(cfg.env, 1)
-    try:
-        with torch.random.fork_rng():  # initialisation draws from a seeded, private stream
-            torch.manual_seed(seed)
-            return ControlPolicy(envs.single_observation_space, envs.single_action_space, cfg)
-    finally:
-        envs.close()
+def build_workload(cfg: Config, seed: int):
+    if cfg.is_lm:
+        from .lm.rollout import LMWorkload
+        return LMWorkload(cfg, seed)
+    from .control.rollout import ControlWorkload
+    return ControlWorkload(cfg, seed)
 
 
 @dataclass
@@ -49,100 +45,93 @@ class RunState:
     """Counters a checkpoint carries."""
     update: int = 0
     env_steps: int = 0
-    episodes: int = 0
-    best_eval: float = float("-inf")
 
 
 def evaluation_due(cfg: Config, state: RunState) -> bool:
     if cfg.eval_every <= 0:
         return False
+    if cfg.is_lm:
+        return state.update % cfg.eval_every == 0
     return state.env_steps // cfg.eval_every > (state.env_steps - cfg.rollout_size) // cfg.eval_every
 
 
-def save_run(out_dir: Path, cfg: Config, policy: ControlPolicy, opts: Optimizers, state: RunState) -> Path:
-    return checkpoint.save(out_dir, f"update-{state.update:06d}", policy, opts.named(),
-                           {"config": to_dict(cfg), "run": state.__dict__})
+def save_run(out_dir: Path, cfg: Config, work, opts: Optimizers, state: RunState) -> Path:
+    return checkpoint.save(out_dir, f"update-{state.update:06d}", work.tensors(), opts.named(),
+                           {"config": to_dict(cfg), "run": state.__dict__, "workload": work.state()},
+                           write_extra=work.write_model)
 
 
 def train(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
-    """Train cfg.algo on cfg.env for cfg.total_steps; write metrics and a checkpoint into out_dir."""
+    """Train cfg.algo on cfg.env or cfg.task; write metrics and checkpoints into out_dir."""
     rank, world = rank_and_world()
     seed = rank_seed(cfg.seed, rank)
     torch.set_num_threads(cfg.torch_threads)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    policy = build_policy(cfg, seed)
+    work = build_workload(cfg, seed)
     algo = ALGOS[cfg.algo]
-    opts = algo.make_optimizers(policy, cfg)
-    collector = Collector(make_envs(cfg.env, cfg.num_envs, cfg.vectorization), seed, cfg.gamma)
+    opts = algo.make_optimizers(work.policy, cfg)
     shuffle = torch.Generator().manual_seed(seed + 1)
+    from .log import RunLogger  # tensorboard's import is slow: after the run's own set-up errors
     logger = RunLogger(out_dir, cfg.total_updates * cfg.rollout_size * world, "step",
                        enabled=rank == 0, progress=progress)
     state, start = RunState(), time.perf_counter()
-    eval_result: dict = {}
     while state.update < cfg.total_updates:
-        # 1. collect a rollout with the current policy
-        batch = collector.collect(policy, cfg.n_steps)
-        remaining = 1.0 - state.env_steps / (cfg.total_updates * cfg.rollout_size)
+        step_start = time.perf_counter()
+        # 1. collect experience with the current policy
+        batch, collect_metrics = work.collect()
+        remaining = 1.0 - state.update / cfg.total_updates
         state.update += 1
         state.env_steps += cfg.rollout_size * world
         # 2. advantages and value targets
         batch = advantages.compute(batch, cfg)
         # 3. update the policy (and critic)
-        metrics = algo.update(policy, opts, batch, cfg, Progress(remaining, shuffle))
-        # 4. evaluate on separate environments, deterministic actions
-        if evaluation_due(cfg, state) and rank == 0:
-            eval_result = evaluate_now(policy, cfg, state)
+        metrics = algo.update(work.policy, opts, batch, cfg, Progress(remaining, shuffle))
+        metrics.update(work.after_update(batch, metrics))
+        step_s = time.perf_counter() - step_start
+        # 4. evaluate on held-out data or environments
+        eval_metrics = work.evaluate("validation", out_dir) if evaluation_due(cfg, state) and rank == 0 else {}
         # 5. log
-        returns = collector.recent_returns
-        row = {"update": state.update, "env_steps": state.env_steps,
-               "time/elapsed_s": time.perf_counter() - start,
-               "train/episode_return_mean": float(np.mean(returns)) if returns else None,
-               "train/episode_length_mean": float(np.mean(collector.recent_lengths)) if returns else None,
-               "train/episodes": collector.episodes, **metrics, **eval_result}
-        logger.log(state.env_steps, row, cfg.rollout_size * world, headline="train/episode_return_mean")
-        eval_result = {}
-        if cfg.stop_at_return is not None and len(returns) == returns.maxlen \
-                and np.mean(returns) >= cfg.stop_at_return:
+        row = {"update": state.update, "step": state.update, "env_steps": state.env_steps,
+               "time/elapsed_s": time.perf_counter() - start, "time/step_s": step_s,
+               **collect_metrics, **metrics, **eval_metrics}
+        logger.log(state.env_steps, row, cfg.rollout_size * world, headline=work.headline)
+        if work.stop_early():
             break
     # 6. final evaluation and checkpoint
-    final = evaluate_now(policy, cfg, state) if rank == 0 else {}
+    final = work.evaluate("test", out_dir) if rank == 0 else {}
     if rank == 0:
-        save_run(out_dir, cfg, policy, opts, state)
-    summary = {"algo": cfg.algo, "env": cfg.env, "env_steps": state.env_steps, "updates": state.update,
-               "train_return_mean": logger.last.get("train/episode_return_mean", float("nan")),
-               "eval_return_mean": final.get("eval/return_mean", float("nan")),
-               "wall_s": time.perf_counter() - start}
+        save_run(out_dir, cfg, work, opts, state)
+        logger.log_final(state.env_steps, final)
     logger.close()
-    return summary
+    return {"algo": cfg.algo, ("task" if cfg.is_lm else "env"): cfg.task if cfg.is_lm else cfg.env,
+            "updates": state.update, "env_steps": state.env_steps,
+            "train_" + work.headline.split("/")[-1]: logger.last.get(work.headline, float("nan")),
+            **{f"final_{k.replace('/', '_')}": v for k, v in final.items() if isinstance(v, (int, float))},
+            "wall_s": time.perf_counter() - start}
 
 
-def evaluate_now(policy: ControlPolicy, cfg: Config, state: RunState) -> dict:
-    returns = evaluate(policy, cfg.env, cfg.eval_episodes, seed=cfg.seed + 1_000_003)
-    state.best_eval = max(state.best_eval, float(returns.mean()))
-    return {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std())}
-
-
-def load_policy(path: Path) -> tuple[ControlPolicy, Config]:
-    """The policy (with its normalisers) and config saved in checkpoint folder `path`."""
-    model, _, state = checkpoint.load(path)
+def load_config(state: dict, path: Path) -> Config:
     try:
-        cfg = config_mod.validate(config_mod.apply(Config(), state["config"]))
+        return config_mod.validate(config_mod.apply(Config(), state["config"]))
     except config_mod.ConfigError as e:
         raise checkpoint.CheckpointError(f"checkpoint '{path}' has an invalid config: {e}") from None
-    policy = build_policy(cfg, cfg.seed)
+
+
+def load_workload(path: Path):
+    """The workload (policy, normalisers, task) saved in checkpoint folder `path`, and its config."""
+    tensors, _, state = checkpoint.load(path)
+    cfg = load_config(state, path)
+    if cfg.is_lm:
+        from .lm.rollout import LMWorkload
+        work = LMWorkload(cfg, cfg.seed, model_path=path / "policy")
+    else:
+        from .control.rollout import ControlWorkload
+        work = ControlWorkload(cfg, cfg.seed)
     try:
-        policy.load_state_dict(model)
+        work.policy.load_state_dict(tensors, strict=not cfg.is_lm)
     except RuntimeError:
         raise checkpoint.CheckpointError(
             f"checkpoint '{path}' does not fit the policy its config describes (tensors differ)") from None
-    return policy, cfg
-
-
-def evaluate_run(path: Path, episodes: int, seed: int) -> dict:
-    policy, cfg = load_policy(path)
-    returns = evaluate(policy, cfg.env, episodes, seed)
-    return {"env": cfg.env, "algo": cfg.algo, "checkpoint": path.name, "episodes": len(returns),
-            "mean_return": float(returns.mean()), "std_return": float(returns.std()),
-            "min_return": float(returns.min()), "max_return": float(returns.max())}
+    return work, cfg

@@ -142,6 +142,10 @@ class ControlPolicy(nn.Module):
     def critic_parameters(self) -> list[nn.Parameter]:
         return [*self.critic_body.parameters(), *self.critic_head.parameters()]
 
+    def optimizer_groups(self, cfg) -> list[tuple[list[nn.Parameter], float]]:
+        """Actor and critic learn together at cfg.lr (as SB3's PPO and A2C)."""
+        return [(list(self.parameters()), cfg.lr)]
+
     # --- observations ---
     def normalize(self, obs: np.ndarray, update: bool) -> np.ndarray:
         """Flatten and (if enabled) normalise raw observations (N, *shape) -> (N, obs_dim) float32."""
@@ -201,6 +205,9 @@ class ControlPolicy(nn.Module):
     def rows(self, batch: Batch) -> Batch:
         """The view minibatches are cut from: each transition is a row."""
         return batch.flatten_steps()
+
+    def values(self, batch: Batch) -> torch.Tensor:
+        return self.value(batch.obs)                                    # (B, T)
 
     def evaluate(self, batch: Batch, entropy_grad: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:

@@ -125,3 +125,56 @@ def evaluate(policy: ControlPolicy, env_id: str, episodes: int, seed: int) -> np
     finally:
         envs.close()
     return np.asarray(returns)
+
+
+def build_policy(cfg, seed: int) -> ControlPolicy:
+    envs = make_envs(cfg.env, 1)
+    try:
+        with torch.random.fork_rng():  # initialisation draws from a seeded, private stream
+            torch.manual_seed(seed)
+            return ControlPolicy(envs.single_observation_space, envs.single_action_space, cfg)
+    finally:
+        envs.close()
+
+
+class ControlWorkload:
+    """What the trainer needs from a Gymnasium run: rollouts, evaluation, tensors to save.
+
+    On resume the environments start fresh episodes; counters, normalisers and optimiser continue.
+    """
+    headline = "train/episode_return_mean"
+
+    def __init__(self, cfg, seed: int):
+        self.cfg = cfg
+        self.policy = build_policy(cfg, seed)
+        self.collector = Collector(make_envs(cfg.env, cfg.num_envs, cfg.vectorization), seed, cfg.gamma)
+
+    def collect(self) -> tuple[Batch, dict]:
+        batch = self.collector.collect(self.policy, self.cfg.n_steps)
+        returns = self.collector.recent_returns
+        return batch, {
+            "train/episode_return_mean": float(np.mean(returns)) if returns else None,
+            "train/episode_length_mean": float(np.mean(self.collector.recent_lengths)) if returns else None,
+            "train/episodes": self.collector.episodes}
+
+    def after_update(self, batch: Batch, metrics: dict) -> dict:
+        return {}
+
+    def stop_early(self) -> bool:
+        returns = self.collector.recent_returns
+        return (self.cfg.stop_at_return is not None and len(returns) == returns.maxlen
+                and float(np.mean(returns)) >= self.cfg.stop_at_return)
+
+    def evaluate(self, split: str, out_dir=None) -> dict:
+        """Deterministic episodes on separate environments (control has no data splits)."""
+        returns = evaluate(self.policy, self.cfg.env, self.cfg.eval_episodes, seed=self.cfg.seed + 1_000_003)
+        return {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std())}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.policy.state_dict()
+
+    def write_model(self, folder) -> None:
+        """Control policies live entirely in model.safetensors."""
+
+    def state(self) -> dict:
+        return {}

@@ -75,9 +75,56 @@ def _monte_carlo(batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     return returns - baseline, returns
 
 
+def sequence_scores(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) undiscounted sum of a sequence's rewards: its return from the first step."""
+    return (rewards * mask).sum(1)
+
+
+def group_stats(scores: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per completion: its group's size, mean and (unbiased) std of scores, each (B,)."""
+    n_groups = int(group.max()) + 1
+    count = torch.zeros(n_groups).index_add_(0, group, torch.ones_like(scores))   # (G,)
+    total = torch.zeros(n_groups).index_add_(0, group, scores)                    # (G,)
+    mean = total / count                                                           # (G,)
+    sq = torch.zeros(n_groups).index_add_(0, group, (scores - mean[group]) ** 2)   # (G,)
+    std = (sq / (count - 1).clamp(min=1)).sqrt()                                   # (G,)
+    return count[group], mean[group], std[group]
+
+
+def rloo_baseline(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """(B,) mean score of the other completions of the same prompt (Kool et al. 2019, leave-one-out);
+    a completion alone in its group gets baseline 0."""
+    count, mean, _ = group_stats(scores, group)
+    others = (count - 1).clamp(min=1)
+    return torch.where(count > 1, (mean * count - scores) / others, torch.zeros_like(scores))
+
+
+def _group_whitened(scores: torch.Tensor, batch: Batch) -> torch.Tensor:
+    _, mean, std = group_stats(scores, batch.group)
+    return (scores - mean) / (std + 1e-6)
+
+
+# Critic-free baselines of a sequence score, by name: fn(scores (B,), batch) -> advantages (B,).
+SEQUENCE_BASELINES: dict[str, Callable[[torch.Tensor, Batch], torch.Tensor]] = {
+    "none": lambda scores, batch: scores,
+    "moving-average": lambda scores, batch: scores - batch.baseline,
+    "rloo": lambda scores, batch: scores - rloo_baseline(scores, batch.group),
+    "group": _group_whitened,
+}
+
+
+def _sequence(batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Critic-free: every token of a completion gets its sequence's score minus a baseline."""
+    scores = sequence_scores(batch.rewards, batch.mask)                            # (B,)
+    advantages = SEQUENCE_BASELINES[cfg.baseline](scores, batch)                   # (B,)
+    returns = scores[:, None].expand_as(batch.rewards)                             # (B, T)
+    return advantages[:, None] * batch.mask, returns
+
+
 ADVANTAGES: dict[str, Callable[[Batch, object], tuple[torch.Tensor, torch.Tensor]]] = {
     "gae": _gae,
     "mc": _monte_carlo,
+    "sequence": _sequence,
 }
 
 

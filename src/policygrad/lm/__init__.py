@@ -1,0 +1,1 @@
+"""Language-model policies: models, tasks, rewards and rollouts on the shared core."""

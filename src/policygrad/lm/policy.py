@@ -1,0 +1,174 @@
+"""A transformers causal LM as a policy: an action is a token, a completion is a trajectory.
+
+Batch layout: obs (B, P+T) = left-padded prompt ids then completion ids, obs_mask (B, P+T) their
+attention mask, actions (B, T) = completion ids, mask (B, T) = 1 up to and including EOS.
+Log-probabilities are computed from the hidden states at completion positions only, in chunks of
+positions, so a full-vocabulary log-softmax of the whole batch never exists at once.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..batch import Batch
+from ..core.losses import batch_mean
+
+
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Naive twin: log_softmax over the vocabulary, then the chosen token's entry. (..., V) -> (...)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def chunked_log_probs(hidden: torch.Tensor, head: nn.Module, tokens: torch.Tensor, temperature: float,
+                      chunk: int, with_entropy: bool, entropy_grad: bool
+                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log pi(token) and (optionally) the entropy at each position from hidden states (B, T, H).
+
+    The chosen logit minus the logsumexp equals the log-softmax entry; computed `chunk` positions
+    at a time, only one (B, chunk, V) block of logits is alive outside autograd's saved tensors.
+    """
+    log_probs, entropies = [], []
+    for start in range(0, hidden.shape[1], chunk):
+        logits = head(hidden[:, start:start + chunk]).float() / temperature      # (B, c, V)
+        lse = torch.logsumexp(logits, dim=-1)                                    # (B, c)
+        chosen = logits.gather(-1, tokens[:, start:start + chunk].unsqueeze(-1)).squeeze(-1)
+        log_probs.append(chosen - lse)                                           # (B, c)
+        if with_entropy:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                probs = torch.softmax(logits, dim=-1)                            # (B, c, V)
+                entropies.append(lse - (probs * logits).sum(-1))                 # (B, c)
+    return torch.cat(log_probs, 1), (torch.cat(entropies, 1) if with_entropy else None)
+
+
+class LMPolicy(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer, cfg, with_reference: bool = True):
+        super().__init__()
+        self.model = model.eval()  # no dropout: sampling and learning see the same policy
+        self.tokenizer = tokenizer
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if with_reference else None
+        hidden = model.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1) if cfg.use_value_head else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        self.temperature = cfg.temperature
+        self.chunk = cfg.logprob_chunk
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+    # --- prompts and sampling ---
+    def render(self, row: dict) -> str:
+        """The text the model continues: the chat template for instruct models, else the prompt."""
+        messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return row.get("prompt") or "\n".join(m["content"] for m in messages)
+
+    def completion_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) 1 up to and including the first EOS."""
+        is_eos = torch.zeros_like(tokens, dtype=torch.bool)
+        for eos in self.eos_ids:
+            is_eos |= tokens == eos
+        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0                        # (B, T)
+        return (~after_eos).float()
+
+    @torch.no_grad()
+    def generate(self, texts: list[str], cfg, seed: int) -> Batch:
+        """Sample one completion per text (repeat texts for several); a Batch without rewards."""
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            out = self.model.generate(
+                **enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                max_new_tokens=cfg.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                return_dict_in_generate=True, output_logits=True)
+        prompt_len = enc["input_ids"].shape[1]
+        tokens = out.sequences[:, prompt_len:]                                   # (B, T)
+        mask = self.completion_mask(tokens)                                      # (B, T)
+        # The sampling pass's own logits give the old log-probs: no second forward pass.
+        logits = torch.stack(out.logits, 1).float() / cfg.temperature            # (B, T, V)
+        log_prob = token_log_probs(logits, tokens) * mask                        # (B, T)
+        del logits
+        obs_mask = torch.cat([enc["attention_mask"].float(), mask], 1)           # (B, P+T)
+        zeros = torch.zeros_like(mask)
+        return Batch(obs=out.sequences, obs_mask=obs_mask, actions=tokens, log_prob=log_prob,
+                     rewards=zeros, terminated=zeros, truncated=zeros, mask=mask)
+
+    def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(t[m.bool()], skip_special_tokens=True).strip()
+                for t, m in zip(tokens, mask)]
+
+    # --- forward passes ---
+    def _hidden(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """(B, T, H) hidden states at the positions that predict each completion token."""
+        T = batch.actions.shape[1]
+        attention = batch.obs_mask.long()
+        positions = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: count real tokens only
+        out = model.base_model(input_ids=batch.obs[:, :-1], attention_mask=attention[:, :-1],
+                               position_ids=positions[:, :-1], use_cache=False)
+        return out.last_hidden_state[:, -T:]                                     # (B, T, H)
+
+    def _log_probs(self, model: nn.Module, batch: Batch, with_entropy: bool, entropy_grad: bool = False):
+        hidden = self._hidden(model, batch)
+        log_prob, entropy = chunked_log_probs(hidden, model.get_output_embeddings(), batch.actions,
+                                              self.temperature, self.chunk, with_entropy, entropy_grad)
+        return hidden, log_prob * batch.mask, entropy
+
+    def evaluate(self, batch: Batch, entropy_grad: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        hidden, log_prob, entropy = self._log_probs(self.model, batch, True, entropy_grad)
+        values = None if self.value_head is None else self.value_head(hidden).squeeze(-1)  # (B, T)
+        return log_prob, entropy, values
+
+    def log_prob(self, batch: Batch) -> torch.Tensor:
+        return self._log_probs(self.model, batch, False)[1]
+
+    @torch.no_grad()
+    def reference_log_prob(self, batch: Batch) -> torch.Tensor:
+        return self._log_probs(self.reference, batch, False)[1]
+
+    @torch.no_grad()
+    def value_features(self, batch: Batch) -> torch.Tensor:
+        return self._hidden(self.model, batch)
+
+    def values(self, batch: Batch) -> torch.Tensor:
+        """(B, T) value-head outputs; only the head gets gradients (TRPO's critic regression)."""
+        return self.value_head(self.value_features(batch)).squeeze(-1)
+
+    def rows(self, batch: Batch) -> Batch:
+        return batch  # minibatches are cut from whole completions
+
+    # --- TRPO: exact KL over the vocabulary ---
+    @torch.no_grad()
+    def snapshot_actor(self, batch: Batch) -> torch.Tensor:
+        """(B, T, V) log-probabilities over the vocabulary before the step."""
+        hidden = self._hidden(self.model, batch)
+        head = self.model.get_output_embeddings()
+        return torch.cat([torch.log_softmax(head(hidden[:, s:s + self.chunk]).float() / self.temperature, -1)
+                          for s in range(0, hidden.shape[1], self.chunk)], 1)
+
+    def kl(self, batch: Batch, old: torch.Tensor) -> torch.Tensor:
+        """Mean over completion tokens of KL(old || new), summed exactly over the vocabulary."""
+        hidden = self._hidden(self.model, batch)
+        head = self.model.get_output_embeddings()
+        kls = []
+        for s in range(0, hidden.shape[1], self.chunk):
+            new = torch.log_softmax(head(hidden[:, s:s + self.chunk]).float() / self.temperature, -1)
+            old_c = old[:, s:s + self.chunk]
+            kls.append((old_c.exp() * (old_c - new)).sum(-1))                   # (B, c)
+        return batch_mean(torch.cat(kls, 1), batch)
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        return [] if self.value_head is None else list(self.value_head.parameters())
+
+    def optimizer_groups(self, cfg) -> list[tuple[list[nn.Parameter], float]]:
+        """The LM at cfg.lr; the value head, if any, at its own cfg.value_lr."""
+        groups = [(self.actor_parameters(), cfg.lr)]
+        return groups + ([(self.critic_parameters(), cfg.value_lr)] if self.value_head is not None else [])

@@ -1,0 +1,198 @@
+"""Language-model rollouts: prompts -> sampled completions -> rewards -> KL to the reference.
+
+Per-token rewards: the task reward sits on a completion's last token; with kl_in = reward, every
+token also carries -kl_coef * KL estimate (Ziegler et al. 2019). A completion ends at EOS or at
+max_new_tokens, either way without bootstrapping.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import config as config_mod
+from ..batch import Batch
+from ..core.losses import KL_ESTIMATORS
+from . import models, tasks
+from .policy import LMPolicy
+
+
+class PromptCursor:
+    """Walks the training prompts in a fresh seeded order each epoch; its position is saved with
+    checkpoints so a resumed run sees the same prompts."""
+
+    def __init__(self, n_rows: int, seed: int, epoch: int = 0, position: int = 0):
+        self.n_rows, self.seed, self.epoch, self.position = n_rows, seed, epoch, position
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n_rows)
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.position == self.n_rows:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(int(self._order[self.position]))
+            self.position += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+class KLController:
+    """Fixed, or adaptive towards a target KL per completion (Ziegler et al. 2019, section 2.2)."""
+
+    def __init__(self, cfg):
+        self.coef, self.cfg = cfg.kl_coef, cfg
+
+    def update(self, kl_per_completion: float, n_completions: int) -> None:
+        if not self.cfg.adaptive_kl:
+            return
+        error = float(np.clip(kl_per_completion / self.cfg.kl_target - 1.0, -0.2, 0.2))
+        self.coef *= 1.0 + error * n_completions / self.cfg.kl_horizon
+
+
+def extras_of(rows: list[dict]) -> dict[str, list]:
+    """The rows' columns other than the prompt, as keyword lists for the rewards."""
+    keys = sorted({k for r in rows for k in r} - {"prompt", "messages"})
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def prompt_text(row: dict) -> str:
+    return row.get("prompt") or row["messages"][-1]["content"]
+
+
+class LMWorkload:
+    headline = "train/reward_mean"
+
+    def __init__(self, cfg, seed: int, model_path: Optional[Path] = None):
+        self.cfg, self.seed = cfg, seed
+        self.task = tasks.load(cfg.task, set(config_mod.field_names()))
+        base, tokenizer = models.load(cfg.model)
+        if model_path is not None:  # a trained policy; the reference stays the base model
+            trained, _ = models.load(str(model_path))
+            self.policy = LMPolicy(trained, tokenizer, cfg, with_reference=False)
+            self.policy.reference = base.eval().requires_grad_(False)
+        else:
+            self.policy = LMPolicy(base, tokenizer, cfg, with_reference=True)
+        self.cursor = PromptCursor(len(self.task.rows("train")), seed)
+        self.kl = KLController(cfg)
+        self.moving_baseline = 0.0
+        self.steps = 0
+
+    # --- rollouts ---
+    def sample(self, rows: list[dict], n: int, seed: int) -> tuple[Batch, list[str], np.ndarray]:
+        """n completions per row: the batch (with ref log-probs), completions and task rewards."""
+        texts = [self.policy.render(r) for r in rows for _ in range(n)]
+        batch = self.policy.generate(texts, self.cfg, seed)
+        self._check_context(batch)
+        completions = self.policy.decode(batch.actions, batch.mask)
+        expanded = [r for r in rows for _ in range(n)]
+        rewards = self.task.rewards([prompt_text(r) for r in expanded], completions, extras_of(expanded))
+        ref = self.policy.reference_log_prob(batch) if self.policy.reference is not None else batch.log_prob
+        return batch.replace(ref_log_prob=ref), completions, rewards
+
+    def _check_context(self, batch: Batch) -> None:
+        limit = getattr(self.policy.model.config, "max_position_embeddings", None)
+        if limit is not None and batch.obs.shape[1] > limit:
+            raise tasks.TaskError(f"a prompt plus max_new_tokens is {batch.obs.shape[1]} tokens, longer "
+                                  f"than the model's context of {limit}; shorten the prompts or max_new_tokens")
+
+    def collect(self) -> tuple[Batch, dict]:
+        cfg = self.cfg
+        start = time.perf_counter()
+        row_ids = self.cursor.take(cfg.prompts_per_step)
+        rows = [self.task.rows("train")[i] for i in row_ids]
+        batch, completions, task_reward = self.sample(rows, cfg.samples_per_prompt,
+                                                      seed=self.seed * 1_000_003 + self.steps)
+        self.steps += 1
+        generate_s = time.perf_counter() - start
+        B, T = batch.mask.shape
+        last = (batch.mask.sum(1).long() - 1).clamp(min=0)                        # (B,) last token
+        kl_tokens = (batch.log_prob - batch.ref_log_prob) * batch.mask           # (B, T) k1
+        score = torch.as_tensor(task_reward, dtype=torch.float32)                # (B,)
+        if cfg.whiten_rewards:
+            score = (score - score.mean()) / (score.std() + 1e-8)
+        rewards = torch.zeros(B, T)
+        rewards[torch.arange(B), last] = score
+        if cfg.kl_in == "reward" and self.kl.coef:
+            estimate = KL_ESTIMATORS[cfg.kl_estimator](batch.ref_log_prob - batch.log_prob)
+            rewards = rewards - self.kl.coef * estimate * batch.mask
+        terminated = torch.zeros(B, T)
+        terminated[torch.arange(B), last] = 1.0
+        group = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.samples_per_prompt)
+        values = next_values = None
+        if self.policy.value_head is not None:
+            with torch.no_grad():
+                values = self.policy.values(batch) * batch.mask                  # (B, T)
+            next_values = torch.cat([values[:, 1:], torch.zeros(B, 1)], 1)
+        baseline = torch.full((B,), self.moving_baseline)
+        batch = batch.replace(rewards=rewards, terminated=terminated, group=group, values=values,
+                              next_values=next_values, baseline=baseline)
+        self._last_scores = (rewards * batch.mask).sum(1)
+        lengths = batch.mask.sum(1)
+        return batch, {
+            "train/reward_mean": float(task_reward.mean()), "train/reward_std": float(task_reward.std()),
+            "kl/to_reference": float(kl_tokens.sum(1).mean()), "kl/coef": self.kl.coef,
+            "train/completion_length": float(lengths.mean()), "time/generate_s": generate_s,
+            "time/tokens_per_s": float(lengths.sum()) / max(generate_s, 1e-9)}
+
+    def after_update(self, batch: Batch, metrics: dict) -> dict:
+        kl = float(((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1).mean())
+        self.kl.update(kl, batch.shape[0])
+        self.moving_baseline = 0.9 * self.moving_baseline + 0.1 * float(self._last_scores.mean())
+        return {}
+
+    def stop_early(self) -> bool:
+        return False
+
+    # --- evaluation ---
+    def evaluate(self, split: str, out_dir: Optional[Path] = None) -> dict:
+        """One sampled completion per held-out prompt (a fixed seed): reward, KL to the reference."""
+        rows = self.task.rows(split)
+        if split == "validation":
+            rows = rows[:self.cfg.eval_prompts]
+        rewards, kls, samples = [], [], []
+        for start in range(0, len(rows), self.cfg.completions_per_step):
+            chunk = rows[start:start + self.cfg.completions_per_step]
+            batch, completions, reward = self.sample(chunk, 1, seed=10_000_019 + start)
+            rewards.extend(reward.tolist())
+            kls.extend(((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1).tolist())
+            samples.extend({"prompt": prompt_text(r), "completion": c, "reward": float(x)}
+                           for r, c, x in zip(chunk, completions, reward))
+        if out_dir is not None:
+            folder = out_dir / "samples"
+            folder.mkdir(exist_ok=True)
+            with open(folder / f"{split}-step{self.steps:05d}.jsonl", "w", encoding="utf-8") as f:
+                for s in samples:
+                    f.write(json.dumps(s, ensure_ascii=False) + "\n")
+        prefix = "eval" if split == "validation" else split
+        return {f"{prefix}/reward_mean": float(np.mean(rewards)), f"{prefix}/reward_std": float(np.std(rewards)),
+                f"{prefix}/kl_to_reference": float(np.mean(kls)), f"{prefix}/n": len(rewards),
+                **({"samples": samples} if out_dir is None else {})}
+
+    # --- what a checkpoint holds ---
+    def tensors(self) -> dict[str, torch.Tensor]:
+        head = self.policy.value_head
+        return {} if head is None else {f"value_head.{k}": v for k, v in head.state_dict().items()}
+
+    def write_model(self, folder: Path) -> None:
+        """The policy as a folder plain transformers loads: AutoModelForCausalLM.from_pretrained."""
+        model = self.policy.model
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.save_pretrained(folder / "policy", state_dict=state)
+        self.policy.tokenizer.save_pretrained(folder / "policy")
+
+    def state(self) -> dict:
+        return {"cursor": self.cursor.state(), "kl_coef": self.kl.coef, "moving_baseline": self.moving_baseline,
+                "steps": self.steps}
+
+

@@ -1,0 +1,185 @@
+"""Text tasks: a prompt data set with train/validation/test splits plus a reward.
+
+Data comes from JSONL, CSV or Parquet files with a `prompt` column (or chat `messages`); the other
+columns (`answer`, `reference`, ...) are handed to the rewards. Splits are three files, or cut
+deterministically 80/10/10 from one. Built-in tasks ship their data as package data.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .rewards import RewardError, RewardSet, build
+
+SPLITS = ("train", "validation", "test")
+
+
+class TaskError(ValueError):
+    """A task or data file that cannot be used; shown to the user as one line."""
+
+
+@dataclass
+class Task:
+    name: str
+    splits: dict[str, list[dict]]
+    rewards: RewardSet
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Config values the task sets (generation length, learning rate, ...), below the user's own."""
+
+    def rows(self, split: str) -> list[dict]:
+        return self.splits[split]
+
+
+# --- reading data -----------------------------------------------------------------------------
+def _check_row(row: Any, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise TaskError(f"{where}: expected an object with a 'prompt' field")
+    if "prompt" not in row and "messages" not in row:
+        raise TaskError(f"{where}: no 'prompt' column (nor chat 'messages'); columns: {', '.join(row) or 'none'}")
+    prompt = row.get("prompt")
+    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+        raise TaskError(f"{where}: 'prompt' must be a non-empty string")
+    messages = row.get("messages")
+    if prompt is None and (not isinstance(messages, list) or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+        raise TaskError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+    return row
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise TaskError(f"data file '{path}' not found")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(_check_row(json.loads(line), f"{path}:{n}"))
+                except json.JSONDecodeError as e:
+                    raise TaskError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    elif suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = [_check_row(dict(r), f"{path}:{n}") for n, r in enumerate(csv.DictReader(f), 2)]
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise TaskError("reading Parquet needs pyarrow: pip install pyarrow") from None
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise TaskError(f"data file '{path}' is not valid Parquet ({e.__class__.__name__})") from None
+        rows = [_check_row(r, f"{path}: row {n}") for n, r in enumerate(table.to_pylist(), 1)]
+    else:
+        raise TaskError(f"data file '{path}' must be .jsonl, .csv or .parquet")
+    if not rows:
+        raise TaskError(f"data file '{path}' holds no rows")
+    return rows
+
+
+def cut_splits(rows: list[dict]) -> dict[str, list[dict]]:
+    """80/10/10 by a hash of each row's prompt: deterministic, and stable when rows are added."""
+    def key(row: dict) -> str:
+        text = row.get("prompt") or json.dumps(row.get("messages"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+    ordered = sorted(rows, key=key)
+    n = len(ordered)
+    n_val, n_test = max(1, n // 10), max(1, n // 10)
+    if n < 3:
+        raise TaskError(f"a single data file needs at least 3 rows to cut train/validation/test; got {n}")
+    return {"validation": ordered[:n_val], "test": ordered[n_val:n_val + n_test],
+            "train": ordered[n_val + n_test:]}
+
+
+# --- built-in tasks ---------------------------------------------------------------------------
+def _packaged(name: str) -> Path:
+    return Path(str(resources.files("policygrad.lm").joinpath("data", name)))
+
+
+def arithmetic_rows(split: str, n: int, difficulty: str = "easy") -> list[dict]:
+    """Addition/subtraction (and multiplication above easy) with a fixed seed per split."""
+    seed = {"train": 11, "validation": 22, "test": 33}[split]
+    rng = random.Random(f"{difficulty}-{seed}")
+    top = {"easy": 9, "medium": 99, "hard": 999}[difficulty]
+    ops = "+-" if difficulty == "easy" else "+-*"
+    rows = []
+    for _ in range(n):
+        a, b, op = rng.randint(0, top), rng.randint(0, top), rng.choice(ops)
+        answer = a + b if op == "+" else a - b if op == "-" else a * b
+        rows.append({"prompt": f"What is {a} {op} {b}? Answer with just the number.", "answer": answer})
+    return rows
+
+
+BUILTIN_DESCRIPTIONS = {
+    "positive-review": "write a short movie review; reward = VADER compound sentiment",
+    "arithmetic": "answer generated +, -, x problems; reward = 1 if the last number is right",
+    "translation": "translate English to French; reward = chrF against the reference",
+}
+
+
+def builtin(name: str) -> Task:
+    if name == "positive-review":
+        return Task(name, cut_splits(read_rows(_packaged("positive_review.jsonl"))),
+                    RewardSet([build("vader")]),
+                    {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 32, "temperature": 1.0})
+    if name == "arithmetic":
+        splits = {s: arithmetic_rows(s, n) for s, n in (("train", 2000), ("validation", 100), ("test", 200))}
+        return Task(name, splits, RewardSet([build({"reward": "last-number", "format_bonus": 0.0})]),
+                    {"max_new_tokens": 16, "temperature": 1.0})
+    if name == "translation":
+        return Task(name, cut_splits(read_rows(_packaged("translation_en_fr.jsonl"))),
+                    RewardSet([build("chrf")]), {"max_new_tokens": 32})
+    raise KeyError(name)
+
+
+def from_yaml(path: Path, config_keys: set[str]) -> Task:
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        raise TaskError(f"task file '{path}' is not valid YAML") from None
+    if not isinstance(spec, dict):
+        raise TaskError(f"task file '{path}' must be a mapping with 'data' and 'rewards'")
+    base = path.parent
+    data, reward_specs = spec.pop("data", None), spec.pop("rewards", None)
+    if data is None:
+        raise TaskError(f"task file '{path}' has no 'data' (a file, or train/validation/test files)")
+    if isinstance(data, str):
+        splits = cut_splits(read_rows(base / data))
+    elif isinstance(data, dict) and set(data) == set(SPLITS):
+        splits = {s: read_rows(base / str(data[s])) for s in SPLITS}
+    else:
+        raise TaskError(f"task file '{path}': 'data' must be one file or the keys train, validation, test")
+    if not reward_specs or not isinstance(reward_specs, list):
+        raise TaskError(f"task file '{path}' needs 'rewards': a list of reward names or {{reward, weight}}")
+    rewards = RewardSet([build(r, base) for r in reward_specs])
+    unknown = sorted(set(spec) - config_keys)
+    if unknown:
+        raise TaskError(f"task file '{path}': unknown key '{unknown[0]}' (data, rewards, or any config key)")
+    return Task(path.stem, splits, rewards, spec)
+
+
+def load(name: str, config_keys: set[str]) -> Task:
+    """A built-in task by name, or a task YAML file."""
+    if name in BUILTIN_DESCRIPTIONS:
+        return builtin(name)
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise TaskError(f"task file '{name}' not found")
+        return from_yaml(path, config_keys)
+    raise TaskError(f"unknown task '{name}'; built-in tasks: {', '.join(BUILTIN_DESCRIPTIONS)}, "
+                    "or a task .yaml file")
+
+
+__all__ = ["Task", "TaskError", "RewardError", "load", "builtin", "read_rows", "cut_splits"]
