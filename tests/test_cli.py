@@ -115,3 +115,83 @@ def test_missing_and_corrupt_checkpoints(tmp_path, trained_run):
     shutil.copytree(trained_run, copy)
     (ckpt / "state.json").write_text('{"config": {"gamma": "x"}}')
     assert_one_line_error(policygrad("eval", copy), "invalid config")
+
+
+# --- language models --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm_setup(tmp_path_factory):
+    from lm_helpers import make_tiny_lm
+    folder = tmp_path_factory.mktemp("lmcli")
+    model = make_tiny_lm(folder / "tiny")
+    with open(folder / "prompts.jsonl", "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"prompt": f"Tell me about number {i}.", "answer": i}) + "\n")
+    (folder / "task.yaml").write_text("data: prompts.jsonl\nrewards:\n  - last-number\n  - vader\n"
+                                      "max_new_tokens: 5\nprompts_per_step: 2\nsamples_per_prompt: 2\n"
+                                      "eval_prompts: 2\n")
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def lm_run(lm_setup):
+    folder, model = lm_setup
+    out = folder / "run"
+    r = policygrad("train", "--algo", "ppo", "--task", folder / "task.yaml", "--model", model, "--steps", 2,
+                   "--out", out, "--no-progress", "eval_every=1")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_lm_run_writes_metrics_samples_and_a_plain_transformers_model(lm_run):
+    rows = [json.loads(line) for line in (lm_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("train/reward_mean", "kl/to_reference", "time/step_s", "policy/clip_fraction",
+                "policy/approx_kl", "policy/entropy", "train/completion_length", "time/tokens_per_s",
+                "eval/reward_mean"):
+        assert key in rows[-1], key
+    samples = sorted((lm_run / "samples").iterdir())
+    assert samples and json.loads(samples[0].read_text().splitlines()[0]).keys() == {"prompt", "completion", "reward"}
+    from transformers import AutoModelForCausalLM
+    ckpt = lm_run / "checkpoints" / (lm_run / "checkpoints" / "latest").read_text().strip()
+    model = AutoModelForCausalLM.from_pretrained(ckpt / "policy")
+    assert model.config.vocab_size > 0
+
+
+def test_lm_eval_sample_and_baseline(lm_setup, lm_run):
+    folder, model = lm_setup
+    r = policygrad("eval", lm_run, "--split", "test")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"mean_reward", "std_reward", "kl_to_reference", "n"} <= result.keys() and result["n"] == 2
+    r = policygrad("eval", "--model", model, "--task", folder / "task.yaml", "--split", "validation")
+    assert r.returncode == 0, r.stderr
+    base = json.loads(r.stdout.strip().splitlines()[-1])
+    assert abs(base["kl_to_reference"]) < 1e-4  # the untrained model is its own reference
+    r = policygrad("sample", lm_run, "--prompt", "Hello", "-n", "2")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["prompt"] for line in r.stdout.splitlines()] == ["Hello", "Hello"]
+    r = policygrad("tasks")
+    assert "positive-review" in r.stdout and "vader" in r.stdout
+
+
+@pytest.mark.parametrize("make_args, needles", [
+    (lambda f, m: ["--task", "nope", "--model", m], ["unknown task 'nope'"]),
+    (lambda f, m: ["--task", f / "task.yaml", "--model", f / "nowhere"], ["unknown model"]),
+    (lambda f, m: ["--task", f / "missing.yaml", "--model", m], ["task file", "not found"]),
+    (lambda f, m: ["--task", "positive-review", "--model", m, "baseline=best"], ["baseline", "rloo"]),
+])
+def test_bad_lm_input_is_one_line_exit_2(lm_setup, tmp_path, make_args, needles):
+    folder, model = lm_setup
+    r = policygrad("train", "--out", tmp_path / "run", *make_args(folder, model))
+    assert_one_line_error(r, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_reward_that_raises_is_one_line(lm_setup, tmp_path):
+    folder, model = lm_setup
+    (tmp_path / "r.py").write_text("def bad(prompts, completions, **kw):\n    raise ValueError('boom')\n")
+    (tmp_path / "t.yaml").write_text(f"data: {folder / 'prompts.jsonl'}\nrewards:\n  - python:r.py:bad\n"
+                                     "max_new_tokens: 3\nprompts_per_step: 1\nsamples_per_prompt: 2\n")
+    r = policygrad("train", "--out", tmp_path / "run", "--task", tmp_path / "t.yaml", "--model", model,
+                   "--steps", 1, "--no-progress")
+    assert_one_line_error(r, "reward 'python:r.py:bad' raised ValueError: boom")

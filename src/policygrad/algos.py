@@ -202,6 +202,9 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
 class Algo:
     make_optimizers: Callable[[object, object], Optimizers]
     update: Callable[[object, Optimizers, Batch, object, Progress], dict]
+    double_backward: bool = False
+    """Differentiates through a gradient (TRPO's Fisher-vector products): the policy must use ops
+    that support it."""
 
 
 def _adam(groups: list[tuple[list, float]]) -> tuple[torch.optim.Optimizer, list[FlatParameters]]:
@@ -227,5 +230,5 @@ def _critic_adam(policy, cfg) -> Optimizers:
 ALGOS: dict[str, Algo] = {
     "reinforce": Algo(_joint_adam, reinforce_update),
     "ppo": Algo(_joint_adam, ppo_update),
-    "trpo": Algo(_critic_adam, trpo_update),
+    "trpo": Algo(_critic_adam, trpo_update, double_backward=True),
 }

@@ -74,8 +74,9 @@ def train(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
     opts = algo.make_optimizers(work.policy, cfg)
     shuffle = torch.Generator().manual_seed(seed + 1)
     from .log import RunLogger  # tensorboard's import is slow: after the run's own set-up errors
-    logger = RunLogger(out_dir, cfg.total_updates * cfg.rollout_size * world, "step",
-                       enabled=rank == 0, progress=progress)
+    # the bar counts training steps for language models, environment steps for control
+    per_update = 1 if cfg.is_lm else cfg.rollout_size * world
+    logger = RunLogger(out_dir, cfg.total_updates * per_update, "step", enabled=rank == 0, progress=progress)
     state, start = RunState(), time.perf_counter()
     while state.update < cfg.total_updates:
         step_start = time.perf_counter()
@@ -96,7 +97,7 @@ def train(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
         row = {"update": state.update, "step": state.update, "env_steps": state.env_steps,
                "time/elapsed_s": time.perf_counter() - start, "time/step_s": step_s,
                **collect_metrics, **metrics, **eval_metrics}
-        logger.log(state.env_steps, row, cfg.rollout_size * world, headline=work.headline)
+        logger.log(state.env_steps, row, per_update, headline=work.headline)
         if work.stop_early():
             break
     # 6. final evaluation and checkpoint

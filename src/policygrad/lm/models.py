@@ -51,6 +51,7 @@ def convert_gguf(gguf: Path, dest: Path) -> None:
     """Dequantise a GGUF file into a plain transformers folder at dest (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    print(f"policygrad: converting {gguf.name} once into {dest} ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
@@ -91,6 +92,9 @@ def resolve(name: str) -> Path:
 def load(name: str):
     """(model, tokenizer) in float32 on CPU, the tokenizer padding on the left for generation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bar is the one to watch
 
     path = resolve(name)
     try:

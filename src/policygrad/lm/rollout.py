@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import config as config_mod
+from ..algos import ALGOS
 from ..batch import Batch
 from ..core.losses import KL_ESTIMATORS
 from . import models, tasks
@@ -83,6 +84,9 @@ class LMWorkload:
             self.policy.reference = base.eval().requires_grad_(False)
         else:
             self.policy = LMPolicy(base, tokenizer, cfg, with_reference=True)
+        if ALGOS[cfg.algo].double_backward:
+            # torch's fused CPU attention kernels have no double backward; the eager path has
+            self.policy.model.set_attn_implementation("eager")
         self.cursor = PromptCursor(len(self.task.rows("train")), seed)
         self.kl = KLController(cfg)
         self.moving_baseline = 0.0

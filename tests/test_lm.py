@@ -1,0 +1,244 @@
+"""Language-model policy, baselines, rewards and tasks, on a tiny randomly initialised LM."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lm_helpers import make_tiny_lm
+from policygrad.algos import ALGOS, Progress
+from policygrad.batch import Batch
+from policygrad.config import Config, resolve
+from policygrad.core import advantages
+from policygrad.lm import models, rewards, tasks
+from policygrad.lm.policy import LMPolicy, chunked_log_probs, token_log_probs
+from policygrad.lm.rollout import LMWorkload, PromptCursor
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return make_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("task")
+    with open(folder / "prompts.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"prompt": f"Say something nice about item {i}.", "answer": str(i)}) + "\n")
+    (folder / "rewards.py").write_text(
+        "def brevity(prompts, completions, answer):\n"
+        "    return [1.0 / (1 + len(c)) for c in completions]\n")
+    (folder / "task.yaml").write_text(
+        "data: prompts.jsonl\n"
+        "rewards:\n  - vader\n  - {reward: 'python:rewards.py:brevity', weight: 0.5}\n"
+        "max_new_tokens: 6\n")
+    return folder / "task.yaml"
+
+
+def lm_config(tiny_lm, task_file, **overrides) -> Config:
+    values = {"prompts_per_step": 2, "samples_per_prompt": 3, "max_new_tokens": 6, "eval_prompts": 2,
+              "logprob_chunk": 4, "lr": 1e-3, **overrides}
+    return resolve({}, values, {"task": str(task_file), "model": str(tiny_lm), "algo": overrides.get("algo", "reinforce")})
+
+
+# --- log-probabilities ------------------------------------------------------------------------
+def test_chunked_log_probs_match_the_naive_full_softmax():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(3, 7, 8, requires_grad=True)
+    tokens = torch.randint(0, 50, (3, 7))
+    fast, entropy = chunked_log_probs(hidden, head, tokens, temperature=0.7, chunk=3, with_entropy=True,
+                                      entropy_grad=True)
+    logits = head(hidden) / 0.7
+    naive = token_log_probs(logits, tokens)
+    torch.testing.assert_close(fast, naive)
+    p = torch.softmax(logits, -1)
+    torch.testing.assert_close(entropy, -(p * torch.log_softmax(logits, -1)).sum(-1))
+    g_fast = torch.autograd.grad(fast.sum(), hidden, retain_graph=True)[0]
+    g_naive = torch.autograd.grad(naive.sum(), hidden)[0]
+    torch.testing.assert_close(g_fast, g_naive)
+
+
+def test_sampling_log_probs_equal_the_training_forward(tiny_lm, task_file):
+    """Left padding, position ids and the completion positions must line up exactly: the log-probs
+    recorded while sampling are those the learner recomputes."""
+    cfg = lm_config(tiny_lm, task_file, temperature=0.8)
+    work = LMWorkload(cfg, seed=0)
+    texts = ["a", "a much longer prompt here"]  # different lengths: left padding is exercised
+    batch = work.policy.generate(texts, cfg, seed=3)
+    with torch.no_grad():
+        recomputed = work.policy.log_prob(batch)
+    torch.testing.assert_close(recomputed, batch.log_prob, atol=1e-4, rtol=1e-4)
+    assert batch.obs_mask[0, 0] == 0  # the short prompt is left-padded
+
+
+def test_completion_mask_stops_after_the_first_eos(tiny_lm, task_file):
+    work = LMWorkload(lm_config(tiny_lm, task_file), seed=0)
+    eos = next(iter(work.policy.eos_ids))
+    tokens = torch.tensor([[5, 6, eos, 7, eos], [5, 5, 5, 5, 5]])
+    mask = work.policy.completion_mask(tokens)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+
+
+# --- baselines --------------------------------------------------------------------------------
+def test_rloo_vectorised_equals_the_loop():
+    scores = torch.tensor([1.0, 2.0, 4.0, 0.5, -1.0, 3.0, 7.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 2, 3])
+    loop = []
+    for i in range(len(scores)):
+        others = [scores[j].item() for j in range(len(scores)) if group[j] == group[i] and j != i]
+        loop.append(sum(others) / len(others) if others else 0.0)
+    torch.testing.assert_close(advantages.rloo_baseline(scores, group), torch.tensor(loop))
+
+
+def test_sequence_advantages_per_baseline():
+    rewards = torch.tensor([[0.0, 1.0], [0.0, 3.0], [2.0, 0.0], [0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    z = torch.zeros(4, 2)
+    b = Batch(obs=z, actions=z, log_prob=z, rewards=rewards, terminated=z, truncated=z, mask=mask,
+              group=torch.tensor([0, 0, 1, 1]), baseline=torch.full((4,), 0.5))
+    def adv(name):
+        a, _ = advantages._sequence(b, Config(baseline=name))
+        return a[:, 0]
+    torch.testing.assert_close(adv("none"), torch.tensor([1.0, 3.0, 2.0, 0.0]))
+    torch.testing.assert_close(adv("rloo"), torch.tensor([-2.0, 2.0, 2.0, -2.0]))
+    torch.testing.assert_close(adv("moving-average"), torch.tensor([0.5, 2.5, 1.5, -0.5]))
+    g = adv("group")
+    assert g[0] < 0 < g[1] and abs(g[0] + g[1]) < 1e-5
+    a, _ = advantages._sequence(b, Config(baseline="none"))
+    assert a[2, 1] == 0.0  # padding carries no advantage
+
+
+# --- updates ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("algo, extra", [("reinforce", {}), ("ppo", {}), ("ppo", {"use_value_head": True}),
+                                         ("trpo", {"max_kl": 0.05}), ("reinforce", {"kl_in": "loss"})])
+def test_every_trainable_parameter_changes_after_an_update(tiny_lm, task_file, algo, extra):
+    cfg = lm_config(tiny_lm, task_file, algo=algo, **extra)
+    work = LMWorkload(cfg, seed=0)
+    spec = ALGOS[algo]
+    opts = spec.make_optimizers(work.policy, cfg)
+    before = {n: p.detach().clone() for n, p in work.policy.named_parameters() if p.requires_grad}
+    batch, metrics = work.collect()
+    batch = advantages.compute(batch, cfg)
+    out = spec.update(work.policy, opts, batch, cfg, Progress(1.0, torch.Generator().manual_seed(0)))
+    if algo == "trpo":
+        assert out["trpo/accepted"] == 1.0, out
+    unchanged = [n for n, p in work.policy.named_parameters()
+                 if p.requires_grad and torch.equal(p, before[n]) and not n.startswith("value_head")]
+    assert unchanged == []
+    assert all(not p.requires_grad for p in work.policy.reference.parameters())
+    assert math.isfinite(metrics["kl/to_reference"])
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_lm, task_file):
+    grads = []
+    for micro in (0, 2):
+        cfg = lm_config(tiny_lm, task_file, micro_batch_size=micro, max_grad_norm=0.0)
+        work = LMWorkload(cfg, seed=0)
+        opts = ALGOS["reinforce"].make_optimizers(work.policy, cfg)
+        batch = advantages.compute(work.collect()[0], cfg)
+        ALGOS["reinforce"].update(work.policy, opts, batch, cfg, Progress(1.0, torch.Generator()))
+        grads.append(torch.cat([f.param.grad.clone() for f in opts.main_params]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_prompt_cursor_covers_each_prompt_once_per_epoch():
+    cursor = PromptCursor(10, seed=1)
+    first = cursor.take(10)
+    assert sorted(first) == list(range(10))
+    second = cursor.take(10)
+    assert sorted(second) == list(range(10)) and second != first
+    resumed = PromptCursor(10, seed=1, **{"epoch": 0, "position": 4})
+    assert resumed.take(6) == first[4:]
+
+
+# --- rewards ----------------------------------------------------------------------------------
+def test_builtin_rewards():
+    extras = {"answer": [7, 7], "reference": ["le chat est noir", "le chat est noir"]}
+    def score(spec, completions):
+        return rewards.RewardSet([rewards.build(spec)])(["p"] * len(completions), completions, extras).tolist()
+    assert score("vader", ["I love this wonderful film", "terrible awful"])[0] > 0.5
+    assert score("last-number", ["It is 3, no, 7", "7 or 8"]) == [1.0, 0.0]
+    assert score("exact-match", ["7.", "seven"]) == [1.0, 0.0]
+    assert score({"reward": "contains", "words": ["chat"]}, ["un chat", "un chien"]) == [1.0, 0.0]
+    assert score({"reward": "length", "target": 4, "tolerance": 0}, ["a b c d", "a b"]) == [1.0, 0.5]
+    chrf = score("chrf", ["le chat est noir", "bonjour"])
+    assert chrf[0] == pytest.approx(1.0) and chrf[1] < 0.3
+    assert score("bleu", ["le chat est noir", "x"])[0] == pytest.approx(1.0)
+
+
+def test_weighted_python_reward_from_a_task_file(tiny_lm, task_file):
+    task = tasks.load(str(task_file), {"max_new_tokens"})
+    assert [len(task.rows(s)) for s in tasks.SPLITS] == [24, 3, 3]
+    out = task.rewards(["p", "p"], ["good", "good good good"], {"answer": ["1", "2"]})
+    vader = rewards.build("vader").fn(["p"], ["good"], {})[0]
+    assert out[0] == pytest.approx(vader + 0.5 / 5)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("def f(prompts, completions, **kw):\n    raise KeyError('x')\n", "raised KeyError"),
+    ("def f(prompts, completions, **kw):\n    return [1.0]\n", "returned 1 values for 2"),
+    ("def f(prompts, completions, **kw):\n    return [1.0, float('nan')]\n", "returned nan"),
+])
+def test_misbehaving_reward_functions_are_named(tmp_path, body, message):
+    (tmp_path / "r.py").write_text(body)
+    reward = rewards.RewardSet([rewards.build("python:r.py:f", tmp_path)])
+    with pytest.raises(rewards.RewardError, match=message) as e:
+        reward(["p", "p"], ["first completion", "second"], {})
+    assert "'python:r.py:f'" in str(e.value)
+
+
+def test_reward_build_errors(tmp_path):
+    with pytest.raises(rewards.RewardError, match="not found"):
+        rewards.build("python:missing.py:f", tmp_path)
+    (tmp_path / "r.py").write_text("x = 1\n")
+    with pytest.raises(rewards.RewardError, match="function 'g' not found"):
+        rewards.build("python:r.py:g", tmp_path)
+    with pytest.raises(rewards.RewardError, match="unknown reward 'vadr'"):
+        rewards.build("vadr")
+
+
+# --- data -------------------------------------------------------------------------------------
+def test_data_formats_and_errors(tmp_path):
+    (tmp_path / "a.csv").write_text("prompt,answer\nhello,1\nworld,2\nagain,3\n")
+    assert tasks.read_rows(tmp_path / "a.csv")[1] == {"prompt": "world", "answer": "2"}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"prompt": ["x", "y"], "reference": ["a", "b"]}), tmp_path / "a.parquet")
+    assert tasks.read_rows(tmp_path / "a.parquet")[0] == {"prompt": "x", "reference": "a"}
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
+    with pytest.raises(tasks.TaskError, match=r"bad.jsonl:2: not valid JSON"):
+        tasks.read_rows(tmp_path / "bad.jsonl")
+    (tmp_path / "noprompt.jsonl").write_text('{"text": "hi"}\n')
+    with pytest.raises(tasks.TaskError, match=r"noprompt.jsonl:1: no 'prompt' column"):
+        tasks.read_rows(tmp_path / "noprompt.jsonl")
+    with pytest.raises(tasks.TaskError, match="unknown task 'nope'"):
+        tasks.load("nope", set())
+
+
+def test_splits_are_deterministic_and_disjoint():
+    rows = [{"prompt": f"p{i}"} for i in range(50)]
+    a, b = tasks.cut_splits(rows), tasks.cut_splits(list(reversed(rows)))
+    assert a == b
+    assert [len(a[s]) for s in ("train", "validation", "test")] == [40, 5, 5]
+    seen = [r["prompt"] for s in a.values() for r in s]
+    assert len(set(seen)) == 50
+
+
+def test_builtin_tasks_load():
+    review = tasks.builtin("positive-review")
+    assert sum(len(v) for v in review.splits.values()) >= 300
+    arith = tasks.builtin("arithmetic")
+    row = arith.rows("test")[0]
+    a, op, b = row["prompt"].split()[2:5]
+    assert eval(f"{a}{op}{b.rstrip('?')}") == row["answer"]
+    assert arith.rows("test") == tasks.builtin("arithmetic").rows("test")  # fixed seed per split
+
+
+def test_unknown_model_is_a_model_error(tmp_path):
+    with pytest.raises(models.ModelError, match="unknown model"):
+        models.resolve(str(tmp_path / "nowhere"))
+    with pytest.raises(models.ModelError, match="no config.json"):
+        models.resolve(str(tmp_path))
