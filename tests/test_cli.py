@@ -51,13 +51,14 @@ def test_config_file_and_overrides_resolve(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("algo: trpo\nenv: Acrobot-v1\ngamma: 0.9\nmax_kl: 0.02\n")
     out = tmp_path / "run"
-    r = policygrad("train", "--config", cfg_file, "--out", out, "--total-steps", 40, "max_kl=0.03",
+    r = policygrad("train", "--config", cfg_file, "--out", out, "--total-steps", 40, "max_kl=0.03", "value_lr=4e-5",
                    "--no-progress", "num_envs=2", "n_steps=20", "value_epochs=1", "eval_episodes=1")
     assert r.returncode == 0, r.stderr
     import yaml
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["algo"] == "trpo" and saved["env"] == "Acrobot-v1"
     assert saved["gamma"] == 0.9 and saved["max_kl"] == 0.03  # the file, then the override
+    assert saved["value_lr"] == 4e-5  # PyYAML alone would read 4e-5 as a string
     assert saved["normalize_obs"] is True  # from the shipped Acrobot-v1 TRPO preset
 
 
@@ -77,6 +78,7 @@ def assert_one_line_error(r, *needles):
     (["gama=0.9"], ["gama", "did you mean 'gamma'", "valid keys"]),
     (["gamma=high"], ["gamma", "float"]),
     (["n_steps=2.5"], ["n_steps", "int"]),
+    (["n_steps=1e9x"], ["n_steps", "int"]),
     (["gamma"], ["key=value"]),
     (["--total-steps", "0"], ["total_steps", "positive"]),
     (["--total-steps", "-5"], ["total_steps", "positive"]),

@@ -242,3 +242,33 @@ def test_unknown_model_is_a_model_error(tmp_path):
         models.resolve(str(tmp_path / "nowhere"))
     with pytest.raises(models.ModelError, match="no config.json"):
         models.resolve(str(tmp_path))
+
+
+def test_a_task_is_a_gymnasium_env():
+    env = tasks.TaskEnv(tasks.builtin("arithmetic"), "test")
+    obs, info = env.reset(seed=3)
+    assert obs.startswith("What is")
+    _, reward, terminated, truncated, _ = env.step(f"The answer is {info['row']['answer']}")
+    assert (reward, terminated, truncated) == (1.0, True, False)
+    assert env.reset(seed=3)[0] == obs
+
+
+def test_training_data_from_a_users_text_env(tmp_path, monkeypatch):
+    (tmp_path / "my_text_env.py").write_text(
+        "import gymnasium as gym\n"
+        "class Echo(gym.Env):\n"
+        "    def reset(self, seed=None, options=None):\n"
+        "        super().reset(seed=seed)\n"
+        "        self.word = ['apple', 'pear', 'plum'][int(self.np_random.integers(3))]\n"
+        "        return f'Say {self.word}', {}\n"
+        "    def step(self, action):\n"
+        "        return '', float(self.word in action), True, False, {}\n")
+    monkeypatch.chdir(tmp_path)
+    task = tasks.load("my_text_env:Echo", set())
+    rows = task.rows("validation")
+    word = rows[0]["prompt"].split()[-1]
+    extras = {"env_seed": [rows[0]["env_seed"]] * 2}
+    assert task.rewards([rows[0]["prompt"]] * 2, [f"ok {word}", "nothing"], extras).tolist() == [1.0, 0.0]
+    assert {r["env_seed"] for r in task.rows("train")}.isdisjoint(r["env_seed"] for r in rows)
+    with pytest.raises(tasks.TaskError, match="not found"):
+        tasks.load("my_text_env:Missing", set())

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=("validation", "test"), help="text tasks: split")
     ev.add_argument("--model", help="without a run: the model to evaluate (the untrained baseline)")
     ev.add_argument("--task", help="without a run: the task to evaluate on")
+    ev.add_argument("--vs-base", action="store_true",
+                    help="text tasks: also evaluate the untrained model; print both and before/after samples")
     sample = sub.add_parser("sample", help="sample completions from a trained language-model run")
     sample.add_argument("run", help="run folder of a language-model run")
     sample.add_argument("--prompt", required=True, action="append", help="a prompt (repeatable)")
@@ -135,6 +137,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CheckpointError(f"run '{run}' has no checkpoint (checkpoints/latest is missing); "
                               "train it first or point at another run")
     work, cfg = load_workload(path)
+    if cfg.is_lm and args.vs_base:
+        return eval_vs_base(work, cfg, args.split, path)
     if cfg.is_lm:
         result = lm_result(work.evaluate(args.split), args.split)
     else:
@@ -152,6 +156,25 @@ def lm_result(metrics: dict, split: str) -> dict:
     return {"split": split, "mean_reward": metrics[f"{prefix}/reward_mean"],
             "std_reward": metrics[f"{prefix}/reward_std"],
             "kl_to_reference": metrics[f"{prefix}/kl_to_reference"], "n": metrics[f"{prefix}/n"]}
+
+
+def eval_vs_base(work, cfg, split: str, path: Path) -> int:
+    """The trained policy beside the model it started from, on the same prompts and seeds."""
+    from .lm.rollout import LMWorkload
+
+    trained = work.evaluate(split)
+    base = LMWorkload(cfg, cfg.seed).evaluate(split)
+    t, b = lm_result(trained, split), lm_result(base, split)
+    print(f"{'':<16}{'base':>10}{'trained':>10}")
+    for key in ("mean_reward", "std_reward", "kl_to_reference"):
+        print(f"{key:<16}{b[key]:>10.3f}{t[key]:>10.3f}")
+    for before, after in list(zip(base["samples"], trained["samples"]))[:3]:
+        print(f"\nprompt:  {before['prompt']}\nbefore:  ({before['reward']:+.2f}) {before['completion']}"
+              f"\nafter:   ({after['reward']:+.2f}) {after['completion']}")
+    print(json.dumps({"checkpoint": path.name, "split": split, "n": t["n"], "base_mean_reward": b["mean_reward"],
+                      "mean_reward": t["mean_reward"], "std_reward": t["std_reward"],
+                      "kl_to_reference": t["kl_to_reference"]}))
+    return 0
 
 
 def eval_baseline(args: argparse.Namespace) -> int:

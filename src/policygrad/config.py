@@ -218,6 +218,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, e.g. {key}=[64,64]; got {value!r}")
         return [_coerce(key, v, inner) for v in value]
+    if isinstance(value, str) and hint in (int, float):
+        try:  # PyYAML reads 4e-5 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -316,9 +321,9 @@ LM_DEFAULTS: dict[str, Any] = {
     "cg_damping": 0.1, "fvp_fraction": 0.25, "torch_threads": 2, "normalize_advantages": True,
 }
 LM_ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "reinforce": {},
-    "ppo": {"n_epochs": 2, "batch_size": 8},
-    "trpo": {"max_kl": 0.01, "value_epochs": 2},
+    "reinforce": {"lr": 3e-5},
+    "ppo": {"n_epochs": 2, "batch_size": 8, "lr": 1e-5},
+    "trpo": {"max_kl": 0.01, "value_epochs": 2, "cg_iters": 6},
 }
 
 

@@ -1,0 +1,187 @@
+"""Language-model benchmark: learning on the default model, and step speed against its floor and TRL.
+
+    python benchmarks/lm.py --only learning [--algos reinforce,ppo,trpo] [--arithmetic]
+    python benchmarks/lm.py --only speed [--steps 4]       # needs `pip install trl` for the TRL side
+
+Learning: on positive-review with SmolLM2-135M-Instruct (16 completions per step, <= 32 new tokens),
+the test-split mean reward of the untrained model and of each algorithm after 40 steps, and the
+trained policy's mean KL to the reference (nats per completion). On arithmetic (easy), REINFORCE's
+test accuracy before and after 60 steps.
+
+Speed: each measurement runs in its own process (so peak RSS is its own): policygrad's REINFORCE
+step; the floor, one batched generate of the same 16 completions plus one forward/backward over
+them; and TRL's GRPOTrainer on the same job (gradient checkpointing on, bf16 off). The last line
+printed is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from policygrad.config import resolve
+from policygrad.trainer import train
+
+TASK_STEPS = {"positive-review": 40, "arithmetic": 60}
+
+
+def run(algo: str, task: str, steps: int, seed: int = 1, **overrides) -> tuple[dict, list[dict]]:
+    cfg = resolve({}, {"eval_every": 0, **overrides}, {"algo": algo, "task": task, "total_steps": steps,
+                                                       "seed": seed})
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = train(cfg, Path(tmp), progress=False)
+        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
+
+
+def baseline(task: str) -> dict:
+    from policygrad.lm.rollout import LMWorkload
+    cfg = resolve({}, {}, {"task": task})
+    return LMWorkload(cfg, cfg.seed).evaluate("test")
+
+
+def learning(algos: list[str], arithmetic: bool) -> list[dict]:
+    results = []
+    tasks = [("positive-review", a) for a in algos] + ([("arithmetic", "reinforce")] if arithmetic else [])
+    bases = {}
+    for task, algo in tasks:
+        if task not in bases:
+            bases[task] = baseline(task)["test/reward_mean"]
+        summary, rows = run(algo, task, TASK_STEPS[task])
+        gain = summary["final_test_reward_mean"] - bases[task]
+        need = 0.3 if task == "positive-review" else 0.10
+        result = {"task": task, "algo": algo, "steps": TASK_STEPS[task], "base_test_reward": bases[task],
+                  "trained_test_reward": summary["final_test_reward_mean"], "gain": gain,
+                  "kl_to_reference": summary["final_test_kl_to_reference"],
+                  "median_step_s": statistics.median(r["time/step_s"] for r in rows),
+                  "ok": gain >= need and summary["final_test_kl_to_reference"] < 5.0}
+        results.append(result)
+        print(f"learning {task} {algo}: {result}", file=sys.stderr)
+    return results
+
+
+# --- speed workers (each in its own process) ---------------------------------------------------
+def worker_ours(steps: int) -> dict:
+    _, rows = run("reinforce", "positive-review", steps + 1)
+    times = [r["time/step_s"] for r in rows[1:]]  # the first step warms caches up
+    return {"step_s": statistics.median(times), "steps": times}
+
+
+def worker_floor(steps: int) -> dict:
+    """One batched generate of 16 completions plus one forward/backward over them: no reference
+    model, no rewards, no optimiser step."""
+    from policygrad.lm.rollout import LMWorkload
+    cfg = resolve({}, {}, {"task": "positive-review"})
+    torch.set_num_threads(cfg.torch_threads)
+    work = LMWorkload(cfg, 1)
+    rows = work.task.rows("train")
+    gen, fb = [], []
+    for i in range(steps + 1):
+        texts = [work.policy.render(rows[(4 * i + j // 4) % len(rows)]) for j in range(16)]
+        t0 = time.perf_counter()
+        batch = work.policy.generate(texts, cfg, seed=i)
+        t1 = time.perf_counter()
+        log_prob, _, _ = work.policy.evaluate(batch, entropy_grad=False)
+        (-(log_prob.sum())).backward()
+        work.policy.model.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        if i:
+            gen.append(t1 - t0)
+            fb.append(t2 - t1)
+    return {"step_s": statistics.median(g + f for g, f in zip(gen, fb)),
+            "generate_s": statistics.median(gen), "forward_backward_s": statistics.median(fb)}
+
+
+def worker_trl(steps: int) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from policygrad.lm import models, tasks
+    torch.set_num_threads(2)
+    path = models.resolve("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rows = tasks.builtin("positive-review").rows("train")
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows])
+    analyzer = SentimentIntensityAnalyzer()
+
+    def vader(completions, **kwargs):
+        return [analyzer.polarity_scores(c[0]["content"] if isinstance(c, list) else c)["compound"]
+                for c in completions]
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = Timer()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GRPOConfig(output_dir=tmp, per_device_train_batch_size=16, num_generations=4,
+                          max_completion_length=32, learning_rate=1e-5, max_steps=steps + 1,
+                          gradient_checkpointing=True, bf16=False, use_cpu=True, report_to=[],
+                          logging_steps=1000, save_strategy="no", temperature=1.0, beta=0.05)
+        trainer = GRPOTrainer(model=model, reward_funcs=vader, args=args, train_dataset=data,
+                              processing_class=tokenizer, callbacks=[timer])
+        trainer.train()
+    return {"step_s": statistics.median(timer.times[1:]), "steps": timer.times}
+
+
+WORKERS = {"ours": worker_ours, "floor": worker_floor, "trl": worker_trl}
+
+
+def spawn(name: str, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(steps)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def speed(steps: int) -> dict:
+    ours, floor, trl = (spawn(n, steps) for n in ("ours", "floor", "trl"))
+    result = {"ours": ours, "floor": floor, "trl": trl}
+    if "step_s" in ours and "step_s" in floor:
+        result["ours_over_floor"] = round(ours["step_s"] / floor["step_s"], 3)
+    if "step_s" in ours and "step_s" in trl:
+        result["trl_over_ours"] = round(trl["step_s"] / ours["step_s"], 3)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("learning", "speed"))
+    parser.add_argument("--algos", default="reinforce,ppo,trpo")
+    parser.add_argument("--arithmetic", action="store_true", help="also the arithmetic threshold")
+    parser.add_argument("--steps", type=int, default=4, help="speed: timed steps per side")
+    parser.add_argument("--worker", choices=tuple(WORKERS))
+    args = parser.parse_args()
+    if args.worker:
+        result = WORKERS[args.worker](args.steps)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+    out: dict = {"benchmark": "lm"}
+    if args.only != "speed":
+        out["learning"] = learning(args.algos.split(","), args.arithmetic)
+    if args.only != "learning":
+        out["speed"] = speed(args.steps)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
