@@ -157,3 +157,18 @@ def test_checkpoint_round_trip_keeps_weights_and_normaliser(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
     obs = np.ones((1, 4), np.float32)
     np.testing.assert_allclose(policy.normalize(obs, False), loaded.normalize(obs, False))
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_one_pass_log_prob_and_kl_match_the_separate_passes(env_id):
+    cfg = Config(env=env_id, num_envs=2)
+    policy = build_policy(cfg, seed=0)
+    batch = Collector(make_envs(env_id, 2), seed=0, gamma=0.99).collect(policy, 16)
+    old = policy.snapshot_actor(batch)
+    with torch.no_grad():
+        for p in policy.actor_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    log_prob, kl = policy.log_prob_and_kl(batch, old)
+    torch.testing.assert_close(log_prob, policy.log_prob(batch))
+    torch.testing.assert_close(kl, policy.kl(batch, old))
+    assert kl.item() > 0

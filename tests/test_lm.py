@@ -272,3 +272,21 @@ def test_training_data_from_a_users_text_env(tmp_path, monkeypatch):
     assert {r["env_seed"] for r in task.rows("train")}.isdisjoint(r["env_seed"] for r in rows)
     with pytest.raises(tasks.TaskError, match="not found"):
         tasks.load("my_text_env:Missing", set())
+
+
+def test_one_pass_log_prob_and_kl_match_the_separate_passes(tiny_lm, task_file):
+    cfg = lm_config(tiny_lm, task_file, algo="trpo")
+    work = LMWorkload(cfg, seed=0)
+    batch = work.collect()[0]
+    old = work.policy.snapshot_actor(batch)
+    with torch.no_grad():
+        for p in work.policy.actor_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        log_prob, kl = work.policy.log_prob_and_kl(batch, old)
+        torch.testing.assert_close(log_prob, work.policy.log_prob(batch), atol=1e-5, rtol=1e-5)
+        # the exact KL against a direct full-vocabulary computation
+        logits = work.policy.model(input_ids=batch.obs, attention_mask=batch.obs_mask.long()).logits
+        new = torch.log_softmax(logits[:, -batch.actions.shape[1] - 1:-1] / cfg.temperature, -1)
+        direct = ((old.exp() * (old - new)).sum(-1) * batch.mask).sum() / batch.mask.sum()
+    assert kl.item() > 0
+    torch.testing.assert_close(kl, direct, atol=1e-5, rtol=1e-3)

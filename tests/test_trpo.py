@@ -81,11 +81,12 @@ def test_line_search_rejects_a_step_that_breaks_the_kl_bound():
     old = parameters_to_vector([theta]).detach()
     # A huge step: every backtracked fraction still has KL > max_kl, so nothing is accepted.
     big = torch.tensor([100.0, 100.0], dtype=torch.float64)
-    out = trpo.line_search([theta], old, big, loss_fn, kl_fn, old_loss=0.0, max_kl=0.01, steps=5, shrink=0.5)
+    both = lambda: (loss_fn(), kl_fn())
+    out = trpo.line_search([theta], old, big, both, old_loss=0.0, max_kl=0.01, steps=5, shrink=0.5)
     assert out["trpo/accepted"] == 0.0
     torch.testing.assert_close(theta.detach(), old)
     # With more backtracking the step shrinks into the region and is accepted.
-    out = trpo.line_search([theta], old, big, loss_fn, kl_fn, old_loss=0.0, max_kl=0.01, steps=20, shrink=0.5)
+    out = trpo.line_search([theta], old, big, both, old_loss=0.0, max_kl=0.01, steps=20, shrink=0.5)
     assert out["trpo/accepted"] == 1.0 and kl_fn().item() <= 0.01
 
 
@@ -93,6 +94,7 @@ def test_line_search_rejects_a_step_that_does_not_improve():
     theta, _, _, loss_fn, kl_fn = _quadratic_problem()
     old = parameters_to_vector([theta]).detach()
     uphill = torch.tensor([-0.01, -0.01], dtype=torch.float64)
-    out = trpo.line_search([theta], old, uphill, loss_fn, kl_fn, old_loss=0.0, max_kl=1.0, steps=10, shrink=0.5)
+    out = trpo.line_search([theta], old, uphill, lambda: (loss_fn(), kl_fn()), old_loss=0.0, max_kl=1.0,
+                            steps=10, shrink=0.5)
     assert out["trpo/accepted"] == 0.0
     torch.testing.assert_close(theta.detach(), old)

@@ -178,15 +178,18 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
     else:
         fvp_kl = None
 
-    def surrogate() -> torch.Tensor:
-        log_prob = policy.log_prob(batch)
+    def surrogate_of(log_prob: torch.Tensor) -> torch.Tensor:
         ratio = torch.exp(log_prob - batch.log_prob)                     # (B, T)
         return -batch_mean(ratio * batch.advantages, batch) + kl_loss(log_prob, batch, cfg)[0]
 
-    metrics = trpo_step(policy.actor_parameters(), surrogate, lambda: policy.kl(batch, old),
-                        max_kl=cfg.max_kl, damping=cfg.cg_damping, cg_iters=cfg.cg_iters,
-                        line_search_steps=cfg.line_search_steps, shrink=cfg.line_search_shrink,
-                        fvp_kl_fn=fvp_kl)
+    def surrogate_and_kl() -> tuple[torch.Tensor, torch.Tensor]:
+        log_prob, kl = policy.log_prob_and_kl(batch, old)               # one forward pass
+        return surrogate_of(log_prob), kl
+
+    metrics = trpo_step(policy.actor_parameters(), lambda: surrogate_of(policy.log_prob(batch)),
+                        lambda: policy.kl(batch, old), max_kl=cfg.max_kl, damping=cfg.cg_damping,
+                        cg_iters=cfg.cg_iters, line_search_steps=cfg.line_search_steps,
+                        shrink=cfg.line_search_shrink, fvp_kl_fn=fvp_kl, loss_and_kl_fn=surrogate_and_kl)
     if opts.value is None:  # critic-free (a sequence baseline)
         return metrics
     _set_lr(opts.value, progress, cfg, base=cfg.value_lr)

@@ -226,6 +226,17 @@ class ControlPolicy(nn.Module):
             kl = gaussian_kl(old_output, old_log_std, new_output, self.log_std)  # (B, T)
         return batch_mean(kl, batch)
 
+    def log_prob_and_kl(self, batch: Batch, old: tuple[torch.Tensor, Optional[torch.Tensor]]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log_prob (B, T) and mean KL(old || new) from one actor forward (TRPO's line search)."""
+        output = self.actor_output(batch.obs)                           # (B, T, A)
+        old_output, old_log_std = old
+        if self.discrete:
+            kl = categorical_kl(old_output, output)                     # (B, T)
+        else:
+            kl = gaussian_kl(old_output, old_log_std, output, self.log_std)
+        return self.log_prob_entropy(output, batch.actions)[0], batch_mean(kl, batch)
+
     @torch.no_grad()
     def snapshot_actor(self, batch: Batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The detached actor output on the batch and log-std: the 'old' side of a TRPO KL."""

@@ -61,7 +61,7 @@ def set_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
 
 
 def line_search(params: Sequence[torch.Tensor], old_flat: torch.Tensor, full_step: torch.Tensor,
-                loss_fn: Callable[[], torch.Tensor], kl_fn: Callable[[], torch.Tensor],
+                loss_and_kl_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                 old_loss: float, max_kl: float, steps: int, shrink: float) -> dict:
     """Backtrack along full_step; accept the first step that lowers the loss and keeps
     KL <= max_kl. If none does, the parameters are restored to old_flat."""
@@ -69,8 +69,7 @@ def line_search(params: Sequence[torch.Tensor], old_flat: torch.Tensor, full_ste
     for i in range(steps):
         set_flat(params, old_flat + fraction * full_step)
         with torch.no_grad():
-            loss = loss_fn().item()
-            kl = kl_fn().item()
+            loss, kl = (x.item() for x in loss_and_kl_fn())
         if kl <= max_kl and loss < old_loss:
             return {"trpo/accepted": 1.0, "trpo/backtracks": float(i), "trpo/step_fraction": fraction,
                     "trpo/kl": kl, "trpo/improvement": old_loss - loss}
@@ -83,11 +82,13 @@ def line_search(params: Sequence[torch.Tensor], old_flat: torch.Tensor, full_ste
 def trpo_step(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Tensor],
               kl_fn: Callable[[], torch.Tensor], max_kl: float, damping: float = 0.1,
               cg_iters: int = 10, line_search_steps: int = 10, shrink: float = 0.8,
-              fvp_kl_fn: Callable[[], torch.Tensor] | None = None) -> dict:
+              fvp_kl_fn: Callable[[], torch.Tensor] | None = None,
+              loss_and_kl_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
     """One natural-gradient step of params inside the trust region KL(old || new) <= max_kl.
 
     fvp_kl_fn, if given, is the KL used for Fisher-vector products (e.g. on a sub-sample of the
-    batch, which is cheaper and, per the TRPO paper, nearly as good).
+    batch, which is cheaper and, per the TRPO paper, nearly as good). loss_and_kl_fn, if given,
+    evaluates both from one forward pass in the line search.
     """
     params = list(params)
     loss = loss_fn()
@@ -101,7 +102,7 @@ def trpo_step(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Tensor
                 "trpo/kl": 0.0, "trpo/improvement": 0.0, "trpo/grad_norm": grad.norm().item()}
     full_step = direction * torch.sqrt(max_kl / quad)                   # (P,)
     old_flat = parameters_to_vector(params).detach()                    # (P,)
-    metrics = line_search(params, old_flat, full_step, loss_fn, kl_fn, loss.item(), max_kl,
-                          line_search_steps, shrink)
+    both = loss_and_kl_fn or (lambda: (loss_fn(), kl_fn()))
+    metrics = line_search(params, old_flat, full_step, both, loss.item(), max_kl, line_search_steps, shrink)
     metrics["trpo/grad_norm"] = grad.norm().item()
     return metrics

@@ -151,16 +151,21 @@ class LMPolicy(nn.Module):
         return torch.cat([torch.log_softmax(head(hidden[:, s:s + self.chunk]).float() / self.temperature, -1)
                           for s in range(0, hidden.shape[1], self.chunk)], 1)
 
-    def kl(self, batch: Batch, old: torch.Tensor) -> torch.Tensor:
-        """Mean over completion tokens of KL(old || new), summed exactly over the vocabulary."""
+    def log_prob_and_kl(self, batch: Batch, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log_prob (B, T) and the mean over completion tokens of KL(old || new), summed exactly
+        over the vocabulary, from one forward pass."""
         hidden = self._hidden(self.model, batch)
         head = self.model.get_output_embeddings()
-        kls = []
+        kls, log_probs = [], []
         for s in range(0, hidden.shape[1], self.chunk):
             new = torch.log_softmax(head(hidden[:, s:s + self.chunk]).float() / self.temperature, -1)
             old_c = old[:, s:s + self.chunk]
             kls.append((old_c.exp() * (old_c - new)).sum(-1))                   # (B, c)
-        return batch_mean(torch.cat(kls, 1), batch)
+            log_probs.append(new.gather(-1, batch.actions[:, s:s + self.chunk].unsqueeze(-1)).squeeze(-1))
+        return torch.cat(log_probs, 1) * batch.mask, batch_mean(torch.cat(kls, 1), batch)
+
+    def kl(self, batch: Batch, old: torch.Tensor) -> torch.Tensor:
+        return self.log_prob_and_kl(batch, old)[1]
 
     def actor_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
