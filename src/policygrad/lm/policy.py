@@ -49,6 +49,20 @@ class LMPolicy(nn.Module):
         self.model = model.eval()  # no dropout: sampling and learning see the same policy
         self.tokenizer = tokenizer
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if with_reference else None
+        self.checkpointing = cfg.gradient_checkpointing
+        if self.checkpointing:
+            # transformers checkpoints only in training mode; with every dropout at 0, training
+            # mode computes exactly what eval mode does
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+            if hasattr(model.config, "attention_dropout"):
+                model.config.attention_dropout = 0.0
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         hidden = model.config.hidden_size
         self.value_head = nn.Linear(hidden, 1) if cfg.use_value_head else None
         if self.value_head is not None:
@@ -80,6 +94,7 @@ class LMPolicy(nn.Module):
     def generate(self, texts: list[str], cfg, seed: int) -> Batch:
         """Sample one completion per text (repeat texts for several); a Batch without rewards."""
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        self.model.eval()  # generation keeps its KV cache (training mode + checkpointing drops it)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             out = self.model.generate(
@@ -106,6 +121,7 @@ class LMPolicy(nn.Module):
     def _hidden(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """(B, T, H) hidden states at the positions that predict each completion token."""
         T = batch.actions.shape[1]
+        model.train(model is self.model and self.checkpointing and torch.is_grad_enabled())
         attention = batch.obs_mask.long()
         positions = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: count real tokens only
         out = model.base_model(input_ids=batch.obs[:, :-1], attention_mask=attention[:, :-1],
