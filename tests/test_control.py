@@ -8,7 +8,7 @@ from gymnasium import spaces
 from policygrad import checkpoint
 from policygrad.algos import ALGOS, Progress
 from policygrad.config import Config
-from policygrad.control.policy import ControlPolicy, RunningNorm, fused_mlp, mlp
+from policygrad.control.policy import RunningNorm, fused_mlp, mlp
 from policygrad.control.rollout import Collector, ControlWorkload, build_policy, make_envs
 from policygrad.core import advantages
 from policygrad.trainer import RunState, load_workload, save_run

@@ -2,7 +2,6 @@
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +11,7 @@ from policygrad.batch import Batch
 from policygrad.config import Config, resolve
 from policygrad.core import advantages
 from policygrad.lm import models, rewards, tasks
-from policygrad.lm.policy import LMPolicy, chunked_log_probs, token_log_probs
+from policygrad.lm.policy import chunked_log_probs, token_log_probs
 from policygrad.lm.rollout import LMWorkload, PromptCursor
 
 

@@ -7,7 +7,6 @@ max_new_tokens, either way without bootstrapping.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Optional
