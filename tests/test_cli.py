@@ -168,6 +168,11 @@ def test_lm_eval_sample_and_baseline(lm_setup, lm_run):
     assert r.returncode == 0, r.stderr
     base = json.loads(r.stdout.strip().splitlines()[-1])
     assert abs(base["kl_to_reference"]) < 1e-4  # the untrained model is its own reference
+    r = policygrad("eval", lm_run, "--split", "test", "--vs-base")
+    assert r.returncode == 0, r.stderr
+    assert "before:" in r.stdout and "after:" in r.stdout
+    both = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"base_mean_reward", "mean_reward", "kl_to_reference", "n"} <= both.keys()
     r = policygrad("sample", lm_run, "--prompt", "Hello", "-n", "2")
     assert r.returncode == 0, r.stderr
     assert [json.loads(line)["prompt"] for line in r.stdout.splitlines()] == ["Hello", "Hello"]
