@@ -104,10 +104,10 @@ class LMPolicy(nn.Module):
         prompt_len = enc["input_ids"].shape[1]
         tokens = out.sequences[:, prompt_len:]                                   # (B, T)
         mask = self.completion_mask(tokens)                                      # (B, T)
-        # The sampling pass's own logits give the old log-probs: no second forward pass.
-        logits = torch.stack(out.logits, 1).float() / cfg.temperature            # (B, T, V)
-        log_prob = token_log_probs(logits, tokens) * mask                        # (B, T)
-        del logits
+        # The sampling pass's own logits give the old log-probs: no second forward pass, and
+        # one (B, V) step at a time rather than a (B, T, V) stack.
+        log_prob = torch.stack([token_log_probs(step.float() / cfg.temperature, tokens[:, t])
+                                for t, step in enumerate(out.logits)], 1) * mask  # (B, T)
         obs_mask = torch.cat([enc["attention_mask"].float(), mask], 1)           # (B, P+T)
         zeros = torch.zeros_like(mask)
         return Batch(obs=out.sequences, obs_mask=obs_mask, actions=tokens, log_prob=log_prob,
