@@ -1,8 +1,9 @@
 """REINFORCE, TRPO and PPO: each turns a batch with advantages into an update, built from the core.
 
 Registered by name; each entry says which optimisers it needs and how it updates. The policy is
-anything with the Policy protocol (evaluate, log_prob, value, rows, kl, snapshot_actor,
-actor_parameters, critic_parameters), so the same code steps an MLP and a language model.
+anything with the Policy protocol (evaluate, log_prob, values, rows, snapshot_actor, kl,
+log_prob_and_kl, actor_parameters, critic_parameters, optimizer_groups), so the same code steps an
+MLP (control/policy.py) and a language model (lm/policy.py).
 """
 from __future__ import annotations
 
