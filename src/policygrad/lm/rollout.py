@@ -66,6 +66,11 @@ def extras_of(rows: list[dict]) -> dict[str, list]:
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
+def kl_per_completion(batch: Batch) -> torch.Tensor:
+    """(B,) sum over a completion's tokens of log pi - log pi_ref (k1): nats per completion."""
+    return ((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1)
+
+
 def prompt_text(row: dict) -> str:
     return row.get("prompt") or row["messages"][-1]["content"]
 
@@ -120,7 +125,6 @@ class LMWorkload:
         generate_s = time.perf_counter() - start
         B, T = batch.mask.shape
         last = (batch.mask.sum(1).long() - 1).clamp(min=0)                        # (B,) last token
-        kl_tokens = (batch.log_prob - batch.ref_log_prob) * batch.mask           # (B, T) k1
         score = torch.as_tensor(task_reward, dtype=torch.float32)                # (B,)
         if cfg.whiten_rewards:
             score = (score - score.mean()) / (score.std() + 1e-8)
@@ -144,13 +148,12 @@ class LMWorkload:
         lengths = batch.mask.sum(1)
         return batch, {
             "train/reward_mean": float(task_reward.mean()), "train/reward_std": float(task_reward.std()),
-            "kl/to_reference": float(kl_tokens.sum(1).mean()), "kl/coef": self.kl.coef,
+            "kl/to_reference": float(kl_per_completion(batch).mean()), "kl/coef": self.kl.coef,
             "train/completion_length": float(lengths.mean()), "time/generate_s": generate_s,
             "time/tokens_per_s": float(lengths.sum()) / max(generate_s, 1e-9)}
 
     def after_update(self, batch: Batch, metrics: dict) -> dict:
-        kl = float(((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1).mean())
-        self.kl.update(kl, batch.shape[0])
+        self.kl.update(float(kl_per_completion(batch).mean()), batch.shape[0])
         self.moving_baseline = 0.9 * self.moving_baseline + 0.1 * float(self._last_scores.mean())
         return {}
 
@@ -168,7 +171,7 @@ class LMWorkload:
             chunk = rows[start:start + self.cfg.completions_per_step]
             batch, completions, reward = self.sample(chunk, 1, seed=10_000_019 + start)
             rewards.extend(reward.tolist())
-            kls.extend(((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1).tolist())
+            kls.extend(kl_per_completion(batch).tolist())
             samples.extend({"prompt": prompt_text(r), "completion": c, "reward": float(x)}
                            for r, c, x in zip(chunk, completions, reward))
         if out_dir is not None:
