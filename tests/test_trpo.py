@@ -13,9 +13,20 @@ def test_conjugate_gradient_solves_spd_system():
     m = torch.randn(6, 6, generator=g, dtype=torch.float64)
     a = m @ m.T + 0.5 * torch.eye(6, dtype=torch.float64)
     b = torch.randn(6, generator=g, dtype=torch.float64)
-    x = trpo.conjugate_gradient(lambda v: a @ v, b, iters=20, tol=1e-20)
+    x, ax = trpo.conjugate_gradient(lambda v: a @ v, b, iters=20, tol=1e-20)
     assert torch.linalg.norm(a @ x - b) < 1e-6
     torch.testing.assert_close(x, torch.linalg.solve(a, b))
+
+
+def test_conjugate_gradient_returns_a_x_even_when_stopped_early():
+    # after 2 of 6 iterations x is not the solution, but the returned A x must still be A @ x
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    a = m @ m.T + 0.5 * torch.eye(6, dtype=torch.float64)
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    x, ax = trpo.conjugate_gradient(lambda v: a @ v, b, iters=2)
+    assert torch.linalg.norm(a @ x - b) > 1e-3
+    torch.testing.assert_close(ax, a @ x)
 
 
 def _exact_hessian(kl_of_flat, flat):
