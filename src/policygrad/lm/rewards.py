@@ -1,14 +1,23 @@
 """Rewards: each maps (prompts, completions, the rows' other columns) to one float per completion.
 
-Built-in names: vader, exact-match, last-number, contains, length, chrf, bleu; and
+Built-in names: vader, exact-match, last-number, contains, length, chrf, bleu;
 `python:path/to/file.py:function`, called with keyword lists `prompts`, `completions` and one list
-per extra column. A task combines one or more rewards with weights.
+per extra column; and `http://host:port/path` (or https), a reward server that answers a JSON POST
+(see `RemoteReward`; `reward_server.py` serves any RewardSet that way). A task combines one or more
+rewards with weights.
 """
 from __future__ import annotations
 
+import http.client
 import importlib.util
+import json
 import math
 import re
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -124,6 +133,113 @@ def _python(spec: str, base: Path) -> RewardFn:
     return lambda prompts, completions, extras: fn(prompts=prompts, completions=completions, **extras)
 
 
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and arrays from a data column, which json cannot encode by itself."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"a {type(value).__name__} cannot be sent as JSON")
+
+
+def _http_failure(e: urllib.error.HTTPError) -> str:
+    """'HTTP 503 Service Unavailable: <the server's error>', the body cut to one short line."""
+    try:
+        body = e.read().decode("utf-8", "replace").strip()
+    except (OSError, http.client.HTTPException):  # the status alone still says what went wrong
+        body = ""
+    try:
+        body = json.loads(body).get("error", body)
+    except (ValueError, AttributeError):
+        pass
+    body = " ".join(str(body).split())[:200]
+    return f"HTTP {e.code} {e.reason}" + (f": {body}" if body else "")
+
+
+def _transport_failure(e: Exception, timeout: float) -> str:
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    if isinstance(reason, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    return f"{reason.__class__.__name__}: {reason}"
+
+
+class RemoteReward:
+    """POSTs {"prompts", "completions", <extra columns>} as JSON; expects {"rewards": [float, ...]}.
+
+    Connection failures, timeouts and 5xx answers are retried `retries` times, sleeping
+    `backoff`, 2x, 4x ... seconds in between; a 4xx answer is our request's fault, so it is not.
+    408 and 429 are the exception: they ask to be tried again. A malformed 200 answer is a bug in
+    the server, which a retry would only repeat.
+    """
+
+    def __init__(self, url: str, backoff: float = 0.5):
+        self.url, self.backoff = url, backoff
+
+    def __call__(self, prompts: list[str], completions: list[str], extras: dict[str, list],
+                 timeout: float = 30.0, retries: int = 3) -> list[float]:
+        clash = {"prompts", "completions"} & set(extras)
+        if clash:
+            raise RewardError(f"remote reward '{self.url}': a data column may not be called "
+                              f"{' or '.join(sorted(clash))}")
+        body = json.dumps({**extras, "prompts": prompts, "completions": completions}, default=_jsonable)
+        failure = ""
+        for attempt in range(retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            answer, failure, retry = self._post(body.encode(), timeout)
+            if answer is not None:
+                return self._rewards(answer, len(completions))
+            if not retry:
+                break
+        raise RewardError(f"remote reward '{self.url}' failed after {attempt + 1} "
+                          f"attempt{'s' * (attempt > 0)}: {failure}")
+
+    def _post(self, body: bytes, timeout: float) -> tuple[Optional[bytes], str, bool]:
+        """(answer, failure, worth retrying): one request, every failure turned into words."""
+        request = urllib.request.Request(self.url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "Accept": "application/json"})
+        try:
+            # the timeout bounds each connect and read, not the whole answer; enough against a
+            # server that is down or stuck, which is what it is for
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.read(), "", False
+        except urllib.error.HTTPError as e:
+            return None, _http_failure(e), e.code >= 500 or e.code in (408, 429)
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
+            return None, _transport_failure(e, timeout), True
+
+    def _rewards(self, answer: bytes, n: int) -> list[float]:
+        try:
+            rewards = json.loads(answer).get("rewards")
+        except (ValueError, AttributeError):
+            raise RewardError(f"remote reward '{self.url}' answered something that is not a JSON "
+                              f"object: {answer[:80]!r}") from None
+        if not isinstance(rewards, list):
+            raise RewardError(f"remote reward '{self.url}' answered without a \"rewards\" list: "
+                              f"{answer[:80]!r}")
+        if len(rewards) != n:
+            raise RewardError(f"remote reward '{self.url}' answered {len(rewards)} rewards for "
+                              f"{n} completions")
+        return rewards
+
+
+def _remote(url: str, params: dict) -> RemoteReward:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises on a port that is not a number
+    except ValueError as e:
+        raise RewardError(f"remote reward '{url}' is not a valid URL: {e}") from None
+    if not parts.hostname:
+        raise RewardError(f"remote reward '{url}' needs a host: http://host:port/path")
+    backoff = params.pop("backoff", 0.5)
+    if params:
+        raise RewardError(f"remote reward '{url}' takes only weight and backoff, not "
+                          f"{', '.join(sorted(params))}; its timeout and retries come from the config")
+    if not isinstance(backoff, (int, float)) or isinstance(backoff, bool) or backoff < 0:
+        raise RewardError(f"remote reward '{url}' needs a backoff of zero or more seconds, not {backoff!r}")
+    return RemoteReward(url, float(backoff))
+
+
 @dataclass
 class WeightedReward:
     name: str
@@ -147,23 +263,67 @@ def build(spec: Any, base: Path = Path(".")) -> WeightedReward:
     if name.startswith("python:"):
         return WeightedReward(name, _python(name, base), float(weight))
     if name.startswith(("http://", "https://")):
-        raise RewardError(f"remote reward '{name}': remote rewards are not supported yet")
+        return WeightedReward(name, _remote(name, params), float(weight))
     if name not in BUILTIN:
         raise RewardError(f"unknown reward '{name}'; built-in rewards: {', '.join(BUILTIN)}, "
-                          "or python:path/to/file.py:function")
+                          "python:path/to/file.py:function or http://host:port/path")
     return WeightedReward(name, BUILTIN[name](params), float(weight))
+
+
+def _in_thread(r: WeightedReward, prompts: list[str], completions: list[str], extras: dict,
+               timeout: float) -> list[float]:
+    """r.fn's answer, or its exception, from a daemon thread given `timeout` seconds.
+
+    A daemon thread, not concurrent.futures: that module joins its workers at interpreter exit, so
+    a hung reward would hang the exit too. Python cannot stop a thread, so a hung one runs on in
+    the background; the error it causes ends the run anyway.
+    """
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["values"] = r.fn(prompts, completions, extras)
+        except BaseException as e:  # carried back: the caller reports it as it always has
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name=f"reward {r.name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RewardError(f"reward '{r.name}' did not answer within {timeout:g} s for "
+                          f"{len(completions)} completions; raise reward_timeout if it is only slow")
+    if "error" in box:
+        raise box["error"]
+    return box["values"]
 
 
 @dataclass
 class RewardSet:
     rewards: list[WeightedReward] = field(default_factory=list)
+    timeout: float = 30.0
+    """Seconds one reward call may take; for a remote reward, each attempt of it."""
+    retries: int = 3
+    """Extra attempts a remote reward makes after a failed request (not after a 4xx answer)."""
+
+    def configure(self, timeout: float, retries: int) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise RewardError(f"reward timeout must be a positive number of seconds, not {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise RewardError(f"reward retries must be a whole number >= 0, not {retries!r}")
+        self.timeout, self.retries = float(timeout), retries
+
+    def _values(self, r: WeightedReward, prompts: list[str], completions: list[str], extras: dict) -> list:
+        if isinstance(r.fn, RemoteReward):
+            # it bounds each request itself; one deadline around all its attempts would cut retries short
+            return r.fn(prompts, completions, extras, timeout=self.timeout, retries=self.retries)
+        return _in_thread(r, prompts, completions, extras, self.timeout)
 
     def __call__(self, prompts: list[str], completions: list[str], extras: dict[str, list]) -> np.ndarray:
         """(B,) weighted sum of every reward; RewardError names a misbehaving one."""
         total = np.zeros(len(completions))
         for r in self.rewards:
             try:
-                values = r.fn(list(prompts), list(completions), extras)
+                values = self._values(r, list(prompts), list(completions), extras)
             except RewardError:
                 raise
             except Exception as e:
