@@ -11,7 +11,7 @@ from policygrad.config import Config
 from policygrad.control.policy import RunningNorm, fused_mlp, mlp
 from policygrad.control.rollout import Collector, ControlWorkload, build_policy, make_envs
 from policygrad.core import advantages
-from policygrad.trainer import RunState, load_workload, save_run
+from policygrad.trainer import RunState, load_workload, restore, save_run
 
 
 class CounterEnv(gym.Env):
@@ -148,7 +148,10 @@ def test_checkpoint_round_trip_keeps_weights_and_normaliser(tmp_path):
     opts = ALGOS["ppo"].make_optimizers(policy, cfg)
     work.collect()  # moves the normalisers
     assert policy.obs_norm.count.item() > 1
-    path = save_run(tmp_path, cfg, work, opts, RunState(update=3, env_steps=60))
+    batch = advantages.compute(work.collect()[0], cfg)
+    ALGOS["ppo"].update(policy, opts, batch, cfg, Progress(1.0, torch.Generator().manual_seed(0)))
+    shuffle = torch.Generator().manual_seed(5)
+    path = save_run(tmp_path, cfg, work, opts, RunState(update=3, env_steps=60), {"shuffle": shuffle})
     assert checkpoint.latest(tmp_path) == path
     loaded_work, loaded_cfg = load_workload(path)
     loaded = loaded_work.policy
@@ -157,6 +160,20 @@ def test_checkpoint_round_trip_keeps_weights_and_normaliser(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
     obs = np.ones((1, 4), np.float32)
     np.testing.assert_allclose(policy.normalize(obs, False), loaded.normalize(obs, False))
+    # resume: a fresh workload and optimiser take on every saved state, bit for bit
+    fresh = ControlWorkload(cfg, seed=0)
+    fresh_opts = ALGOS["ppo"].make_optimizers(fresh.policy, cfg)
+    fresh_shuffle = torch.Generator().manual_seed(99)
+    state = restore(path, cfg, fresh, fresh_opts, {"shuffle": fresh_shuffle})
+    assert (state.update, state.env_steps) == (3, 60)
+    saved, got = opts.main.state_dict(), fresh_opts.main.state_dict()
+    for idx, entry in saved["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, got["state"][idx][key]), key
+    assert torch.equal(fresh_shuffle.get_state(), shuffle.get_state())
+    assert fresh.collector.episodes == work.collector.episodes
+    assert list(fresh.collector.recent_returns) == list(work.collector.recent_returns)
+    assert fresh.collector.rng.random() == work.collector.rng.random()
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])

@@ -8,6 +8,7 @@ MLP (control/policy.py) and a language model (lm/policy.py).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -87,16 +88,23 @@ def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batc
     for flat in flats:
         flat.zero_grad()
     micro_batches, mean = batch.split_rows(cfg.micro_batch_size), MetricMean()
+    finite = True
     for micro in micro_batches:
         loss, metrics = loss_fn(micro)
         if len(micro_batches) > 1:
             loss = loss * (micro.n_valid / batch.n_valid)
+        finite = finite and bool(torch.isfinite(loss))
         loss.backward()
         mean.add(metrics)
     sync_gradients([flat.param for flat in flats])
     metrics = mean.result()
     metrics["policy/grad_norm"] = clip_grad_norm_(flats, cfg.max_grad_norm)
-    opt.step()
+    # A non-finite loss or gradient would poison the weights and Adam's moments for good: skip the
+    # step (the trainer counts it and stops after cfg.max_bad_updates in a row).
+    finite = finite and math.isfinite(metrics["policy/grad_norm"])
+    if finite:
+        opt.step()
+    metrics["update/nonfinite"] = 0.0 if finite else 1.0
     return metrics
 
 
@@ -199,7 +207,9 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
     for _ in range(cfg.value_epochs):
         for mb in rows.minibatches(cfg.batch_size, progress.generator):
             mean.add(_gradient_step(opts.value, opts.value_params, mb, value_fn, cfg))
-    return {**metrics, **{k.replace("policy/grad_norm", "value/grad_norm"): v for k, v in mean.result().items()}}
+    value_metrics = {k.replace("policy/grad_norm", "value/grad_norm"): v for k, v in mean.result().items()}
+    nonfinite = max(metrics.get("update/nonfinite", 0.0), value_metrics.pop("update/nonfinite", 0.0))
+    return {**metrics, **value_metrics, "update/nonfinite": nonfinite}
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import yaml
 
+from . import checkpoint
 from . import config as config_mod
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .control.rollout import EnvError
 from .log import format_table
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "samples", "final_eval.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "samples", "final_eval.json", "wandb",
+             "wandb-id", "curves.png")
 
 
 class UsageError(ValueError):
@@ -28,7 +30,11 @@ def user_errors() -> tuple[type, ...]:
     from .lm.models import ModelError
     from .lm.rewards import RewardError
     from .lm.tasks import TaskError
-    return (ConfigError, EnvError, CheckpointError, UsageError, ModelError, RewardError, TaskError)
+    from .log import LoggingError
+    from .plot import PlotError
+    from .trainer import TrainingError
+    return (ConfigError, EnvError, CheckpointError, UsageError, ModelError, RewardError, TaskError,
+            TrainingError, LoggingError, PlotError)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -50,12 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="environment steps (control) or training steps (language models)")
     train.add_argument("--seed", type=int, help="seed of the run")
     train.add_argument("--config", help="YAML file of config keys")
-    train.add_argument("--out", required=True, help="run folder to write")
+    train.add_argument("--out", help="run folder to write; the same command again resumes it")
+    train.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its newest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.add_argument("--wandb", action="store_true", default=None,
+                       help="also log to Weights & Biases (offline unless WANDB_MODE is set)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     ev = sub.add_parser("eval", help="evaluate a trained run, or an untrained model on a task")
     ev.add_argument("run", nargs="?", help="run folder written by `policygrad train`")
+    ev.add_argument("--checkpoint", default="latest",
+                    help="which checkpoint: latest, best (by validation result) or a name like update-000040")
     ev.add_argument("--episodes", type=int, default=20, help="control: episodes to run")
     ev.add_argument("--seed", type=int, default=12345, help="control: seed of the evaluation envs")
     ev.add_argument("--split", default="test", choices=("validation", "test"), help="text tasks: split")
@@ -69,46 +80,93 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", type=int, default=1, help="completions per prompt")
     sample.add_argument("--seed", type=int, default=0)
     sub.add_parser("tasks", help="list the built-in text tasks and rewards")
+    plot = sub.add_parser("plot", help="learning curves of one or more runs (seeds of a run: mean and min-max band)")
+    plot.add_argument("runs", nargs="+", help="run folders")
+    plot.add_argument("--metric", default=None,
+                      help="metric to plot (default: eval/reward_mean for text tasks, eval/return_mean for control)")
+    plot.add_argument("--out", default="curves.png", help="image to write (.png, .pdf, .svg, .jpg)")
+    plot.add_argument("--smooth", type=float, default=0.6, help="exponential smoothing weight in [0, 1)")
+    plot.add_argument("--x", default=None, help="x-axis key (default: step for text tasks, env_steps for control)")
+    serve = sub.add_parser("serve-reward", help="serve a task's or a reward's scores over HTTP (loopback by default)")
+    serve.add_argument("--task", help="serve this task's rewards (a built-in name or a task YAML)")
+    serve.add_argument("--reward", action="append", help="serve this reward (a built-in name or python:file.py:fn); repeatable")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--reward-timeout", type=float, default=30.0, help="seconds a reward may take per request")
     return parser
 
 
-def prepare_out(out: Path, cfg_dict: dict, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder; with --overwrite, clear only the run's own files."""
+def prepare_out(out: Path, cfg_dict: dict, overwrite: bool) -> bool:
+    """Whether to resume the run in `out`. The same config there resumes it from its newest
+    checkpoint (or starts it over when it has none); a different one is refused; --overwrite
+    clears only the run's own files."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out '{out}' is a file, not a folder")
     saved = out / "config.yaml"
     if not saved.exists():
-        return
+        return False
     if not overwrite:
         try:
             same = yaml.safe_load(saved.read_text()) == cfg_dict
         except yaml.YAMLError:
             same = False
-        what = "this same run already" if same else "a different run"
-        raise UsageError(f"--out '{out}' holds {what}; choose another --out or pass --overwrite")
+        if not same:
+            raise UsageError(f"--out '{out}' holds a different run; choose another --out, pass --overwrite "
+                             f"to replace it, or --resume {out} to continue it")
+        if checkpoint.latest(out) is not None:
+            return True
     for name in RUN_FILES:
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+    return False
+
+
+def saved_config(run: Path) -> dict:
+    """A run folder's config.yaml, for --resume."""
+    if not (run / "config.yaml").is_file():
+        raise UsageError(f"'{run}' is not a run folder (it has no config.yaml)")
+    try:
+        values = yaml.safe_load((run / "config.yaml").read_text())
+    except yaml.YAMLError as e:
+        raise UsageError(f"'{run / 'config.yaml'}' is not valid YAML ({e.__class__.__name__}); "
+                         "fix it or start over with --overwrite") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"'{run / 'config.yaml'}' must be a mapping of config keys")
+    return values
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    file_values = config_mod.load_yaml(args.config) if args.config else {}
     flags = {"algo": args.algo, "env": args.env, "task": args.task, "model": args.model,
-             "total_steps": args.total_steps, "seed": args.seed}
-    cfg = config_mod.resolve(file_values, config_mod.parse_overrides(args.overrides), flags)
+             "total_steps": args.total_steps, "seed": args.seed, "wandb": args.wandb}
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+        given += ["--config"] * bool(args.config) + ["--out"] * bool(args.out) + args.overrides
+        if given:
+            raise UsageError(f"--resume continues a run with its own config.yaml; drop {' '.join(given)}")
+        out = Path(args.resume)
+        cfg = config_mod.validate(config_mod.apply(config_mod.Config(), saved_config(out)))
+    else:
+        if not args.out:
+            raise UsageError("train needs --out (a run folder), or --resume RUN")
+        file_values = config_mod.load_yaml(args.config) if args.config else {}
+        cfg = config_mod.resolve(file_values, config_mod.parse_overrides(args.overrides), flags)
+        out = Path(args.out)
     if cfg.is_lm:
         from .lm import models
         models.resolve(cfg.model)  # an unknown model fails here, before the run folder is touched
     else:
         from .control.rollout import make_envs
         make_envs(cfg.env, 1).close()
-    out = Path(args.out)
-    prepare_out(out, config_mod.to_dict(cfg), args.overwrite)
-    from .trainer import train
-    summary = train(cfg, out, progress=not args.no_progress)
+    from .trainer import is_complete, train
+    resume = prepare_out(out, config_mod.to_dict(cfg), args.overwrite)
+    if resume and is_complete(out):
+        print(f"policygrad: the run in '{out}' is already complete; nothing to do "
+              "(--overwrite trains it again)", file=sys.stderr)
+        return 0
+    summary = train(cfg, out, progress=not args.no_progress, resume=resume)
     print(format_table(summary), file=sys.stderr)
     return 0
 
@@ -122,7 +180,6 @@ def print_result(result: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import checkpoint
     from .trainer import load_workload
 
     if args.run is None:
@@ -132,10 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if not run.is_dir():
         raise UsageError(f"run folder '{run}' does not exist")
-    path = checkpoint.latest(run)
-    if path is None:
-        raise CheckpointError(f"run '{run}' has no checkpoint (checkpoints/latest is missing); "
-                              "train it first or point at another run")
+    path = checkpoint.named(run, args.checkpoint)
     work, cfg = load_workload(path)
     if cfg.is_lm and args.vs_base:
         return eval_vs_base(work, cfg, args.split, path)
@@ -188,7 +242,6 @@ def eval_baseline(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from . import checkpoint
     from .trainer import load_workload
 
     path = checkpoint.latest(Path(args.run)) if Path(args.run).is_dir() else None
@@ -217,6 +270,38 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_runs
+
+    metric = args.metric
+    if metric is None:  # the held-out curve of the first run's kind
+        first = Path(args.runs[0])
+        is_lm = bool((saved_config(first) if (first / "config.yaml").is_file() else {}).get("task"))
+        metric = "eval/reward_mean" if is_lm else "eval/return_mean"
+    summary = plot_runs([Path(r) for r in args.runs], metric, Path(args.out), args.smooth, args.x)
+    for run in summary.get("skipped", []):
+        print(f"policygrad: note: run '{run}' has no '{metric}'; left out of the plot", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    from .lm import rewards, tasks
+    from .lm.reward_server import serve
+
+    if bool(args.task) == bool(args.reward):
+        raise UsageError("serve-reward needs either --task NAME or --reward SPEC (repeatable)")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535; got {args.port}")
+    if args.task:
+        reward_set = tasks.load(args.task, set(config_mod.field_names())).rewards
+    else:
+        reward_set = rewards.RewardSet([rewards.build(spec) for spec in args.reward])
+    reward_set.configure(timeout=args.reward_timeout, retries=0)
+    serve(reward_set, args.host, args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may stand between options; argparse alone would stop at the first one.
@@ -226,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if args.command == "train":
         args.overrides = [*args.overrides, *extra]
-    commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "tasks": cmd_tasks}
+    commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "tasks": cmd_tasks,
+                "plot": cmd_plot, "serve-reward": cmd_serve_reward}
     try:
         return commands[args.command](args)
     except user_errors() as e:

@@ -168,6 +168,22 @@ class Config:
     """Stop early once the mean return of the last 20 training episodes reaches this (None: never)."""
     torch_threads: int = 1
     """Torch intra-op threads; small MLPs run fastest on one."""
+    wandb: bool = False
+    """Also log to Weights & Biases (offline unless WANDB_MODE says otherwise; `wandb sync` later)."""
+
+    # --- checkpoints, resume, failure handling ---
+    checkpoint_every: int = 10
+    """Write a checkpoint every this many updates (0: only at the end and at a new best
+    validation result); a killed run resumes from the newest one."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept; the best by validation result is kept as well."""
+    max_bad_updates: int = 3
+    """Stop after this many updates in a row whose loss or gradient was not finite (each is
+    skipped: the parameters and optimiser state stay as they were)."""
+    reward_timeout: float = 30.0
+    """Seconds a reward (a function or a remote server) may take for one batch before it fails."""
+    reward_retries: int = 3
+    """Attempts at a remote (http) reward before the run stops with an error."""
 
     @property
     def is_lm(self) -> bool:
@@ -200,7 +216,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = ("total_steps", "num_envs", "n_steps", "n_epochs", "batch_size", "cg_iters",
             "line_search_steps", "value_epochs", "eval_episodes", "torch_threads", "lr", "value_lr",
             "max_kl", "clip_eps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
-            "temperature", "logprob_chunk", "eval_prompts", "kl_horizon")
+            "temperature", "logprob_chunk", "eval_prompts", "kl_horizon", "keep_checkpoints",
+            "max_bad_updates", "reward_timeout", "reward_retries")
 UNIT_INTERVAL = ("gamma", "gae_lambda", "line_search_shrink", "top_p", "fvp_fraction")
 
 
@@ -312,8 +329,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key} must lie in [0, 1]; got {getattr(cfg, key)}")
     if not cfg.hidden_sizes or any(h <= 0 for h in cfg.hidden_sizes):
         raise ConfigError(f"hidden_sizes must be a non-empty list of positive ints; got {cfg.hidden_sizes}")
-    if cfg.eval_every < 0:
-        raise ConfigError(f"eval_every must be >= 0; got {cfg.eval_every}")
+    for key in ("eval_every", "checkpoint_every"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0; got {getattr(cfg, key)}")
     return cfg
 
 

@@ -1,26 +1,54 @@
-"""Run logging: metrics.jsonl (one JSON object per update), TensorBoard events, a progress bar and a
-closing summary table. Only rank 0 writes; other ranks get a logger that does nothing."""
+"""Run logging: metrics.jsonl (one JSON object per update), TensorBoard events, Weights & Biases
+(optional), a progress bar and a closing summary table. Only rank 0 writes; other ranks get a logger
+that does nothing."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from tqdm import tqdm
 
+from .checkpoint import write_text_atomic
+
+
+class LoggingError(ValueError):
+    """A logging back-end asked for but not usable (wandb missing); shown as one line."""
+
+
+def start_wandb(out_dir: Path, config: dict):
+    """A W&B run in out_dir/wandb, offline unless WANDB_MODE says otherwise (`wandb sync` uploads
+    it later); its id is kept in the run folder so that a resumed run logs into the same W&B run."""
+    try:
+        import wandb
+    except ImportError:
+        raise LoggingError("--wandb needs the wandb package: pip install wandb") from None
+    id_file = out_dir / "wandb-id"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "policygrad"), name=out_dir.name, id=run_id,
+                      dir=str(out_dir), config=config, resume="allow",
+                      mode=os.environ.get("WANDB_MODE", "offline"), settings=wandb.Settings(silent=True))
+
 
 class RunLogger:
-    def __init__(self, out_dir: Path, total: int, unit: str, enabled: bool = True, progress: bool = True):
+    def __init__(self, out_dir: Path, total: int, unit: str, enabled: bool = True, progress: bool = True,
+                 done: int = 0, purge_step: Optional[int] = None, wandb_config: Optional[dict] = None):
+        """done: units already trained (a resumed run); purge_step: drop TensorBoard events from
+        this step on, which the resumed run writes again."""
         self.enabled = enabled
         self.out_dir = out_dir
         self.metrics_file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
-        self.tb = None
+        self.tb = self.wandb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # imported here: slow, rank 0 only
-            self.tb = SummaryWriter(str(out_dir / "tb"))
-        self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stderr,
+            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=purge_step)
+            if wandb_config is not None:
+                self.wandb = start_wandb(out_dir, wandb_config)
+        self.bar = tqdm(total=total, initial=done, unit=unit, dynamic_ncols=True, file=sys.stderr,
                         disable=not (enabled and progress), smoothing=0.1)
         self.last: dict[str, float] = {}
 
@@ -30,9 +58,12 @@ class RunLogger:
             return
         self.metrics_file.write(json.dumps(metrics) + "\n")
         self.metrics_file.flush()
-        for key, value in metrics.items():
-            if "/" in key and isinstance(value, (int, float)) and math.isfinite(value):
-                self.tb.add_scalar(key, value, step)
+        scalars = {k: v for k, v in metrics.items()
+                   if "/" in k and isinstance(v, (int, float)) and math.isfinite(v)}
+        for key, value in scalars.items():
+            self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
         self.last.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if headline and headline in metrics and metrics[headline] is not None:
             self.bar.set_postfix_str(f"{headline.split('/')[-1]}={metrics[headline]:.1f}", refresh=False)
@@ -41,10 +72,12 @@ class RunLogger:
         """The closing evaluation: TensorBoard and final_eval.json (metrics.jsonl is per update)."""
         if not self.enabled or not metrics:
             return
-        (self.out_dir / "final_eval.json").write_text(json.dumps(metrics, indent=1))
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.tb.add_scalar(key, value, step)
+        write_text_atomic(self.out_dir / "final_eval.json", json.dumps(metrics, indent=1))
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        for key, value in scalars.items():
+            self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.summary.update(scalars)
 
     def close(self) -> None:
         self.bar.close()
@@ -53,6 +86,8 @@ class RunLogger:
         self.tb.flush()
         self.tb.close()
         self.metrics_file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def format_table(rows: dict) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -32,10 +33,15 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + 10_007 * rank
 
 
-def build_workload(cfg: Config, seed: int):
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. updates keep going non-finite); shown to the user as one line."""
+
+
+def build_workload(cfg: Config, seed: int, path: Optional[Path] = None):
+    """The run's workload, fresh or (path: a checkpoint folder) with a trained language model."""
     if cfg.is_lm:
         from .lm.rollout import LMWorkload
-        return LMWorkload(cfg, seed)
+        return LMWorkload(cfg, seed, model_path=None if path is None else path / "policy")
     from .control.rollout import ControlWorkload
     return ControlWorkload(cfg, seed)
 
@@ -45,6 +51,14 @@ class RunState:
     """Counters a checkpoint carries."""
     update: int = 0
     env_steps: int = 0
+    best_metric: Optional[float] = None
+    """Best validation result so far (the workload's eval_headline), and its checkpoint."""
+    best_checkpoint: Optional[str] = None
+    bad_in_a_row: int = 0
+    """Updates in a row skipped for a non-finite loss or gradient."""
+    skipped_updates: int = 0
+    finished: bool = False
+    """Training is over (the final checkpoint); a resume only redoes the final evaluation."""
 
 
 def evaluation_due(cfg: Config, state: RunState) -> bool:
@@ -55,30 +69,96 @@ def evaluation_due(cfg: Config, state: RunState) -> bool:
     return state.env_steps // cfg.eval_every > (state.env_steps - cfg.rollout_size) // cfg.eval_every
 
 
-def save_run(out_dir: Path, cfg: Config, work, opts: Optimizers, state: RunState) -> Path:
-    return checkpoint.save(out_dir, f"update-{state.update:06d}", work.tensors(), opts.named(),
-                           {"config": to_dict(cfg), "run": state.__dict__, "workload": work.state()},
-                           write_extra=work.write_model)
+def checkpoint_due(cfg: Config, state: RunState) -> bool:
+    return cfg.checkpoint_every > 0 and state.update % cfg.checkpoint_every == 0
 
 
-def train(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
-    """Train cfg.algo on cfg.env or cfg.task; write metrics and checkpoints into out_dir."""
+def note_best(state: RunState, eval_metrics: dict, key: str) -> bool:
+    """True when this evaluation beats every earlier one (its checkpoint becomes the best)."""
+    value = eval_metrics.get(key)
+    if value is None or (state.best_metric is not None and value <= state.best_metric):
+        return False
+    state.best_metric, state.best_checkpoint = float(value), checkpoint_name(state)
+    return True
+
+
+def note_bad_update(state: RunState, metrics: dict, cfg: Config, out_dir: Path) -> None:
+    """Count updates skipped for a non-finite loss or gradient; stop after max_bad_updates in a row."""
+    if not metrics.get("update/nonfinite"):
+        state.bad_in_a_row = 0
+        return
+    state.bad_in_a_row += 1
+    state.skipped_updates += 1
+    if state.bad_in_a_row >= cfg.max_bad_updates:
+        last = checkpoint.latest(out_dir) if (out_dir / "checkpoints").is_dir() else None
+        raise TrainingError(
+            f"{state.bad_in_a_row} updates in a row (the last: update {state.update}) had a non-finite "
+            f"loss or gradient and were skipped; stopping. Last good checkpoint: "
+            f"{last if last is not None else 'none yet'}. Try a lower lr or check the rewards/observations")
+
+
+def checkpoint_name(state: RunState) -> str:
+    return f"update-{state.update:06d}"
+
+
+def save_run(out_dir: Path, cfg: Config, work, opts: Optimizers, state: RunState,
+             generators: dict[str, torch.Generator]) -> Path:
+    return checkpoint.save(out_dir, checkpoint_name(state), work.tensors(), opts.named(),
+                           {"config": to_dict(cfg), "run": dict(state.__dict__), "workload": work.state(),
+                            "rng": checkpoint.rng_state(generators)},
+                           write_extra=work.write_model, keep=cfg.keep_checkpoints,
+                           protect=state.best_checkpoint)
+
+
+def restore(path: Path, cfg: Config, work, opts: Optimizers, generators: dict[str, torch.Generator]) -> RunState:
+    """Load checkpoint `path` into a freshly built workload and optimisers; the run's counters."""
+    tensors, opt_tensors, saved = checkpoint.load(path)
+    part = "weights"
+    try:
+        work.policy.load_state_dict(tensors, strict=not cfg.is_lm)
+        part = "optimizer state"
+        for key, opt in opts.named().items():
+            checkpoint.optimizer_from_flat(opt, checkpoint.split_optimizer_tensors(opt_tensors, key),
+                                           saved["optimizers"][key])
+        part = "run state"
+        state = RunState(**saved["run"])
+        work.load_state(saved["workload"], state.update)
+        checkpoint.set_rng_state(saved["rng"], generators)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise checkpoint.CheckpointError(
+            f"checkpoint '{path}' cannot be resumed: its {part} does not fit this run "
+            f"({e.__class__.__name__}); resume from an earlier checkpoint or start over with --overwrite") from None
+    return state
+
+
+def train(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False) -> dict:
+    """Train cfg.algo on cfg.env or cfg.task; write metrics and checkpoints into out_dir.
+
+    resume: continue from out_dir's newest checkpoint (metrics.jsonl is cut back to it)."""
     rank, world = rank_and_world()
     seed = rank_seed(cfg.seed, rank)
     torch.set_num_threads(cfg.torch_threads)
+    path = checkpoint.latest(out_dir) if resume else None
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    work = build_workload(cfg, seed)
+    if path is not None:
+        checkpoint.load(path)  # a corrupt checkpoint fails here, before minutes of model loading
+    work = build_workload(cfg, seed, path)
     algo = ALGOS[cfg.algo]
     opts = algo.make_optimizers(work.policy, cfg)
-    shuffle = torch.Generator().manual_seed(seed + 1)
+    generators = {"shuffle": torch.Generator().manual_seed(seed + 1)}
+    state = restore(path, cfg, work, opts, generators) if path is not None else RunState()
+    if rank == 0:
+        checkpoint.cut_metrics(out_dir / "metrics.jsonl", state.update)
     from .log import RunLogger  # tensorboard's import is slow: after the run's own set-up errors
     # the bar counts training steps for language models, environment steps for control
     per_update = 1 if cfg.is_lm else cfg.rollout_size * world
-    logger = RunLogger(out_dir, cfg.total_updates * per_update, "step", enabled=rank == 0, progress=progress)
-    state, start = RunState(), time.perf_counter()
-    while state.update < cfg.total_updates:
+    logger = RunLogger(out_dir, cfg.total_updates * per_update, "step", enabled=rank == 0, progress=progress,
+                       done=state.update * per_update, purge_step=state.env_steps + 1 if path else None,
+                       wandb_config=to_dict(cfg) if cfg.wandb else None)
+    start = time.perf_counter()
+    while not state.finished and state.update < cfg.total_updates:
         step_start = time.perf_counter()
         # 1. collect experience with the current policy
         batch, collect_metrics = work.collect()
@@ -87,30 +167,46 @@ def train(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
         state.env_steps += cfg.rollout_size * world
         # 2. advantages and value targets
         batch = advantages.compute(batch, cfg)
-        # 3. update the policy (and critic)
-        metrics = algo.update(work.policy, opts, batch, cfg, Progress(remaining, shuffle))
+        # 3. update the policy (and critic); a non-finite step is skipped, not taken
+        metrics = algo.update(work.policy, opts, batch, cfg, Progress(remaining, generators["shuffle"]))
         metrics.update(work.after_update(batch, metrics))
+        note_bad_update(state, metrics, cfg, out_dir)
         step_s = time.perf_counter() - step_start
         # 4. evaluate on held-out data or environments
         eval_metrics = work.evaluate("validation", out_dir) if evaluation_due(cfg, state) and rank == 0 else {}
         # 5. log
         row = {"update": state.update, "step": state.update, "env_steps": state.env_steps,
                "time/elapsed_s": time.perf_counter() - start, "time/step_s": step_s,
-               **collect_metrics, **metrics, **eval_metrics}
+               "update/skipped_total": state.skipped_updates, **collect_metrics, **metrics, **eval_metrics}
         logger.log(state.env_steps, row, per_update, headline=work.headline)
+        # 6. checkpoint: periodically, and whenever validation reaches a new best
+        new_best = note_best(state, eval_metrics, work.eval_headline)
+        if rank == 0 and (new_best or checkpoint_due(cfg, state)):
+            save_run(out_dir, cfg, work, opts, state, generators)
         if work.stop_early():
             break
-    # 6. final evaluation and checkpoint
+    # 7. final evaluation and checkpoint
+    state.finished = True
     final = work.evaluate("test", out_dir) if rank == 0 else {}
     if rank == 0:
-        save_run(out_dir, cfg, work, opts, state)
+        save_run(out_dir, cfg, work, opts, state, generators)
         logger.log_final(state.env_steps, final)
     logger.close()
     return {"algo": cfg.algo, ("task" if cfg.is_lm else "env"): cfg.task if cfg.is_lm else cfg.env,
-            "updates": state.update, "env_steps": state.env_steps,
+            "updates": state.update, "env_steps": state.env_steps, "skipped_updates": state.skipped_updates,
             "train_" + work.headline.split("/")[-1]: logger.last.get(work.headline, float("nan")),
+            **({"best_" + work.eval_headline.replace("/", "_"): state.best_metric}
+               if state.best_metric is not None else {}),
             **{f"final_{k.replace('/', '_')}": v for k, v in final.items() if isinstance(v, (int, float))},
             "wall_s": time.perf_counter() - start}
+
+
+def is_complete(out_dir: Path) -> bool:
+    """The run in out_dir finished: its final checkpoint and final evaluation are both written."""
+    path = checkpoint.latest(out_dir)
+    if path is None or not (out_dir / "final_eval.json").is_file():
+        return False
+    return bool(checkpoint.load(path)[2].get("run", {}).get("finished"))
 
 
 def load_config(state: dict, path: Path) -> Config:
@@ -124,12 +220,7 @@ def load_workload(path: Path):
     """The workload (policy, normalisers, task) saved in checkpoint folder `path`, and its config."""
     tensors, _, state = checkpoint.load(path)
     cfg = load_config(state, path)
-    if cfg.is_lm:
-        from .lm.rollout import LMWorkload
-        work = LMWorkload(cfg, cfg.seed, model_path=path / "policy")
-    else:
-        from .control.rollout import ControlWorkload
-        work = ControlWorkload(cfg, cfg.seed)
+    work = build_workload(cfg, cfg.seed, path)
     try:
         work.policy.load_state_dict(tensors, strict=not cfg.is_lm)
     except RuntimeError:

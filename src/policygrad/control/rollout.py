@@ -39,13 +39,17 @@ class Collector:
         self.n = envs.num_envs
         self.gamma = gamma
         self.rng = np.random.default_rng(seed)
-        self.obs, _ = envs.reset(seed=seed)
-        self.episode_return = np.zeros(self.n)
-        self.episode_length = np.zeros(self.n, dtype=np.int64)
-        self.discounted_return = np.zeros(self.n)  # for reward scaling
         self.recent_returns: deque[float] = deque(maxlen=20)
         self.recent_lengths: deque[int] = deque(maxlen=20)
         self.episodes = 0
+        self.restart(seed)
+
+    def restart(self, seed: int) -> None:
+        """Fresh episodes in every environment (at the start, and on resume)."""
+        self.obs, _ = self.envs.reset(seed=seed)
+        self.episode_return = np.zeros(self.n)
+        self.episode_length = np.zeros(self.n, dtype=np.int64)
+        self.discounted_return = np.zeros(self.n)  # for reward scaling
 
     def _track(self, rewards: np.ndarray, done: np.ndarray) -> None:
         self.episode_return += rewards
@@ -143,9 +147,10 @@ class ControlWorkload:
     On resume the environments start fresh episodes; counters, normalisers and optimiser continue.
     """
     headline = "train/episode_return_mean"
+    eval_headline = "eval/return_mean"
 
     def __init__(self, cfg, seed: int):
-        self.cfg = cfg
+        self.cfg, self.seed = cfg, seed
         self.policy = build_policy(cfg, seed)
         self.collector = Collector(make_envs(cfg.env, cfg.num_envs, cfg.vectorization), seed, cfg.gamma)
 
@@ -177,4 +182,17 @@ class ControlWorkload:
         """Control policies live entirely in model.safetensors."""
 
     def state(self) -> dict:
-        return {}
+        """JSON: the action-sampling RNG and the episode statistics (environments are not saved)."""
+        c = self.collector
+        return {"rng": c.rng.bit_generator.state, "episodes": c.episodes,
+                "recent_returns": list(c.recent_returns), "recent_lengths": list(c.recent_lengths)}
+
+    def load_state(self, state: dict, update: int) -> None:
+        """Continue counting where the checkpoint was; the environments start fresh episodes (a
+        Gymnasium env has no general way to save its state), seeded from the run seed and update."""
+        c = self.collector
+        c.rng.bit_generator.state = state["rng"]
+        c.episodes = int(state["episodes"])
+        c.recent_returns.extend(float(x) for x in state["recent_returns"])
+        c.recent_lengths.extend(int(x) for x in state["recent_lengths"])
+        c.restart(self.seed + 7_919 * update)

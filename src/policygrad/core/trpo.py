@@ -96,6 +96,9 @@ def trpo_step(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Tensor
     params = list(params)
     loss = loss_fn()
     grad = flat_grad(loss, params)                                      # (P,)
+    if not (torch.isfinite(loss) and torch.isfinite(grad).all()):
+        return {"trpo/accepted": 0.0, "trpo/backtracks": 0.0, "trpo/step_fraction": 0.0, "trpo/kl": 0.0,
+                "trpo/improvement": 0.0, "trpo/grad_norm": float("nan"), "update/nonfinite": 1.0}
     fvp = fisher_vector_product(fvp_kl_fn or kl_fn, params, damping)
     direction, f_direction = conjugate_gradient(fvp, -grad, iters=cg_iters)  # (P,) ~ -F^-1 g, F of it
     # Scale so that the quadratic model of the KL, 0.5 s^T F s, equals max_kl.

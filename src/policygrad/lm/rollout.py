@@ -77,10 +77,12 @@ def prompt_text(row: dict) -> str:
 
 class LMWorkload:
     headline = "train/reward_mean"
+    eval_headline = "eval/reward_mean"
 
     def __init__(self, cfg, seed: int, model_path: Optional[Path] = None):
         self.cfg, self.seed = cfg, seed
         self.task = tasks.load(cfg.task, set(config_mod.field_names()))
+        self.task.rewards.configure(timeout=cfg.reward_timeout, retries=cfg.reward_retries)
         base, tokenizer = models.load(cfg.model)
         if model_path is not None:  # a trained policy; the reference stays the base model
             trained, _ = models.load(str(model_path))
@@ -198,7 +200,16 @@ class LMWorkload:
         self.policy.tokenizer.save_pretrained(folder / "policy")
 
     def state(self) -> dict:
+        """JSON: the data cursor, KL controller, moving baseline and step count (the generation
+        seeds derive from it), so a resumed run samples exactly what the uninterrupted one would."""
         return {"cursor": self.cursor.state(), "kl_coef": self.kl.coef, "moving_baseline": self.moving_baseline,
                 "steps": self.steps}
+
+    def load_state(self, state: dict, update: int) -> None:
+        cursor = state["cursor"]
+        self.cursor = PromptCursor(self.cursor.n_rows, self.seed, int(cursor["epoch"]), int(cursor["position"]))
+        self.kl.coef = float(state["kl_coef"])
+        self.moving_baseline = float(state["moving_baseline"])
+        self.steps = int(state["steps"])
 
 

@@ -1,0 +1,139 @@
+"""Killed and resumed = never stopped: SIGKILL a training process at random moments, resume it, and
+compare with the same run left alone.
+
+Language models (tiny LM, CPU): final weights, value head and every metrics.jsonl value except
+wall-clock timings (time/*) must be identical, bit for bit. Control: the environments restart fresh
+episodes on resume (documented), so weights differ; counters, the normaliser's count, Adam's step
+and the metrics rows (each update exactly once) must match the uninterrupted run.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+KILL_SEED = int(os.environ.get("POLICYGRAD_KILL_SEED", time.time_ns() % 1_000_000))
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "policygrad.cli", *map(str, args)]
+
+
+def metric_lines(out) -> int:
+    path = out / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def run_and_kill(cmd: list[str], out, after_lines: int, extra_delay: float) -> bool:
+    """Start cmd; once metrics.jsonl has after_lines lines, wait extra_delay s and SIGKILL it.
+    True if it was killed (False: it finished first)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while proc.poll() is None and metric_lines(out) < after_lines and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(extra_delay)
+    if proc.poll() is not None:
+        assert proc.returncode == 0, proc.stderr.read()
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def rows_without_timings(out) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def latest_checkpoint(out):
+    return out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+
+
+def interrupted_run(cmd: list[str], out, total_lines: int, resume_cmds: list[list[str]]) -> list[str]:
+    """Kill cmd at three random moments (each after a random number of logged updates plus a random
+    fraction of a step), resuming with resume_cmds in turn, then let the last resume finish."""
+    rng = random.Random(KILL_SEED)
+    targets = sorted(rng.sample(range(1, total_lines), 3))
+    log, command = [], cmd
+    for i, target in enumerate(targets):
+        delay = rng.uniform(0.0, 0.4)
+        killed = run_and_kill(command, out, target, delay)
+        log.append(f"kill {i}: after line {target} + {delay:.2f}s -> {'killed' if killed else 'finished'}")
+        command = resume_cmds[i % len(resume_cmds)]
+    print("\n".join(log))
+    assert any(line.endswith("killed") for line in log), log  # at least one kill landed mid-run
+    r = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return log
+
+
+@pytest.fixture(scope="module")
+def lm_task(tmp_path_factory):
+    from lm_helpers import make_tiny_lm
+    folder = tmp_path_factory.mktemp("resume-lm")
+    model = make_tiny_lm(folder / "tiny")
+    with open(folder / "prompts.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"prompt": f"Say something about {i}."}) + "\n")
+    (folder / "task.yaml").write_text("data: prompts.jsonl\nrewards:\n  - vader\n  - {reward: length, target: 6}\n"
+                                      "max_new_tokens: 8\nprompts_per_step: 2\nsamples_per_prompt: 2\n"
+                                      "eval_prompts: 3\n")
+    return folder, model
+
+
+def test_lm_run_killed_three_times_ends_identical_to_uninterrupted(lm_task, tmp_path):
+    folder, model = lm_task
+    steps = 10
+    # PPO with a value head, adaptive KL and minibatch shuffling: every piece of state a resume needs
+    args = ["--algo", "ppo", "--task", folder / "task.yaml", "--model", model, "--steps", steps, "--seed", 3,
+            "--no-progress", "checkpoint_every=2", "eval_every=3", "use_value_head=true", "adaptive_kl=true",
+            "batch_size=2", "n_epochs=2"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    r = subprocess.run(cli("train", "--out", straight, *args), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    log = interrupted_run(cli("train", "--out", broken, *args), broken, steps,
+                          [cli("train", "--resume", broken, "--no-progress"), cli("train", "--out", broken, *args)])
+    context = f"POLICYGRAD_KILL_SEED={KILL_SEED}: " + "; ".join(log)
+    assert rows_without_timings(broken) == rows_without_timings(straight), context
+    for name in ("policy/model.safetensors", "model.safetensors"):
+        a, b = load_file(latest_checkpoint(straight) / name), load_file(latest_checkpoint(broken) / name)
+        assert a.keys() == b.keys() and a, context
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs; {context}"
+    assert json.loads((broken / "final_eval.json").read_text()) == json.loads((straight / "final_eval.json").read_text())
+    # a finished run run again does nothing
+    r = subprocess.run(cli("train", "--out", broken, *args), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "already complete" in r.stderr
+
+
+def test_control_run_killed_three_times_keeps_its_counters(tmp_path):
+    updates = 16
+    args = ["--algo", "ppo", "--env", "CartPole-v1", "--total-steps", updates * 128, "--seed", 2, "--no-progress",
+            "num_envs=2", "n_steps=64", "batch_size=64", "n_epochs=2", "eval_every=0", "checkpoint_every=3",
+            "normalize_obs=true"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    r = subprocess.run(cli("train", "--out", straight, *args), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    log = interrupted_run(cli("train", "--out", broken, *args), broken, updates,
+                          [cli("train", "--resume", broken, "--no-progress")])
+    context = f"POLICYGRAD_KILL_SEED={KILL_SEED}: " + "; ".join(log)
+    rows = rows_without_timings(broken)
+    assert [r["update"] for r in rows] == list(range(1, updates + 1)), context
+    assert [r["env_steps"] for r in rows] == [r["env_steps"] for r in rows_without_timings(straight)]
+    episodes = [r["train/episodes"] for r in rows]
+    assert episodes == sorted(episodes), context  # nothing already counted is lost
+    a_state = json.loads((latest_checkpoint(straight) / "state.json").read_text())
+    b_state = json.loads((latest_checkpoint(broken) / "state.json").read_text())
+    assert a_state["run"] == b_state["run"], context
+    a_model, b_model = load_file(latest_checkpoint(straight) / "model.safetensors"), \
+        load_file(latest_checkpoint(broken) / "model.safetensors")
+    assert torch.equal(a_model["obs_norm.count"], b_model["obs_norm.count"]), context
+    a_opt, b_opt = load_file(latest_checkpoint(straight) / "optimizer.safetensors"), \
+        load_file(latest_checkpoint(broken) / "optimizer.safetensors")
+    steps = [k for k in a_opt if k.endswith(".step")]
+    assert steps and all(torch.equal(a_opt[k], b_opt[k]) for k in steps), context
