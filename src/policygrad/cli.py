@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may stand between options; argparse alone would stop at the first one.
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "train"]
+    if stray and args.command == "train" and not stray[0].startswith("-"):
+        parser.error(f"config overrides are key=value; got '{stray[0]}'")
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if args.command == "train":

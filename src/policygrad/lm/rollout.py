@@ -102,19 +102,24 @@ class LMWorkload:
     def sample(self, rows: list[dict], n: int, seed: int) -> tuple[Batch, list[str], np.ndarray]:
         """n completions per row: the batch (with ref log-probs), completions and task rewards."""
         texts = [self.policy.render(r) for r in rows for _ in range(n)]
+        self._check_context(texts)
         batch = self.policy.generate(texts, self.cfg, seed)
-        self._check_context(batch)
         completions = self.policy.decode(batch.actions, batch.mask)
         expanded = [r for r in rows for _ in range(n)]
         rewards = self.task.rewards([prompt_text(r) for r in expanded], completions, extras_of(expanded))
         ref = self.policy.reference_log_prob(batch) if self.policy.reference is not None else batch.log_prob
         return batch.replace(ref_log_prob=ref), completions, rewards
 
-    def _check_context(self, batch: Batch) -> None:
+    def _check_context(self, texts: list[str]) -> None:
+        """Before generating: a prompt plus max_new_tokens must fit the model's context."""
         limit = getattr(self.policy.model.config, "max_position_embeddings", None)
-        if limit is not None and batch.obs.shape[1] > limit:
-            raise tasks.TaskError(f"a prompt plus max_new_tokens is {batch.obs.shape[1]} tokens, longer "
-                                  f"than the model's context of {limit}; shorten the prompts or max_new_tokens")
+        if limit is None:
+            return
+        longest = max(len(ids) for ids in self.policy.tokenizer(texts, add_special_tokens=False)["input_ids"])
+        if longest + self.cfg.max_new_tokens > limit:
+            raise tasks.TaskError(f"a prompt of {longest} tokens plus max_new_tokens={self.cfg.max_new_tokens} "
+                                  f"is longer than the model's context of {limit}; shorten the prompts or "
+                                  "max_new_tokens")
 
     def collect(self) -> tuple[Batch, dict]:
         cfg = self.cfg
