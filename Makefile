@@ -24,6 +24,8 @@ demo: install
 	$(VENV)/bin/policygrad train --algo reinforce --task positive-review --steps 24 --seed 1 \
 		--out runs/demo-positive-review --overwrite eval_every=8
 	$(VENV)/bin/policygrad eval runs/demo-positive-review --split test --vs-base
+	$(VENV)/bin/policygrad plot runs/demo-positive-review --metric train/reward_mean \
+		--out runs/demo-positive-review/curves.png
 
 demo-control: install
 	$(VENV)/bin/policygrad train --algo ppo --env CartPole-v1 --total-steps 100000 --seed 1 --out runs/demo-cartpole --overwrite

@@ -202,3 +202,26 @@ def test_reward_that_raises_is_one_line(lm_setup, tmp_path):
     r = policygrad("train", "--out", tmp_path / "run", "--task", tmp_path / "t.yaml", "--model", model,
                    "--steps", 1, "--no-progress")
     assert_one_line_error(r, "reward 'python:r.py:bad' raised ValueError: boom")
+
+
+def test_wandb_logs_offline_into_the_run_folder(tmp_path):
+    out = tmp_path / "wb"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    r = subprocess.run([sys.executable, "-m", "policygrad.cli", "train", "--algo", "ppo", "--env", "CartPole-v1",
+                        "--total-steps", "64", "--out", str(out), "--no-progress", "--wandb", *TINY],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and (out / "wandb-id").read_text() in runs[0].name
+    assert list(runs[0].glob("*.wandb")) and (out / "config.yaml").exists()
+
+
+def test_plot_of_two_seeds_writes_an_image(trained_run, tmp_path):
+    import shutil
+    for seed in (1, 2):
+        shutil.copytree(trained_run, tmp_path / f"cp-seed{seed}")
+    r = policygrad("plot", tmp_path / "cp-seed1", tmp_path / "cp-seed2", "--metric", "train/episode_return_mean",
+                   "--out", tmp_path / "curves.png")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["groups"] == {"cp": 2}
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -27,11 +28,16 @@ def start_wandb(out_dir: Path, config: dict):
     except ImportError:
         raise LoggingError("--wandb needs the wandb package: pip install wandb") from None
     id_file = out_dir / "wandb-id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "policygrad"), name=out_dir.name, id=run_id,
-                      dir=str(out_dir), config=config, resume="allow",
-                      mode=os.environ.get("WANDB_MODE", "offline"), settings=wandb.Settings(silent=True))
+    mode = os.environ.get("WANDB_MODE", "offline")
+    try:
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "policygrad"), name=out_dir.name, id=run_id,
+                          dir=str(out_dir), config=config, resume="allow", mode=mode,
+                          settings=wandb.Settings(silent=True))
+    except Exception as e:  # wandb's own errors (no network, no login) vary by version
+        raise LoggingError(f"wandb could not start in {mode} mode ({e.__class__.__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); unset WANDB_MODE to log offline") from None
 
 
 class RunLogger:
