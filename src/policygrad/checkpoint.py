@@ -11,13 +11,14 @@ import json
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 
 class CheckpointError(ValueError):
@@ -34,13 +35,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able rest."""
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able rest. The tensors
+    are the live state, not copies (see CheckpointWriter)."""
     state = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, entry in state["state"].items():
         for name, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value.detach().clone()
+                tensors[f"{idx}.{name}"] = value.detach()
             else:
                 scalars[f"{idx}.{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -54,39 +56,121 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
     opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+    """The safetensors format (8-byte header length, JSON header, raw little-endian data), written
+    straight from each tensor's memory. safetensors' own save_file first copies every tensor into
+    one Python bytes object holding the GIL, and refuses views of one buffer (our flat parameters);
+    here nothing is copied and file.write releases the GIL, so a background write does not stall
+    training. tests/test_checkpoint.py checks files read back equal through safetensors' load_file."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    items = sorted(tensors.items())
+    for name, t in items:
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for _, t in items:
+            if t.numel():
+                f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, so the disk work overlaps the next rollout.
+
+    Large tensors (weights, optimiser moments) are handed over by reference, not copied: the caller
+    must not change them until wait() returns. The trainer waits before each update, the only phase
+    that changes weights and optimiser state; tensors that change while collecting (control
+    normalisers) come cloned from the workload. background=False writes before save() returns."""
+
+    def __init__(self, background: bool = True):
+        self.background = background
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._written: Optional[Path] = None
+
+    def save(self, out_dir: Path, name: str, files: dict[str, dict[str, torch.Tensor]], state: dict,
+             write_small: Optional[Callable[[Path], None]] = None, keep: int = 2,
+             protect: Optional[str] = None) -> None:
+        """Checkpoint `name`: `files` maps relative paths to the tensors each safetensors file holds;
+        state.json gets `state`; write_small(folder) adds small files now (configs, tokenizer). Then
+        the folder is renamed into place, `latest` points at it and all but the newest `keep` and
+        `protect` (the best) go."""
+        self.wait()
+        root = out_dir / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if write_small is not None:
+            write_small(tmp)
+        job = lambda: self._finish(root, tmp, name, files, keep, protect)
+        if not self.background:
+            job()
+            return
+        self._thread = threading.Thread(target=self._guarded, args=(job,), name="checkpoint-writer")
+        self._thread.start()
+
+    def _guarded(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as e:  # handed to the training thread at its next wait()
+            self._error = e
+
+    def _finish(self, root: Path, tmp: Path, name: str, files: dict[str, dict[str, torch.Tensor]],
+                keep: int, protect: Optional[str]) -> None:
+        for rel, tensors in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            write_safetensors(tmp / rel, tensors, {"format": "pt"})
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        write_text_atomic(root / "latest", name)
+        # names sort by update (zero-padded); only after `latest` moved on may an old one go
+        for old in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))[:-keep]:
+            if old.name != protect:
+                shutil.rmtree(old, ignore_errors=True)
+        self._written = final
+
+    def wait(self) -> Optional[Path]:
+        """Block until the pending checkpoint is whole; the folder it was written to."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"writing a checkpoint failed: {error.__class__.__name__}: {error}") from error
+        return self._written
+
+
 def save(out_dir: Path, name: str, tensors: dict[str, torch.Tensor],
          optimizers: dict[str, torch.optim.Optimizer], state: dict,
-         write_extra: Optional[Callable[[Path], None]] = None, keep: int = 2,
-         protect: Optional[str] = None) -> Path:
-    """Write checkpoint `name` atomically, point `latest` at it, keep the newest `keep` and the one
-    named `protect` (the best so far).
-
-    write_extra(folder) may add files (a language model's transformers folder) before the rename."""
-    root = out_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    # clone: parameters may be views of one flat buffer, which safetensors would see as shared
-    save_file({k: v.detach().clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
+         extra_files: Optional[dict[str, dict[str, torch.Tensor]]] = None,
+         write_small: Optional[Callable[[Path], None]] = None, keep: int = 2, protect: Optional[str] = None,
+         writer: Optional[CheckpointWriter] = None) -> None:
+    """Checkpoint `name` of a run: model.safetensors (the policy's own tensors), optimizer.safetensors,
+    state.json (state plus the optimisers' JSON-able parts) and extra_files (e.g. a language model's
+    `policy/model.safetensors`). With a background `writer`, call writer.wait() before changing any
+    of the tensors; without one, the checkpoint is whole when save returns."""
     opt_tensors, opt_rest = {}, {}
     for key, opt in optimizers.items():
-        tensors, rest = optimizer_to_flat(opt)
-        opt_tensors.update({f"{key}.{k}": v for k, v in tensors.items()})
+        flat, rest = optimizer_to_flat(opt)
+        opt_tensors.update({f"{key}.{k}": v for k, v in flat.items()})
         opt_rest[key] = rest
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizers": opt_rest}, indent=1))
-    if write_extra is not None:
-        write_extra(tmp)
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    write_text_atomic(root / "latest", name)
-    # names sort by update (zero-padded); only after `latest` moved on may an old one go
-    for old in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))[:-keep]:
-        if old.name != protect:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    files = {"model.safetensors": tensors, "optimizer.safetensors": opt_tensors, **(extra_files or {})}
+    writer = writer or CheckpointWriter(background=False)
+    writer.save(out_dir, name, files, {**state, "optimizers": opt_rest}, write_small, keep, protect)
 
 
 def latest(out_dir: Path) -> Optional[Path]:

@@ -102,12 +102,14 @@ def checkpoint_name(state: RunState) -> str:
 
 
 def save_run(out_dir: Path, cfg: Config, work, opts: Optimizers, state: RunState,
-             generators: dict[str, torch.Generator]) -> Path:
-    return checkpoint.save(out_dir, checkpoint_name(state), work.tensors(), opts.named(),
-                           {"config": to_dict(cfg), "run": dict(state.__dict__), "workload": work.state(),
-                            "rng": checkpoint.rng_state(generators)},
-                           write_extra=work.write_model, keep=cfg.keep_checkpoints,
-                           protect=state.best_checkpoint)
+             generators: dict[str, torch.Generator], writer: Optional[checkpoint.CheckpointWriter] = None) -> Path:
+    """Checkpoint the run; with a background writer, writer.wait() must come before the next update."""
+    checkpoint.save(out_dir, checkpoint_name(state), work.tensors(), opts.named(),
+                    {"config": to_dict(cfg), "run": dict(state.__dict__), "workload": work.state(),
+                     "rng": checkpoint.rng_state(generators)},
+                    extra_files=work.model_files(), write_small=work.write_model_config,
+                    keep=cfg.keep_checkpoints, protect=state.best_checkpoint, writer=writer)
+    return out_dir / "checkpoints" / checkpoint_name(state)
 
 
 def restore(path: Path, cfg: Config, work, opts: Optimizers, generators: dict[str, torch.Generator]) -> RunState:
@@ -129,6 +131,39 @@ def restore(path: Path, cfg: Config, work, opts: Optimizers, generators: dict[st
             f"checkpoint '{path}' cannot be resumed: its {part} does not fit this run "
             f"({e.__class__.__name__}); resume from an earlier checkpoint or start over with --overwrite") from None
     return state
+
+
+def run_update(cfg: Config, work, algo, opts: Optimizers, state: RunState, generators: dict,
+               logger, writer: checkpoint.CheckpointWriter, out_dir: Path, start: float) -> None:
+    """One iteration of the loop, its phases numbered."""
+    rank, world = rank_and_world()
+    step_start = time.perf_counter()
+    # 1. collect experience with the current policy (while the last checkpoint is still being written)
+    batch, collect_metrics = work.collect()
+    remaining = 1.0 - state.update / cfg.total_updates
+    state.update += 1
+    state.env_steps += cfg.rollout_size * world
+    # 2. advantages and value targets
+    batch = advantages.compute(batch, cfg)
+    # 3. update the policy (and critic); a non-finite step is skipped, not taken. The checkpoint
+    #    writer reads the weights and optimiser state, so it must be done first.
+    writer.wait()
+    metrics = algo.update(work.policy, opts, batch, cfg, Progress(remaining, generators["shuffle"]))
+    metrics.update(work.after_update(batch, metrics))
+    note_bad_update(state, metrics, cfg, out_dir)
+    step_s = time.perf_counter() - step_start
+    # 4. evaluate on held-out data or environments
+    eval_metrics = work.evaluate("validation", out_dir) if evaluation_due(cfg, state) and rank == 0 else {}
+    # 5. log
+    row = {"update": state.update, "step": state.update, "env_steps": state.env_steps,
+           "time/elapsed_s": time.perf_counter() - start, "time/step_s": step_s,
+           "update/skipped_total": state.skipped_updates, **collect_metrics, **metrics, **eval_metrics}
+    per_update = 1 if cfg.is_lm else cfg.rollout_size * world
+    logger.log(state.env_steps, row, per_update, headline=work.headline)
+    # 6. checkpoint: periodically, and whenever validation reaches a new best
+    new_best = note_best(state, eval_metrics, work.eval_headline)
+    if rank == 0 and (new_best or checkpoint_due(cfg, state)):
+        save_run(out_dir, cfg, work, opts, state, generators, writer)
 
 
 def train(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False) -> dict:
@@ -157,41 +192,23 @@ def train(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = Fals
     logger = RunLogger(out_dir, cfg.total_updates * per_update, "step", enabled=rank == 0, progress=progress,
                        done=state.update * per_update, purge_step=state.env_steps + 1 if path else None,
                        wandb_config=to_dict(cfg) if cfg.wandb else None)
+    writer = checkpoint.CheckpointWriter()
     start = time.perf_counter()
-    while not state.finished and state.update < cfg.total_updates:
-        step_start = time.perf_counter()
-        # 1. collect experience with the current policy
-        batch, collect_metrics = work.collect()
-        remaining = 1.0 - state.update / cfg.total_updates
-        state.update += 1
-        state.env_steps += cfg.rollout_size * world
-        # 2. advantages and value targets
-        batch = advantages.compute(batch, cfg)
-        # 3. update the policy (and critic); a non-finite step is skipped, not taken
-        metrics = algo.update(work.policy, opts, batch, cfg, Progress(remaining, generators["shuffle"]))
-        metrics.update(work.after_update(batch, metrics))
-        note_bad_update(state, metrics, cfg, out_dir)
-        step_s = time.perf_counter() - step_start
-        # 4. evaluate on held-out data or environments
-        eval_metrics = work.evaluate("validation", out_dir) if evaluation_due(cfg, state) and rank == 0 else {}
-        # 5. log
-        row = {"update": state.update, "step": state.update, "env_steps": state.env_steps,
-               "time/elapsed_s": time.perf_counter() - start, "time/step_s": step_s,
-               "update/skipped_total": state.skipped_updates, **collect_metrics, **metrics, **eval_metrics}
-        logger.log(state.env_steps, row, per_update, headline=work.headline)
-        # 6. checkpoint: periodically, and whenever validation reaches a new best
-        new_best = note_best(state, eval_metrics, work.eval_headline)
-        if rank == 0 and (new_best or checkpoint_due(cfg, state)):
-            save_run(out_dir, cfg, work, opts, state, generators)
-        if work.stop_early():
-            break
-    # 7. final evaluation and checkpoint
-    state.finished = True
-    final = work.evaluate("test", out_dir) if rank == 0 else {}
-    if rank == 0:
-        save_run(out_dir, cfg, work, opts, state, generators)
-        logger.log_final(state.env_steps, final)
-    logger.close()
+    try:
+        while not state.finished and state.update < cfg.total_updates:
+            run_update(cfg, work, algo, opts, state, generators, logger, writer, out_dir, start)
+            if work.stop_early():
+                break
+        # 7. final evaluation and checkpoint
+        state.finished = True
+        final = work.evaluate("test", out_dir) if rank == 0 else {}
+        if rank == 0:
+            save_run(out_dir, cfg, work, opts, state, generators, writer)
+            writer.wait()
+            logger.log_final(state.env_steps, final)
+    finally:
+        writer.wait()  # a checkpoint being written is finished, whatever stopped the run
+        logger.close()
     return {"algo": cfg.algo, ("task" if cfg.is_lm else "env"): cfg.task if cfg.is_lm else cfg.env,
             "updates": state.update, "env_steps": state.env_steps, "skipped_updates": state.skipped_updates,
             "train_" + work.headline.split("/")[-1]: logger.last.get(work.headline, float("nan")),

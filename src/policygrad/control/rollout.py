@@ -176,10 +176,14 @@ class ControlWorkload:
         return {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std())}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return self.policy.state_dict()
+        """Weights and normalisers, copied: the normalisers move while the next rollout is collected,
+        which may overlap the checkpoint's write."""
+        return {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
 
-    def write_model(self, folder) -> None:
-        """Control policies live entirely in model.safetensors."""
+    def model_files(self) -> dict:
+        return {}  # control policies live entirely in model.safetensors
+
+    write_model_config = None
 
     def state(self) -> dict:
         """JSON: the action-sampling RNG and the episode statistics (environments are not saved)."""

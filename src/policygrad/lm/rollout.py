@@ -195,14 +195,29 @@ class LMWorkload:
     # --- what a checkpoint holds ---
     def tensors(self) -> dict[str, torch.Tensor]:
         head = self.policy.value_head
-        return {} if head is None else {f"value_head.{k}": v for k, v in head.state_dict().items()}
+        return {} if head is None else {f"value_head.{k}": v.detach().clone() for k, v in head.state_dict().items()}
 
-    def write_model(self, folder: Path) -> None:
-        """The policy as a folder plain transformers loads: AutoModelForCausalLM.from_pretrained."""
-        model = self.policy.model
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.save_pretrained(folder / "policy", state_dict=state)
-        self.policy.tokenizer.save_pretrained(folder / "policy")
+    def model_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The policy's weights as policy/model.safetensors, by reference (the trainer waits for the
+        write before it next changes them); tied weights once, as save_pretrained stores them."""
+        seen, weights = set(), {}
+        for name, t in self.policy.model.state_dict().items():
+            key = (t.data_ptr(), tuple(t.shape))
+            if key not in seen:
+                seen.add(key)
+                weights[name] = t.detach()
+        return {"policy/model.safetensors": weights}
+
+    def write_model_config(self, folder: Path) -> None:
+        """Beside policy/model.safetensors: config, generation config and tokenizer, so that plain
+        transformers loads it: AutoModelForCausalLM.from_pretrained(folder / "policy")."""
+        model, target = self.policy.model, folder / "policy"
+        target.mkdir(parents=True, exist_ok=True)
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(target)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(target)
+        self.policy.tokenizer.save_pretrained(target)
 
     def state(self) -> dict:
         """JSON: the data cursor, KL controller, moving baseline and step count (the generation
