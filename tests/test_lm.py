@@ -73,6 +73,43 @@ def test_sampling_log_probs_equal_the_training_forward(tiny_lm, task_file):
     assert batch.obs_mask[0, 0] == 0  # the short prompt is left-padded
 
 
+def test_shared_prompt_pass_equals_the_plain_one_values_and_gradients(tiny_lm, task_file):
+    """The fast path (each prompt once, its KV cache repeated for its samples) against the naive
+    twin (every row in full), with left padding and completions that end at different lengths."""
+    cfg = lm_config(tiny_lm, task_file, temperature=1.0, samples_per_prompt=3, use_value_head=True)
+    policy = LMWorkload(cfg, seed=0).policy
+    texts = [t for t in ["a", "a much longer prompt here", "mid prompt"] for _ in range(3)]
+    batch = policy.generate(texts, cfg, seed=5, samples_per_prompt=3)
+    assert batch.obs_mask[0, 0] == 0 and batch.mask.sum() > 0
+
+    def run(share: bool):
+        policy.share_prompts = share
+        policy.model.zero_grad(set_to_none=True)
+        ref = policy.reference_log_prob(batch)
+        log_prob, entropy, values = policy.evaluate(batch)
+        (log_prob.sum() + entropy.sum() + values.sum()).backward()
+        grads = [p.grad.clone() for p in policy.actor_parameters()]
+        return [ref, log_prob.detach(), entropy.detach(), values.detach(), *grads]
+
+    for shared, plain in zip(run(True), run(False)):
+        torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
+    # rows that do not come in runs of one prompt take the plain path
+    policy.share_prompts = True
+    mixed = batch.select_rows(torch.tensor([0, 3, 6, 1, 4, 7, 2, 5, 8]))
+    with torch.no_grad():
+        assert torch.equal(policy.hidden_states(policy.reference, mixed), policy._hidden(policy.reference, mixed))
+
+
+def test_shared_prefill_samples_what_plain_generate_samples(tiny_lm, task_file):
+    cfg = lm_config(tiny_lm, task_file, temperature=1.0)
+    work = LMWorkload(cfg, seed=0)
+    texts = [t for t in ["a", "a much longer prompt here", "mid prompt"] for _ in range(4)]
+    plain = work.policy.generate(texts, cfg, seed=7)
+    shared = work.policy.generate(texts, cfg, seed=7, samples_per_prompt=4)
+    assert torch.equal(shared.actions, plain.actions) and torch.equal(shared.obs_mask, plain.obs_mask)
+    torch.testing.assert_close(shared.log_prob, plain.log_prob, atol=1e-5, rtol=1e-5)
+
+
 def test_completion_mask_stops_after_the_first_eos(tiny_lm, task_file):
     work = LMWorkload(lm_config(tiny_lm, task_file), seed=0)
     eos = next(iter(work.policy.eos_ids))

@@ -8,6 +8,7 @@ positions, so a full-vocabulary log-softmax of the whole batch never exists at o
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Optional
 
 import torch
@@ -70,6 +71,8 @@ class LMPolicy(nn.Module):
             nn.init.zeros_(self.value_head.bias)
         self.temperature = cfg.temperature
         self.chunk = cfg.logprob_chunk
+        self.samples_per_prompt = cfg.samples_per_prompt
+        self.share_prompts = cfg.share_prompts
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
@@ -91,15 +94,17 @@ class LMPolicy(nn.Module):
         return (~after_eos).float()
 
     @torch.no_grad()
-    def generate(self, texts: list[str], cfg, seed: int) -> Batch:
-        """Sample one completion per text (repeat texts for several); a Batch without rewards."""
+    def generate(self, texts: list[str], cfg, seed: int, samples_per_prompt: int = 1) -> Batch:
+        """Sample one completion per text (repeat texts for several: with runs of
+        samples_per_prompt equal texts, each prompt is prefilled once); a Batch without rewards."""
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         self.model.eval()  # generation keeps its KV cache (training mode + checkpointing drops it)
+        prefilled = self._shared_prefill(enc, samples_per_prompt if self.share_prompts else 1)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             out = self.model.generate(
-                **enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                max_new_tokens=cfg.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                **enc, **prefilled, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                 return_dict_in_generate=True, output_logits=True)
         prompt_len = enc["input_ids"].shape[1]
         tokens = out.sequences[:, prompt_len:]                                   # (B, T)
@@ -112,6 +117,22 @@ class LMPolicy(nn.Module):
         zeros = torch.zeros_like(mask)
         return Batch(obs=out.sequences, obs_mask=obs_mask, actions=tokens, log_prob=log_prob,
                      rewards=zeros, terminated=zeros, truncated=zeros, mask=mask)
+
+    def _shared_prefill(self, enc, n: int) -> dict:
+        """A KV cache of every prompt but its last token, computed once per run of n equal prompts
+        and repeated n times; generate then runs only the last prompt token and the new ones.
+        Empty (generate prefills itself) when the rows do not come in such runs."""
+        ids, attention = enc["input_ids"], enc["attention_mask"]
+        if n <= 1 or ids.shape[0] % n or ids.shape[1] < 2 or not torch.equal(ids[::n].repeat_interleave(n, 0), ids):
+            return {}
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        with torch.no_grad():
+            prefix = self.model(input_ids=ids[::n, :-1], attention_mask=attention[::n, :-1],
+                                position_ids=positions[::n, :-1], use_cache=True, logits_to_keep=1)
+        name = "cache" if getattr(prefix, "cache", None) is not None else "past_key_values"  # 5.x's name
+        cache = getattr(prefix, name)
+        cache.batch_repeat_interleave(n)
+        return {name: cache}
 
     def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(t[m.bool()], skip_special_tokens=True).strip()
@@ -128,8 +149,43 @@ class LMPolicy(nn.Module):
                                position_ids=positions[:, :-1], use_cache=False)
         return out.last_hidden_state[:, -T:]                                     # (B, T, H)
 
+    def _hidden_shared_prompts(self, model: nn.Module, batch: Batch, n: int) -> torch.Tensor:
+        """As _hidden, for rows in runs of n completions of one prompt: each prompt goes through the
+        model once, its KV cache is repeated n times (gradients flow back through the repeat) and
+        only completion positions run per row. With 4 samples of a ~45-token chat prompt this skips
+        about 40% of the tokens. Never checkpointed: a cache cannot pass a checkpointed layer, and
+        with the prompts counted once the saved activations are about half of a plain pass's."""
+        T = batch.actions.shape[1]
+        P = batch.obs.shape[1] - T
+        attention = batch.obs_mask.long()
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        model.eval()
+        prefix = model.base_model(input_ids=batch.obs[::n, :P], attention_mask=attention[::n, :P],
+                                  position_ids=positions[::n, :P], use_cache=True)
+        last = prefix.last_hidden_state[:, -1:].repeat_interleave(n, 0)           # (B, 1, H)
+        if T == 1:
+            return last
+        # transformers 5.x renamed past_key_values to cache
+        name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+        cache = getattr(prefix, name)
+        cache.batch_repeat_interleave(n)
+        rest = model.base_model(input_ids=batch.obs[:, P:-1], attention_mask=attention[:, :-1],
+                                position_ids=positions[:, P:-1], use_cache=True, **{name: cache})
+        return torch.cat([last, rest.last_hidden_state], 1)                        # (B, T, H)
+
+    def hidden_states(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """(B, T, H) at the positions that predict each completion token: the shared-prompt pass
+        when the rows come in runs of samples_per_prompt copies of one prompt (a training batch),
+        else the plain one (tests check they agree, values and gradients)."""
+        n, T = self.samples_per_prompt, batch.actions.shape[1]
+        P = batch.obs.shape[1] - T
+        if (self.share_prompts and n > 1 and batch.obs.shape[0] % n == 0
+                and torch.equal(batch.obs[::n, :P].repeat_interleave(n, 0), batch.obs[:, :P])):
+            return self._hidden_shared_prompts(model, batch, n)
+        return self._hidden(model, batch)
+
     def _log_probs(self, model: nn.Module, batch: Batch, with_entropy: bool, entropy_grad: bool = False):
-        hidden = self._hidden(model, batch)
+        hidden = self.hidden_states(model, batch)
         log_prob, entropy = chunked_log_probs(hidden, model.get_output_embeddings(), batch.actions,
                                               self.temperature, self.chunk, with_entropy, entropy_grad)
         return hidden, log_prob * batch.mask, entropy
@@ -149,7 +205,7 @@ class LMPolicy(nn.Module):
 
     @torch.no_grad()
     def value_features(self, batch: Batch) -> torch.Tensor:
-        return self._hidden(self.model, batch)
+        return self.hidden_states(self.model, batch)
 
     def values(self, batch: Batch) -> torch.Tensor:
         """(B, T) value-head outputs; only the head gets gradients (TRPO's critic regression)."""
@@ -162,7 +218,7 @@ class LMPolicy(nn.Module):
     @torch.no_grad()
     def snapshot_actor(self, batch: Batch) -> torch.Tensor:
         """(B, T, V) log-probabilities over the vocabulary before the step."""
-        hidden = self._hidden(self.model, batch)
+        hidden = self.hidden_states(self.model, batch)
         head = self.model.get_output_embeddings()
         return torch.cat([torch.log_softmax(head(hidden[:, s:s + self.chunk]).float() / self.temperature, -1)
                           for s in range(0, hidden.shape[1], self.chunk)], 1)
@@ -170,7 +226,7 @@ class LMPolicy(nn.Module):
     def log_prob_and_kl(self, batch: Batch, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log_prob (B, T) and the mean over completion tokens of KL(old || new), summed exactly
         over the vocabulary, from one forward pass."""
-        hidden = self._hidden(self.model, batch)
+        hidden = self.hidden_states(self.model, batch)
         head = self.model.get_output_embeddings()
         kls, log_probs = [], []
         for s in range(0, hidden.shape[1], self.chunk):

@@ -103,7 +103,7 @@ class LMWorkload:
         """n completions per row: the batch (with ref log-probs), completions and task rewards."""
         texts = [self.policy.render(r) for r in rows for _ in range(n)]
         self._check_context(texts)
-        batch = self.policy.generate(texts, self.cfg, seed)
+        batch = self.policy.generate(texts, self.cfg, seed, samples_per_prompt=n)
         completions = self.policy.decode(batch.actions, batch.mask)
         expanded = [r for r in rows for _ in range(n)]
         rewards = self.task.rewards([prompt_text(r) for r in expanded], completions, extras_of(expanded))
