@@ -77,7 +77,8 @@ def worker_ours(steps: int) -> dict:
 
 def worker_floor(steps: int) -> dict:
     """One batched generate of 16 completions plus one forward/backward over them: no reference
-    model, no rewards, no optimiser step."""
+    model, no rewards, no optimiser step. Both with the same shared-prompt passes as a training
+    step, so the ratio measures what a step adds on top."""
     from policygrad.lm.rollout import LMWorkload
     cfg = resolve({}, {}, {"task": "positive-review"})
     torch.set_num_threads(cfg.torch_threads)
@@ -87,7 +88,7 @@ def worker_floor(steps: int) -> dict:
     for i in range(steps + 1):
         texts = [work.policy.render(rows[(4 * i + j // 4) % len(rows)]) for j in range(16)]
         t0 = time.perf_counter()
-        batch = work.policy.generate(texts, cfg, seed=i)
+        batch = work.policy.generate(texts, cfg, seed=i, samples_per_prompt=4)
         t1 = time.perf_counter()
         log_prob, _, _ = work.policy.evaluate(batch, entropy_grad=False)
         (-(log_prob.sum())).backward()

@@ -225,3 +225,28 @@ def test_plot_of_two_seeds_writes_an_image(trained_run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["groups"] == {"cp": 2}
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_reward_answers_what_the_reward_computes_locally(tmp_path):
+    import socket
+    import urllib.request
+
+    from policygrad.lm.rewards import RewardSet, build
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "policygrad.cli", "serve-reward", "--reward", "vader",
+                             "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in proc.stderr.readline()
+        completions = ["What a wonderful, moving film!", "Dull and far too long."]
+        body = json.dumps({"prompts": ["Review it."] * 2, "completions": completions}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            remote = json.loads(answer.read())["rewards"]
+        local = RewardSet([build("vader")])(["Review it."] * 2, completions, {})
+        assert remote == local.tolist() and remote[0] > 0 > remote[1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -189,3 +189,25 @@ def test_one_pass_log_prob_and_kl_match_the_separate_passes(env_id):
     torch.testing.assert_close(log_prob, policy.log_prob(batch))
     torch.testing.assert_close(kl, policy.kl(batch, old))
     assert kl.item() > 0
+
+
+@pytest.mark.parametrize("algo", ["reinforce", "ppo", "trpo"])
+def test_a_non_finite_update_is_skipped_and_leaves_weights_and_optimiser_alone(algo):
+    cfg = Config(env="CartPole-v1", algo=algo, num_envs=2, n_steps=16, batch_size=16)
+    work = ControlWorkload(cfg, seed=0)
+    opts = ALGOS[algo].make_optimizers(work.policy, cfg)
+    good = advantages.compute(work.collect()[0], cfg)
+    ALGOS[algo].update(work.policy, opts, good, cfg, Progress(1.0, torch.Generator().manual_seed(0)))
+    before = {k: v.clone() for k, v in work.policy.state_dict().items()}
+    opt_before = [(k, v.clone()) for opt in opts.named().values() for s in opt.state.values() for k, v in s.items()]
+    bad = good.replace(advantages=torch.full_like(good.advantages, float("nan")))
+    metrics = ALGOS[algo].update(work.policy, opts, bad, cfg, Progress(1.0, torch.Generator().manual_seed(0)))
+    assert metrics["update/nonfinite"] > 0
+    # TRPO's separate critic regression still learns from the finite value targets
+    kept = [k for k in before if algo != "trpo" or "critic" not in k]
+    assert "actor_head.weight" in kept
+    for k in kept:
+        assert torch.equal(before[k], work.policy.state_dict()[k]), k
+    if algo != "trpo":
+        opt_after = [(k, v) for opt in opts.named().values() for s in opt.state.values() for k, v in s.items()]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(opt_before, opt_after))

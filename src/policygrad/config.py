@@ -186,7 +186,8 @@ class Config:
     reward_timeout: float = 30.0
     """Seconds a reward (a function or a remote server) may take for one batch before it fails."""
     reward_retries: int = 3
-    """Attempts at a remote (http) reward before the run stops with an error."""
+    """Retries of a remote (http) reward after a failed request (back-off 0.5 s, 1 s, 2 s, ...)
+    before the run stops with an error."""
 
     @property
     def is_lm(self) -> bool:
