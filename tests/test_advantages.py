@@ -103,3 +103,20 @@ def _constant_value_fixed_point(bootstrap: bool, gamma: float = 0.9, horizon: in
 def test_value_reaches_one_over_one_minus_gamma_only_when_truncation_bootstraps():
     assert _constant_value_fixed_point(bootstrap=True) == pytest.approx(10.0, rel=1e-3)
     assert _constant_value_fixed_point(bootstrap=False) < 7.0
+
+
+def test_minibatches_keep_groups_whole_when_they_fit():
+    from policygrad.batch import Batch
+    B, T = 12, 3
+    zeros = torch.zeros(B, T)
+    batch = Batch(obs=torch.arange(B).repeat_interleave(T).view(B, T), actions=zeros, log_prob=zeros, rewards=zeros,
+                  terminated=zeros, truncated=zeros, mask=torch.ones(B, T), group=torch.arange(4).repeat_interleave(3))
+    g = torch.Generator().manual_seed(0)
+    rows = [mb.obs[:, 0].tolist() for mb in batch.minibatches(6, g)]
+    assert sorted(sum(rows, [])) == list(range(B))  # every row once
+    for mb_rows in rows:  # two whole groups of 3 consecutive rows each
+        groups = sorted({r // 3 for r in mb_rows})
+        assert len(groups) == 2 and sorted(mb_rows) == [r for grp in groups for r in range(3 * grp, 3 * grp + 3)]
+    # sizes that would split a group fall back to row shuffling
+    rows = [mb.obs[:, 0].tolist() for mb in batch.minibatches(4, g)]
+    assert sorted(sum(rows, [])) == list(range(B)) and [len(r) for r in rows] == [4, 4, 4]

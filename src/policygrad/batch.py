@@ -91,11 +91,28 @@ class Batch:
         return [self.select_rows(torch.arange(s, min(s + size, self.shape[0])))
                 for s in range(0, self.shape[0], size)]
 
+    def _group_order(self, size: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+        """A row order that shuffles whole groups (a language model's completions of one prompt,
+        stored in runs of k), when minibatches of `size` hold whole groups: then a minibatch keeps
+        a prompt's completions together and they share its forward pass. None otherwise."""
+        if self.group is None:
+            return None
+        n_groups = int(self.group.max()) + 1
+        k = self.shape[0] // n_groups
+        if k * n_groups != self.shape[0] or size % k or not torch.equal(
+                self.group, torch.arange(n_groups).repeat_interleave(k)):
+            return None
+        groups = torch.randperm(n_groups, generator=generator)                 # (G,)
+        return (groups[:, None] * k + torch.arange(k)).reshape(-1)             # (B,)
+
     def minibatches(self, size: int, generator: torch.Generator) -> Iterator["Batch"]:
-        """Shuffled row minibatches of at most `size` rows covering the batch once."""
+        """Shuffled minibatches of at most `size` rows covering the batch once (whole groups where
+        the rows come in groups that fit)."""
         if size >= self.shape[0]:  # one minibatch of everything: order does not change the gradient
             yield self
             return
-        order = torch.randperm(self.shape[0], generator=generator)
+        order = self._group_order(size, generator)
+        if order is None:
+            order = torch.randperm(self.shape[0], generator=generator)
         for start in range(0, len(order), size):
             yield self.select_rows(order[start:start + size])
