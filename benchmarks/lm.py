@@ -10,8 +10,10 @@ test accuracy before and after 60 steps.
 
 Speed: each measurement runs in its own process (so peak RSS is its own): policygrad's REINFORCE
 step; the floor, one batched generate of the same 16 completions plus one forward/backward over
-them; and TRL's GRPOTrainer on the same job (gradient checkpointing on, bf16 off). The last line
-printed is one JSON object.
+them, every row in full (share_prompts=false); the same floor with the shared-prompt passes a step
+uses (so the gap to it is what a step adds: reference pass, rewards, optimiser); and TRL's
+GRPOTrainer on the same job (gradient checkpointing on, bf16 off). The last line printed is one
+JSON object.
 """
 from __future__ import annotations
 
@@ -75,12 +77,11 @@ def worker_ours(steps: int) -> dict:
     return {"step_s": statistics.median(times), "steps": times}
 
 
-def worker_floor(steps: int) -> dict:
-    """One batched generate of 16 completions plus one forward/backward over them: no reference
-    model, no rewards, no optimiser step. Both with the same shared-prompt passes as a training
-    step, so the ratio measures what a step adds on top."""
+def floor_times(share_prompts: bool, steps: int) -> dict:
+    """Median seconds of one batched generate of 16 completions (4 prompts x 4) plus one
+    forward/backward over them: no reference model, no rewards, no optimiser step."""
     from policygrad.lm.rollout import LMWorkload
-    cfg = resolve({}, {}, {"task": "positive-review"})
+    cfg = resolve({}, {"share_prompts": share_prompts}, {"task": "positive-review"})
     torch.set_num_threads(cfg.torch_threads)
     work = LMWorkload(cfg, 1)
     rows = work.task.rows("train")
@@ -99,6 +100,18 @@ def worker_floor(steps: int) -> dict:
             fb.append(t2 - t1)
     return {"step_s": statistics.median(g + f for g, f in zip(gen, fb)),
             "generate_s": statistics.median(gen), "forward_backward_s": statistics.median(fb)}
+
+
+def worker_floor(steps: int) -> dict:
+    """The floor: every row's generate and forward/backward in full (share_prompts=false, as
+    anyone would write it; gradient checkpointing on, the default)."""
+    return floor_times(False, steps)
+
+
+def worker_floor_shared(steps: int) -> dict:
+    """The same work with the shared-prompt passes a training step uses: what a step adds on top
+    of it is the reference pass, the rewards and the optimiser."""
+    return floor_times(True, steps)
 
 
 def worker_trl(steps: int) -> dict:
@@ -142,7 +155,7 @@ def worker_trl(steps: int) -> dict:
     return {"step_s": statistics.median(timer.times[1:]), "steps": timer.times}
 
 
-WORKERS = {"ours": worker_ours, "floor": worker_floor, "trl": worker_trl}
+WORKERS = {"ours": worker_ours, "floor": worker_floor, "floor_shared": worker_floor_shared, "trl": worker_trl}
 
 
 def spawn(name: str, steps: int) -> dict:
@@ -154,10 +167,12 @@ def spawn(name: str, steps: int) -> dict:
 
 
 def speed(steps: int) -> dict:
-    ours, floor, trl = (spawn(n, steps) for n in ("ours", "floor", "trl"))
-    result = {"ours": ours, "floor": floor, "trl": trl}
+    ours, floor, shared, trl = (spawn(n, steps) for n in ("ours", "floor", "floor_shared", "trl"))
+    result = {"ours": ours, "floor": floor, "floor_shared": shared, "trl": trl}
     if "step_s" in ours and "step_s" in floor:
         result["ours_over_floor"] = round(ours["step_s"] / floor["step_s"], 3)
+    if "step_s" in ours and "step_s" in shared:
+        result["ours_over_shared_floor"] = round(ours["step_s"] / shared["step_s"], 3)
     if "step_s" in ours and "step_s" in trl:
         result["trl_over_ours"] = round(trl["step_s"] / ours["step_s"], 3)
     return result

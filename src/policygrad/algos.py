@@ -41,6 +41,9 @@ class Progress:
     """Where the run stands; schedules read `remaining` (1 at the start, 0 at the end)."""
     remaining: float
     generator: torch.Generator
+    before_step: Callable[[], None] = lambda: None
+    """Called before the parameters or optimiser state first change: the trainer waits there for
+    a checkpoint still being written from them, so the write overlaps rollout and backward pass."""
 
 
 class MetricMean:
@@ -81,7 +84,8 @@ def sync_gradients(params) -> None:
 
 
 def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batch: Batch,
-                   loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]], cfg) -> dict:
+                   loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]], cfg,
+                   before_step: Callable[[], None]) -> dict:
     """One optimiser step on loss_fn over `batch`, accumulated over micro-batches of
     cfg.micro_batch_size rows; each micro-batch's mean is weighted by its share of valid steps, so
     the gradient equals that of one pass over the whole batch."""
@@ -103,6 +107,7 @@ def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batc
     # step (the trainer counts it and stops after cfg.max_bad_updates in a row).
     finite = finite and math.isfinite(metrics["policy/grad_norm"])
     if finite:
+        before_step()
         opt.step()
     metrics["update/nonfinite"] = 0.0 if finite else 1.0
     return metrics
@@ -133,7 +138,7 @@ def reinforce_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Prog
             metrics["value/loss"] = v_loss.item()
         return total, {**metrics, **kl_metrics, "policy/entropy": entropy_mean.item()}
 
-    return _gradient_step(opts.main, opts.main_params, batch, loss_fn, cfg)
+    return _gradient_step(opts.main, opts.main_params, batch, loss_fn, cfg, progress.before_step)
 
 
 # --- PPO ---------------------------------------------------------------------------------------
@@ -161,7 +166,7 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
     stopped_early = 0.0
     for _ in range(cfg.n_epochs):
         for mb in rows.minibatches(cfg.batch_size, progress.generator):
-            metrics = _gradient_step(opts.main, opts.main_params, mb, loss_fn, cfg)
+            metrics = _gradient_step(opts.main, opts.main_params, mb, loss_fn, cfg, progress.before_step)
             mean.add(metrics)
             if cfg.target_kl is not None and metrics["policy/approx_kl"] > 1.5 * cfg.target_kl:
                 stopped_early = 1.0
@@ -195,6 +200,7 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
         log_prob, kl = policy.log_prob_and_kl(batch, old)               # one forward pass
         return surrogate_of(log_prob), kl
 
+    progress.before_step()  # the line search below moves the parameters
     metrics = trpo_step(policy.actor_parameters(), lambda: surrogate_of(policy.log_prob(batch)),
                         lambda: policy.kl(batch, old), max_kl=cfg.max_kl, damping=cfg.cg_damping,
                         cg_iters=cfg.cg_iters, line_search_steps=cfg.line_search_steps,
@@ -206,7 +212,7 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
     value_fn = lambda mb: (lambda v: (v, {"value/loss": v.item()}))(value_loss(policy.values(mb), mb))
     for _ in range(cfg.value_epochs):
         for mb in rows.minibatches(cfg.batch_size, progress.generator):
-            mean.add(_gradient_step(opts.value, opts.value_params, mb, value_fn, cfg))
+            mean.add(_gradient_step(opts.value, opts.value_params, mb, value_fn, cfg, progress.before_step))
     value_metrics = {k.replace("policy/grad_norm", "value/grad_norm"): v for k, v in mean.result().items()}
     nonfinite = max(metrics.get("update/nonfinite", 0.0), value_metrics.pop("update/nonfinite", 0.0))
     return {**metrics, **value_metrics, "update/nonfinite": nonfinite}

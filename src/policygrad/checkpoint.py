@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -98,6 +99,7 @@ class CheckpointWriter:
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._written: Optional[Path] = None
+        self._waited_s = 0.0
 
     def save(self, out_dir: Path, name: str, files: dict[str, dict[str, torch.Tensor]], state: dict,
              write_small: Optional[Callable[[Path], None]] = None, keep: int = 2,
@@ -143,10 +145,17 @@ class CheckpointWriter:
                 shutil.rmtree(old, ignore_errors=True)
         self._written = final
 
+    def take_waited_s(self) -> float:
+        """Seconds training was blocked on writes since the last call (a metric)."""
+        waited, self._waited_s = self._waited_s, 0.0
+        return waited
+
     def wait(self) -> Optional[Path]:
         """Block until the pending checkpoint is whole; the folder it was written to."""
         if self._thread is not None:
+            start = time.perf_counter()
             self._thread.join()
+            self._waited_s += time.perf_counter() - start
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None

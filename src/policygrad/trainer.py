@@ -145,10 +145,10 @@ def run_update(cfg: Config, work, algo, opts: Optimizers, state: RunState, gener
     state.env_steps += cfg.rollout_size * world
     # 2. advantages and value targets
     batch = advantages.compute(batch, cfg)
-    # 3. update the policy (and critic); a non-finite step is skipped, not taken. The checkpoint
-    #    writer reads the weights and optimiser state, so it must be done first.
-    writer.wait()
-    metrics = algo.update(work.policy, opts, batch, cfg, Progress(remaining, generators["shuffle"]))
+    # 3. update the policy (and critic); a non-finite step is skipped, not taken. A checkpoint
+    #    still being written reads the weights and optimiser state: the first step waits for it.
+    metrics = algo.update(work.policy, opts, batch, cfg,
+                          Progress(remaining, generators["shuffle"], before_step=writer.wait))
     metrics.update(work.after_update(batch, metrics))
     note_bad_update(state, metrics, cfg, out_dir)
     step_s = time.perf_counter() - step_start
@@ -157,6 +157,7 @@ def run_update(cfg: Config, work, algo, opts: Optimizers, state: RunState, gener
     # 5. log
     row = {"update": state.update, "step": state.update, "env_steps": state.env_steps,
            "time/elapsed_s": time.perf_counter() - start, "time/step_s": step_s,
+           "time/checkpoint_wait_s": writer.take_waited_s(),
            "update/skipped_total": state.skipped_updates, **collect_metrics, **metrics, **eval_metrics}
     per_update = 1 if cfg.is_lm else cfg.rollout_size * world
     logger.log(state.env_steps, row, per_update, headline=work.headline)
