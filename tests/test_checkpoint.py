@@ -34,8 +34,24 @@ def test_background_writer_is_whole_after_wait_and_prunes_all_but_newest_and_bes
         writer.wait()  # as the trainer does before it changes the tensors again
         assert torch.equal(load_file(str(checkpoint.latest(tmp_path) / "model.safetensors"))["w"], w)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
-    assert names == ["update-000002", "update-000004", "update-000005"]
+    assert names == [".spare", "update-000002", "update-000004", "update-000005"]
     assert checkpoint.latest(tmp_path).name == "update-000005"
+    # the next checkpoint is written over the spare's file, in place (same inode)
+    inode = (tmp_path / "checkpoints" / ".spare" / "model.safetensors").stat().st_ino
+    writer.save(tmp_path, "update-000006", {"model.safetensors": {"w": w + 1}}, {"config": {}}, keep=2)
+    written = writer.wait() / "model.safetensors"
+    assert written.stat().st_ino == inode and torch.equal(load_file(str(written))["w"], w + 1)
+
+
+def test_a_killed_write_leaves_a_folder_the_next_checkpoint_reuses(tmp_path):
+    writer = checkpoint.CheckpointWriter(background=False)
+    writer.save(tmp_path, "update-000001", {"model.safetensors": {"w": torch.ones(5)}}, {"config": {}})
+    torn = tmp_path / "checkpoints" / ".tmp-update-000002"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"half")
+    writer.save(tmp_path, "update-000002", {"model.safetensors": {"w": torch.zeros(5)}}, {"config": {}})
+    assert not torn.exists() and checkpoint.latest(tmp_path).name == "update-000002"
+    assert torch.equal(load_file(str(checkpoint.latest(tmp_path) / "model.safetensors"))["w"], torch.zeros(5))
 
 
 def test_a_failed_background_write_is_reported_at_wait(tmp_path):

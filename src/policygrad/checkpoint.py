@@ -3,7 +3,8 @@
 Layout: OUT/checkpoints/update-000042/{model.safetensors, optimizer.safetensors, state.json} and
 OUT/checkpoints/latest naming the newest whole one. Each checkpoint is written into a temporary
 folder and renamed into place, and `latest` is replaced atomically after it, so a kill at any instant
-leaves the previous checkpoint whole.
+leaves the previous checkpoint whole. A pruned checkpoint is kept as OUT/checkpoints/.spare and the
+next one is written over it, in place.
 """
 from __future__ import annotations
 
@@ -78,12 +79,31 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Op
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    # A recycled checkpoint's file of the same size is overwritten in place: no blocks are freed
+    # and allocated again, and its pages are still cached (on this VM's disk a fresh 1.5 GB write
+    # took half the CPU from training for 4 s, an in-place one about a tenth).
+    same_size = path.exists() and path.stat().st_size == 8 + len(head) + offset
+    with open(path, "r+b" if same_size else "wb") as f:
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
         for _, t in items:
             if t.numel():
                 f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+SPARE = ".spare"
+
+
+def _recycle_into(root: Path, tmp: Path) -> None:
+    """Make `tmp` the folder to write a checkpoint into: the spare (a pruned checkpoint) or a
+    folder a killed run left half-written, renamed, so big files are overwritten in place; else
+    a new folder. Nothing `latest` points at is touched."""
+    leftovers = [p for p in [root / SPARE, *sorted(root.glob(".tmp-*"))] if p.is_dir()]
+    for extra in leftovers[1:]:
+        shutil.rmtree(extra, ignore_errors=True)
+    if leftovers and leftovers[0] != tmp:
+        os.rename(leftovers[0], tmp)
+    tmp.mkdir(exist_ok=True)
 
 
 class CheckpointWriter:
@@ -112,8 +132,7 @@ class CheckpointWriter:
         root = out_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        _recycle_into(root, tmp)
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if write_small is not None:
             write_small(tmp)
@@ -139,10 +158,15 @@ class CheckpointWriter:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         write_text_atomic(root / "latest", name)
-        # names sort by update (zero-padded); only after `latest` moved on may an old one go
+        # names sort by update (zero-padded); only after `latest` moved on may an old one go:
+        # the first becomes the spare the next checkpoint is written over, the rest are deleted
         for old in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))[:-keep]:
-            if old.name != protect:
+            if old.name == protect:
+                continue
+            if (root / SPARE).exists():
                 shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(old, root / SPARE)
         self._written = final
 
     def take_waited_s(self) -> float:
