@@ -145,6 +145,11 @@ class CheckpointWriter:
 
     def _guarded(self, job: Callable[[], None]) -> None:
         try:
+            # the kernel's copy into the page cache runs in this thread: let training go first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):  # not Linux, or not allowed
+            pass
+        try:
             job()
         except BaseException as e:  # handed to the training thread at its next wait()
             self._error = e
