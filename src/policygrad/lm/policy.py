@@ -8,7 +8,6 @@ positions, so a full-vocabulary log-softmax of the whole batch never exists at o
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Optional
 
 import torch
@@ -42,6 +41,19 @@ def chunked_log_probs(hidden: torch.Tensor, head: nn.Module, tokens: torch.Tenso
                 probs = torch.softmax(logits, dim=-1)                            # (B, c, V)
                 entropies.append(lse - (probs * logits).sum(-1))                 # (B, c)
     return torch.cat(log_probs, 1), (torch.cat(entropies, 1) if with_entropy else None)
+
+
+def cache_name(output) -> str:
+    """The KV cache's name in a model output and forward argument (transformers 5.x renamed
+    past_key_values to cache)."""
+    return "cache" if getattr(output, "cache", None) is not None else "past_key_values"
+
+
+def repeated_cache(output, n: int):
+    """The output's KV cache with each row repeated n times (row i becomes rows i*n .. i*n+n-1)."""
+    cache = getattr(output, cache_name(output))
+    cache.batch_repeat_interleave(n)
+    return cache
 
 
 class LMPolicy(nn.Module):
@@ -129,10 +141,7 @@ class LMPolicy(nn.Module):
         with torch.no_grad():
             prefix = self.model(input_ids=ids[::n, :-1], attention_mask=attention[::n, :-1],
                                 position_ids=positions[::n, :-1], use_cache=True, logits_to_keep=1)
-        name = "cache" if getattr(prefix, "cache", None) is not None else "past_key_values"  # 5.x's name
-        cache = getattr(prefix, name)
-        cache.batch_repeat_interleave(n)
-        return {name: cache}
+        return {name: repeated_cache(prefix, n) for name in [cache_name(prefix)]}
 
     def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(t[m.bool()], skip_special_tokens=True).strip()
@@ -165,12 +174,9 @@ class LMPolicy(nn.Module):
         last = prefix.last_hidden_state[:, -1:].repeat_interleave(n, 0)           # (B, 1, H)
         if T == 1:
             return last
-        # transformers 5.x renamed past_key_values to cache
-        name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
-        cache = getattr(prefix, name)
-        cache.batch_repeat_interleave(n)
         rest = model.base_model(input_ids=batch.obs[:, P:-1], attention_mask=attention[:, :-1],
-                                position_ids=positions[:, P:-1], use_cache=True, **{name: cache})
+                                position_ids=positions[:, P:-1], use_cache=True,
+                                **{cache_name(prefix): repeated_cache(prefix, n)})
         return torch.cat([last, rest.last_hidden_state], 1)                        # (B, T, H)
 
     def hidden_states(self, model: nn.Module, batch: Batch) -> torch.Tensor:
