@@ -1,27 +1,82 @@
 """Checkpoint files: our safetensors writer against the library's reader, the background writer,
 pruning that keeps the best, and metrics.jsonl cut back for a resume."""
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from policygrad import checkpoint
+from policygrad import checkpoint, tensorfile
 
 
-def test_write_safetensors_reads_back_through_the_library(tmp_path):
-    flat = torch.arange(10, dtype=torch.float32)
-    tensors = {"a.view": flat[2:6].view(2, 2), "b.other": flat[6:], "c.int": torch.tensor([1, -2], dtype=torch.int64),
-               "d.half": torch.randn(3, dtype=torch.bfloat16), "e.scalar": torch.tensor(3.5), "f.empty": torch.zeros(0)}
-    checkpoint.write_safetensors(tmp_path / "ours.safetensors", tensors, {"format": "pt"})
-    loaded = load_file(str(tmp_path / "ours.safetensors"))
+def _awkward_tensors() -> dict[str, torch.Tensor]:
+    """Views of one buffer (one long run and a ragged one), odd sizes, dtypes, a scalar, an empty
+    and a non-contiguous tensor: every case the writer's layout and alignment must handle."""
+    flat = torch.randn(300_001)
+    return {"a.view": flat[2:100_002].view(500, 200), "b.rest": flat[100_002:], "c.int": torch.tensor([1, -2]),
+            "d.half": torch.randn(3, dtype=torch.bfloat16), "e.scalar": torch.tensor(3.5), "f.empty": torch.zeros(0),
+            "g.transposed": torch.randn(30, 41).t(), "h.other": torch.randn(5_003)}
+
+
+def _opened_without_o_direct(path):
+    return os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+
+
+@pytest.mark.parametrize("route", ["direct", "blocks-without-o-direct", "plain"])
+def test_write_safetensors_reads_back_through_the_library(tmp_path, monkeypatch, route):
+    """Each route against the library's own writer (which needs copies of the views) and reader.
+    "blocks-without-o-direct" runs the whole-block composition on any file system."""
+    if route == "blocks-without-o-direct":
+        monkeypatch.setattr(tensorfile, "_open_direct", _opened_without_o_direct)
+    tensors = _awkward_tensors()
+    path = tmp_path / "ours.safetensors"
+    path.write_bytes(b"x" * 3_000_000)  # an older, bigger file is overwritten in place and cut
+    checkpoint.write_safetensors(path, tensors, {"format": "pt"}, direct=route != "plain")
+    loaded = load_file(str(path))
     assert loaded.keys() == tensors.keys()
     for k, v in tensors.items():
         assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
-    # the naive twin: the library's own writer (it needs copies of the views) gives the same tensors
-    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp_path / "lib.safetensors"))
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp_path / "lib.safetensors"))
     twin = load_file(str(tmp_path / "lib.safetensors"))
     assert all(torch.equal(twin[k], loaded[k]) for k in tensors)
+
+
+def test_direct_and_plain_writes_give_the_same_bytes(tmp_path, monkeypatch):
+    tensors = _awkward_tensors()
+    checkpoint.write_safetensors(tmp_path / "plain", tensors, direct=False)
+    checkpoint.write_safetensors(tmp_path / "direct", tensors)
+    monkeypatch.setattr(tensorfile, "_open_direct", _opened_without_o_direct)
+    checkpoint.write_safetensors(tmp_path / "blocks", tensors)
+    plain = (tmp_path / "plain").read_bytes()
+    assert (tmp_path / "direct").read_bytes() == plain and (tmp_path / "blocks").read_bytes() == plain
+
+
+def test_a_flat_buffer_is_written_from_memory_not_through_the_bounce_buffer(tmp_path, monkeypatch):
+    """The views of one flat buffer form one run placed at its address's offset within a block, so
+    only the header and the run's ragged ends (under three blocks) are copied."""
+    monkeypatch.setattr(tensorfile, "_open_direct", _opened_without_o_direct)
+    bounced = []
+    real = tensorfile._write_bounced
+    monkeypatch.setattr(tensorfile, "_write_bounced", lambda fd, pieces, lo, hi, buf: (
+        bounced.append(hi - lo), real(fd, pieces, lo, hi, buf)))
+    flat = torch.randn(1_000_003)
+    views = {f"layer{i}.weight": flat[i * 100_000:(i + 1) * 100_000] for i in range(10)}
+    views["head.bias"] = flat[1_000_000:]
+    path = tmp_path / "flat.safetensors"
+    checkpoint.write_safetensors(path, views, {"format": "pt"})
+    header_bytes = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    assert (header_bytes - flat.data_ptr()) % tensorfile.BLOCK == 0  # the run sits as it does in memory
+    assert sum(bounced) <= header_bytes + 3 * tensorfile.BLOCK < path.stat().st_size // 100
+    assert all(torch.equal(v, load_file(str(path))[k]) for k, v in views.items())
+
+
+def test_without_direct_io_the_file_is_written_the_plain_way(tmp_path, monkeypatch):
+    monkeypatch.setattr(tensorfile, "_open_direct", lambda path: None)
+    tensors = _awkward_tensors()
+    checkpoint.write_safetensors(tmp_path / "fallback", tensors)
+    checkpoint.write_safetensors(tmp_path / "plain", tensors, direct=False)
+    assert (tmp_path / "fallback").read_bytes() == (tmp_path / "plain").read_bytes()
 
 
 def test_background_writer_is_whole_after_wait_and_prunes_all_but_newest_and_best(tmp_path):

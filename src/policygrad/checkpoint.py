@@ -4,7 +4,8 @@ Layout: OUT/checkpoints/update-000042/{model.safetensors, optimizer.safetensors,
 OUT/checkpoints/latest naming the newest whole one. Each checkpoint is written into a temporary
 folder and renamed into place, and `latest` is replaced atomically after it, so a kill at any instant
 leaves the previous checkpoint whole. A pruned checkpoint is kept as OUT/checkpoints/.spare and the
-next one is written over it, in place.
+next one is written over it, in place. Tensor files are written by tensorfile.write_safetensors,
+straight from the live tensors.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from .tensorfile import write_safetensors
 
 
 class CheckpointError(ValueError):
@@ -52,43 +55,14 @@ def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
 
 def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
+    # cloned: load_file maps the file copy-on-write, and load_state_dict keeps such tensors as the
+    # state, so pages not yet written by a step would follow the file when a later checkpoint
+    # overwrites it in place (a pruned checkpoint becomes the spare)
+    tensors = {k: v.clone() for k, v in tensors.items()}
     for key, value in [*tensors.items(), *rest["scalars"].items()]:
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
-
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
-    """The safetensors format (8-byte header length, JSON header, raw little-endian data), written
-    straight from each tensor's memory. safetensors' own save_file first copies every tensor into
-    one Python bytes object holding the GIL, and refuses views of one buffer (our flat parameters);
-    here nothing is copied and file.write releases the GIL, so a background write does not stall
-    training. tests/test_checkpoint.py checks files read back equal through safetensors' load_file."""
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    items = sorted(tensors.items())
-    for name, t in items:
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    # A recycled checkpoint's file of the same size is overwritten in place: no blocks are freed
-    # and allocated again, and its pages are still cached (on this VM's disk a fresh 1.5 GB write
-    # took half the CPU from training for 4 s, an in-place one about a tenth).
-    same_size = path.exists() and path.stat().st_size == 8 + len(head) + offset
-    with open(path, "r+b" if same_size else "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
-        for _, t in items:
-            if t.numel():
-                f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 SPARE = ".spare"
@@ -145,7 +119,8 @@ class CheckpointWriter:
 
     def _guarded(self, job: Callable[[], None]) -> None:
         try:
-            # the kernel's copy into the page cache runs in this thread: let training go first
+            # what CPU the write needs (bounce-buffer copies, or the kernel's copy into the page
+            # cache where direct I/O is refused) runs in this thread: let training go first
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         except (AttributeError, OSError):  # not Linux, or not allowed
             pass
