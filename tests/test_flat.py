@@ -4,7 +4,7 @@ import copy
 import torch
 
 from policygrad.config import Config
-from policygrad.flat import FlatParameters, clip_grad_norm_
+from policygrad.flat import FlatParameters, clip_grad_norm_, keep_adam_moments_adjacent
 from policygrad.control.rollout import build_policy
 
 
@@ -44,3 +44,38 @@ def test_flat_clip_matches_torch_clip_grad_norm():
         assert abs(clip_grad_norm_([flat], max_norm) - expected_norm) < 1e-5
         for p, r in zip(params, reference):
             torch.testing.assert_close(p.grad, r.grad)
+
+
+def test_adam_moments_kept_adjacent_step_like_plain_adam_also_after_a_state_reload():
+    torch.manual_seed(0)
+    start = torch.randn(1_000)
+    ours, plain = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt = torch.optim.Adam([ours], lr=0.01, fused=True)
+    keep_adam_moments_adjacent(opt)
+    twin = torch.optim.Adam([plain], lr=0.01, fused=True)
+
+    def step(k: int) -> None:
+        grad = torch.randn(1_000, generator=torch.Generator().manual_seed(k))
+        for p, o in ((ours, opt), (plain, twin)):
+            p.grad = grad.clone()
+            o.step()
+
+    def assert_adjacent_and_equal() -> None:
+        state = opt.state[ours]
+        both = state["exp_avg"].untyped_storage()
+        assert both.data_ptr() == state["exp_avg_sq"].untyped_storage().data_ptr()
+        assert state["exp_avg_sq"].storage_offset() == state["exp_avg"].storage_offset() + ours.numel()
+        assert torch.equal(ours, plain)
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[name], twin.state[plain][name]), name
+
+    for k in range(3):
+        step(k)
+    assert_adjacent_and_equal()
+    # a resume loads separate tensors; the next step puts them side by side again
+    saved = opt.state_dict()
+    opt.load_state_dict({"state": {0: {k: v.clone() for k, v in saved["state"][0].items()}},
+                         "param_groups": saved["param_groups"]})
+    assert opt.state[ours]["exp_avg_sq"].untyped_storage().data_ptr() != opt.state[ours]["exp_avg"].untyped_storage().data_ptr()
+    step(3)
+    assert_adjacent_and_equal()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from .batch import Batch
 from .core.losses import KL_ESTIMATORS, POLICY_LOSSES, batch_mean, value_loss
 from .core.trpo import trpo_step
-from .flat import FlatParameters, clip_grad_norm_
+from .flat import FlatParameters, clip_grad_norm_, keep_adam_moments_adjacent
 
 
 @dataclass
@@ -231,6 +231,7 @@ def _adam(groups: list[tuple[list, float]]) -> tuple[torch.optim.Optimizer, list
     flats = [FlatParameters(params) for params, _ in groups]
     opt = torch.optim.Adam([{"params": [f.param], "lr": lr} for f, (_, lr) in zip(flats, groups)],
                            eps=1e-5, fused=True)
+    keep_adam_moments_adjacent(opt)
     return opt, flats
 
 

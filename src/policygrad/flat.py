@@ -51,3 +51,27 @@ def clip_grad_norm_(flats: list[FlatParameters], max_norm: float) -> float:
         for f in flats:
             f.param.grad.mul_(scale)
     return norm.item()
+
+
+def _adjacent(first: torch.Tensor, second: torch.Tensor) -> bool:
+    return (first.is_contiguous() and second.is_contiguous()
+            and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+            and second.storage_offset() == first.storage_offset() + first.numel())
+
+
+def keep_adam_moments_adjacent(opt: torch.optim.Optimizer) -> None:
+    """Keep each parameter's two Adam moments side by side in one buffer.
+
+    A checkpoint writes tensors adjacent in memory as one run straight from memory by direct I/O
+    (tensorfile.py); two separate moments are two runs, of which only one can be aligned, and the
+    other (half a gigabyte for the default model) is copied through a bounce buffer. Checked after
+    every step, since Adam creates its state in its first step and a resume replaces it."""
+    def rehome(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        for state in optimizer.state.values():
+            avg, avg_sq = state.get("exp_avg"), state.get("exp_avg_sq")
+            if avg is None or avg_sq is None or _adjacent(avg, avg_sq):
+                continue
+            both = torch.stack([avg, avg_sq])  # (2, *param shape), a fresh contiguous buffer
+            state["exp_avg"], state["exp_avg_sq"] = both[0], both[1]
+
+    opt.register_step_post_hook(rehome)
