@@ -5,6 +5,9 @@ an update while the next rollout runs. Buffered writes copy every byte into the 
 kernel writes it back later, all on the same two cores as training (benchmarks/checkpoint.py
 measured 1.1-1.25x the time per update with a checkpoint every update). With O_DIRECT the disk
 reads the bytes from the tensors themselves: no copy, no cache, next to no CPU.
+Not safetensors' own save_file: it first copies every tensor into one bytes object while holding
+the GIL (stalling training for a background write) and refuses views of one buffer, which is what
+our flat parameters are.
 
 O_DIRECT wants file offsets, lengths and memory addresses in whole blocks. The file therefore lists
 tensors in memory order within each storage (the views of a flat parameter buffer become one run of
