@@ -1,4 +1,5 @@
 """A tiny randomly initialised causal LM with a byte-level tokenizer, built in seconds, no download."""
+import json
 from pathlib import Path
 
 import torch
@@ -26,3 +27,12 @@ def make_tiny_lm(path: Path, seed: int = 0, layers: int = 2) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_task(folder: Path, rows: list[dict], task_yaml: str) -> Path:
+    """A task folder: prompts.jsonl holding `rows` and task.yaml (which names prompts.jsonl)."""
+    with open(folder / "prompts.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    (folder / "task.yaml").write_text(task_yaml)
+    return folder / "task.yaml"

@@ -73,6 +73,10 @@ def test_a_flat_buffer_is_written_from_memory_not_through_the_bounce_buffer(tmp_
 
 def test_without_direct_io_the_file_is_written_the_plain_way(tmp_path, monkeypatch):
     monkeypatch.setattr(tensorfile, "_open_direct", lambda path: None)
+
+    def no_direct_writes(*args):
+        raise AssertionError("direct path taken without a direct descriptor")
+    monkeypatch.setattr(tensorfile, "_write_direct", no_direct_writes)
     tensors = _awkward_tensors()
     checkpoint.write_safetensors(tmp_path / "fallback", tensors)
     checkpoint.write_safetensors(tmp_path / "plain", tensors, direct=False)

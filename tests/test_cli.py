@@ -122,15 +122,13 @@ def test_missing_and_corrupt_checkpoints(tmp_path, trained_run):
 # --- language models --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lm_setup(tmp_path_factory):
-    from lm_helpers import make_tiny_lm
+    from lm_helpers import make_tiny_lm, write_task
     folder = tmp_path_factory.mktemp("lmcli")
     model = make_tiny_lm(folder / "tiny")
-    with open(folder / "prompts.jsonl", "w") as f:
-        for i in range(20):
-            f.write(json.dumps({"prompt": f"Tell me about number {i}.", "answer": i}) + "\n")
-    (folder / "task.yaml").write_text("data: prompts.jsonl\nrewards:\n  - last-number\n  - vader\n"
-                                      "max_new_tokens: 5\nprompts_per_step: 2\nsamples_per_prompt: 2\n"
-                                      "eval_prompts: 2\n")
+    write_task(folder, [{"prompt": f"Tell me about number {i}.", "answer": i} for i in range(20)],
+               "data: prompts.jsonl\nrewards:\n  - last-number\n  - vader\n"
+               "max_new_tokens: 5\nprompts_per_step: 2\nsamples_per_prompt: 2\n"
+               "eval_prompts: 2\n")
     return folder, model
 
 

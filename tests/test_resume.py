@@ -75,15 +75,13 @@ def interrupted_run(cmd: list[str], out, total_lines: int, resume_cmds: list[lis
 
 @pytest.fixture(scope="module")
 def lm_task(tmp_path_factory):
-    from lm_helpers import make_tiny_lm
+    from lm_helpers import make_tiny_lm, write_task
     folder = tmp_path_factory.mktemp("resume-lm")
     model = make_tiny_lm(folder / "tiny")
-    with open(folder / "prompts.jsonl", "w") as f:
-        for i in range(30):
-            f.write(json.dumps({"prompt": f"Say something about {i}."}) + "\n")
-    (folder / "task.yaml").write_text("data: prompts.jsonl\nrewards:\n  - vader\n  - {reward: length, target: 6}\n"
-                                      "max_new_tokens: 8\nprompts_per_step: 2\nsamples_per_prompt: 2\n"
-                                      "eval_prompts: 3\n")
+    write_task(folder, [{"prompt": f"Say something about {i}."} for i in range(30)],
+               "data: prompts.jsonl\nrewards:\n  - vader\n  - {reward: length, target: 6}\n"
+               "max_new_tokens: 8\nprompts_per_step: 2\nsamples_per_prompt: 2\n"
+               "eval_prompts: 3\n")
     return folder, model
 
 
