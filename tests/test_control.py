@@ -10,7 +10,7 @@ from policygrad.algos import ALGOS, Progress
 from policygrad.config import Config
 from policygrad.control.policy import RunningNorm, fused_mlp, mlp
 from policygrad.control.rollout import Collector, ControlWorkload, build_policy, make_envs
-from policygrad.core import advantages
+from policygrad.core import advantages, trpo
 from policygrad.trainer import RunState, load_workload, restore, save_run
 
 
@@ -47,6 +47,29 @@ def test_fused_mlp_matches_the_sequential_twin(activation):
     fast_grads = torch.autograd.grad(((fast - target) ** 2).sum(), [x, *params])
     for a, b in zip(fast_grads, naive_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_fused_kl_hessian_matches_the_sequential_twin_away_from_old(env_id, activation, monkeypatch):
+    # TRPO differentiates the fused backward again (Fisher-vector products). At theta_old the KL's
+    # gradient in the output is 0, which hides activations saved without a graph; off theta_old
+    # (the line search, later CG steps of a reused graph) the second derivative must still be exact.
+    policy = build_policy(Config(env=env_id, activation=activation, log_std_init=-0.5), seed=0)
+    batch = Collector(make_envs(env_id, 2), seed=0, gamma=0.99).collect(policy, 16)
+    old = policy.snapshot_actor(batch)
+    params = policy.actor_parameters()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    assert policy.kl(batch, old).item() > 1e-3
+    v = torch.randn(sum(p.numel() for p in params), generator=g)
+    fast = trpo.fisher_vector_product(lambda: policy.kl(batch, old), params, damping=0.0)(v)
+    monkeypatch.setattr(policy, "actor_output", lambda obs: policy.actor_head(policy.actor_body(obs)))
+    naive = trpo.fisher_vector_product(lambda: policy.kl(batch, old), params, damping=0.0)(v)
+    error = (torch.linalg.norm(fast - naive) / torch.linalg.norm(naive)).item()
+    assert error < 1e-5, f"relative error {error:.3g} (|naive| = {torch.linalg.norm(naive).item():.3g})"
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])

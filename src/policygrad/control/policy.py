@@ -46,6 +46,8 @@ class _FusedMLP(torch.autograd.Function):
     matmuls, and torch.tanh ran a scalar kernel 8x slower than sigmoid; this node computes
     tanh(x) = 2 sigmoid(2x) - 1 and hand-written layer gradients (~15% faster per network).
     The naive twin is the nn.Sequential of the same Linear layers (tests/test_control.py).
+    Differentiating the backward again (create_graph=True, TRPO's Fisher-vector products) is exact:
+    then the backward recomputes the activations with recorded ops (see `_recorded_inputs`).
     """
 
     @staticmethod
@@ -67,6 +69,8 @@ class _FusedMLP(torch.autograd.Function):
         n = ctx.n_layers
         saved = ctx.saved_tensors
         inputs, weights = saved[:n], saved[n:]
+        if torch.is_grad_enabled():  # create_graph=True: this backward will be differentiated
+            inputs = _recorded_inputs(inputs[0], weights, ctx.relu)
         grads: list[Optional[torch.Tensor]] = [None] * (2 * n)
         grad_x = None
         for i in reversed(range(n)):
@@ -80,6 +84,24 @@ class _FusedMLP(torch.autograd.Function):
                 else:
                     grad_x = grad
         return (grad_x, None, *grads)
+
+
+def _recorded_inputs(x: torch.Tensor, weights: tuple[torch.Tensor, ...], relu: bool) -> list[torch.Tensor]:
+    """Each Linear's input, recomputed from x and the weights with ops autograd records.
+
+    The activations saved in forward carry no graph, so a backward built on them treats them as
+    constants in the weights; its own derivative then misses those terms. They are multiplied by the
+    incoming gradient, which is 0 for the KL at theta_old (so the Fisher-vector product there was
+    right) but not elsewhere: off theta_old the KL Hessian was 20-90% wrong. Recomputing costs one
+    forward per graph built, and TRPO builds one per update and reuses it for every CG product.
+    """
+    inputs, h = [], x                                                   # (N, d_in)
+    n_layers = len(weights) // 2
+    for i in range(n_layers - 1):
+        inputs.append(h)
+        h = torch.addmm(weights[2 * i + 1], h, weights[2 * i].t())      # (N, d_out)
+        h = torch.relu(h) if relu else 2.0 * torch.sigmoid(2.0 * h) - 1.0  # out of place: recorded
+    return [*inputs, h]
 
 
 def fused_mlp(x: torch.Tensor, layers: list[nn.Linear], activation: str) -> torch.Tensor:
