@@ -5,6 +5,7 @@ import torch
 from policygrad.batch import Batch
 from policygrad.config import Config
 from policygrad.core import advantages as adv
+from policygrad.core import losses
 
 
 def t(*rows):
@@ -85,24 +86,43 @@ def test_gae_needs_a_critic():
         adv.compute(_batch(), Config(advantage="gae"))
 
 
-def _constant_value_fixed_point(bootstrap: bool, gamma: float = 0.9, horizon: int = 10) -> float:
-    """Fit one value V to GAE(lambda=1) targets of an endless reward-1 task cut every `horizon`
-    steps, by fixed-point iteration; truncation either bootstraps or is (wrongly) a termination."""
-    T = 4 * horizon
-    cut = torch.zeros(1, T)
-    cut[0, horizon - 1::horizon] = 1.0
-    v = 0.0
-    for _ in range(300):
-        values = torch.full((1, T), v)
-        truncated, terminated = (cut, torch.zeros(1, T)) if bootstrap else (torch.zeros(1, T), cut)
-        _, returns = adv.gae(torch.ones(1, T), values, values, terminated, truncated, gamma, 1.0)
-        v = returns.mean().item()
+def _fitted_value(bootstrap: bool, gamma: float = 0.9, horizon: int = 10) -> float:
+    """Fit a critic as a trainer does (targets from the current critic, then Adam on value_loss,
+    repeated until the value settles) on an endless reward-1 task of one observation whose episodes a
+    time limit cuts every `horizon` steps; the cut is a truncation (bootstrap) or, wrongly, a termination."""
+    torch.manual_seed(0)
+    critic = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(critic.parameters(), lr=0.05)
+    B, T = 2, 4 * horizon
+    cut = torch.zeros(B, T)
+    cut[:, horizon - 1::horizon] = 1.0                                  # (B, T) time limit
+    ones, zeros = torch.ones(B, T), torch.zeros(B, T)
+    terminated, truncated = (zeros, cut) if bootstrap else (cut, zeros)
+    obs = torch.ones(B, T, 1)                                           # (B, T, 1) the one observation
+    cfg = Config(advantage="gae", gamma=gamma, gae_lambda=1.0, normalize_advantages=False)
+    v = float("nan")
+    for _ in range(200):
+        with torch.no_grad():  # the next observation is the same one, also after a cut
+            values = critic(obs).squeeze(-1)                            # (B, T)
+        batch = adv.compute(Batch(obs=obs, actions=zeros, log_prob=zeros, rewards=ones, terminated=terminated,
+                                  truncated=truncated, mask=ones, values=values, next_values=values), cfg)
+        for _ in range(20):
+            loss = losses.value_loss(critic(batch.obs).squeeze(-1), batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        previous, v = v, critic(torch.ones(1)).item()
+        if abs(v - previous) < 1e-3:
+            break
     return v
 
 
 def test_value_reaches_one_over_one_minus_gamma_only_when_truncation_bootstraps():
-    assert _constant_value_fixed_point(bootstrap=True) == pytest.approx(10.0, rel=1e-3)
-    assert _constant_value_fixed_point(bootstrap=False) < 7.0
+    gamma, horizon = 0.9, 10
+    assert _fitted_value(bootstrap=True, gamma=gamma, horizon=horizon) == pytest.approx(1 / (1 - gamma), rel=0.05)
+    # Cut as a termination, the one observation is worth the mean finite-horizon return of its steps.
+    finite = sum((1 - gamma ** n) / (1 - gamma) for n in range(1, horizon + 1)) / horizon  # 4.14
+    assert _fitted_value(bootstrap=False, gamma=gamma, horizon=horizon) == pytest.approx(finite, rel=0.05)
 
 
 def test_minibatches_keep_groups_whole_when_they_fit():
