@@ -1,4 +1,5 @@
 """Language-model policy, baselines, rewards and tasks, on a tiny randomly initialised LM."""
+import dataclasses
 import json
 import math
 
@@ -130,40 +131,72 @@ def test_rloo_vectorised_equals_the_loop():
 
 
 def test_sequence_advantages_per_baseline():
-    rewards = torch.tensor([[0.0, 1.0], [0.0, 3.0], [2.0, 0.0], [0.0, 0.0]])
-    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
-    z = torch.zeros(4, 2)
+    """2 prompts x 3 completions; a completion's score is the sum of its valid token rewards
+    (padding rewards, here 9, must not count): group 0 scores 1, 3, 5; group 1 scores 5, 7, 18."""
+    rewards = torch.tensor([[0.0, 1.0, 9.0], [1.0, 2.0, 9.0], [2.0, 3.0, 0.0],
+                            [5.0, 9.0, 9.0], [3.0, 4.0, 0.0], [6.0, 6.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0],
+                         [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    z = torch.zeros(6, 3)
     b = Batch(obs=z, actions=z, log_prob=z, rewards=rewards, terminated=z, truncated=z, mask=mask,
-              group=torch.tensor([0, 0, 1, 1]), baseline=torch.full((4,), 0.5))
-    def adv(name):
-        a, _ = advantages._sequence(b, Config(baseline=name))
-        return a[:, 0]
-    torch.testing.assert_close(adv("none"), torch.tensor([1.0, 3.0, 2.0, 0.0]))
-    torch.testing.assert_close(adv("rloo"), torch.tensor([-2.0, 2.0, 2.0, -2.0]))
-    torch.testing.assert_close(adv("moving-average"), torch.tensor([0.5, 2.5, 1.5, -0.5]))
-    g = adv("group")
-    assert g[0] < 0 < g[1] and abs(g[0] + g[1]) < 1e-5
-    a, _ = advantages._sequence(b, Config(baseline="none"))
-    assert a[2, 1] == 0.0  # padding carries no advantage
+              group=torch.tensor([0, 0, 0, 1, 1, 1]), baseline=torch.full((6,), 2.5))
+    scores = torch.tensor([1.0, 3.0, 5.0, 5.0, 7.0, 18.0])
+    expected = {
+        "none": scores,
+        "moving-average": scores - 2.5,
+        # leave-one-out: 1 - (3+5)/2, 3 - (1+5)/2, 5 - (1+3)/2; 5 - (7+18)/2, 7 - (5+18)/2, 18 - (5+7)/2
+        "rloo": torch.tensor([-3.0, 0.0, 3.0, -7.5, -4.5, 12.0]),
+        # group 0: mean 3, deviations -2, 0, 2, unbiased var 8/2 = 4, std 2
+        # group 1: mean 10, deviations -5, -3, 8, unbiased var 98/2 = 49, std 7
+        "group": torch.tensor([-2 / (2 + 1e-6), 0.0, 2 / (2 + 1e-6), -5 / (7 + 1e-6), -3 / (7 + 1e-6), 8 / (7 + 1e-6)]),
+    }
+    cfg = Config(advantage="sequence", normalize_advantages=False)
+    for name, per_completion in expected.items():
+        a, returns = advantages._sequence(b, Config(baseline=name))
+        torch.testing.assert_close(a, per_completion[:, None] * mask, msg=name)  # 0 on padding
+        torch.testing.assert_close(returns, scores[:, None].expand(6, 3), msg=name)
+        out = advantages.compute(b, dataclasses.replace(cfg, baseline=name))
+        torch.testing.assert_close(out.advantages, per_completion[:, None] * mask, msg=name)
+    # whitening over the valid tokens (13 of them) comes after the baseline
+    out = advantages.compute(b, Config(advantage="sequence", baseline="rloo", normalize_advantages=True))
+    valid = (expected["rloo"][:, None] * mask)[mask.bool()]
+    torch.testing.assert_close(out.advantages[mask.bool()], (valid - valid.mean()) / (valid.std() + 1e-8))
+    assert (out.advantages[~mask.bool()] == 0).all()
+
+
+def test_a_completion_alone_in_its_group_gets_no_baseline_and_zero_group_advantage():
+    scores = torch.tensor([4.0, 1.0, 3.0])
+    group = torch.tensor([0, 0, 1])
+    torch.testing.assert_close(advantages.rloo_baseline(scores, group), torch.tensor([1.0, 4.0, 0.0]))
+    b = Batch(obs=torch.zeros(3, 1), actions=torch.zeros(3, 1), log_prob=torch.zeros(3, 1),
+              rewards=scores[:, None], terminated=torch.zeros(3, 1), truncated=torch.zeros(3, 1),
+              mask=torch.ones(3, 1), group=group)
+    a, _ = advantages._sequence(b, Config(baseline="group"))
+    # group 0: mean 2.5, std sqrt(4.5); group 1: one completion, std 0, advantage 0 (not nan)
+    s = math.sqrt(4.5) + 1e-6
+    torch.testing.assert_close(a[:, 0], torch.tensor([1.5 / s, -1.5 / s, 0.0]))
 
 
 # --- updates ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("algo, extra", [("reinforce", {}), ("ppo", {}), ("ppo", {"use_value_head": True}),
-                                         ("trpo", {"max_kl": 0.05}), ("reinforce", {"kl_in": "loss"})])
+@pytest.mark.parametrize("algo, extra", [
+    ("reinforce", {}), ("ppo", {}), ("ppo", {"use_value_head": True, "advantage": "gae"}),
+    ("trpo", {"max_kl": 0.05}), ("trpo", {"max_kl": 0.05, "use_value_head": True, "advantage": "gae"}),
+    ("reinforce", {"kl_in": "loss"})])
 def test_every_trainable_parameter_changes_after_an_update(tiny_lm, task_file, algo, extra):
     cfg = lm_config(tiny_lm, task_file, algo=algo, **extra)
     work = LMWorkload(cfg, seed=0)
     spec = ALGOS[algo]
     opts = spec.make_optimizers(work.policy, cfg)
     before = {n: p.detach().clone() for n, p in work.policy.named_parameters() if p.requires_grad}
+    head = {n for n in before if n.startswith("value_head")}
+    assert head == ({"value_head.weight", "value_head.bias"} if cfg.use_value_head else set())
     batch, metrics = work.collect()
     batch = advantages.compute(batch, cfg)
     out = spec.update(work.policy, opts, batch, cfg, Progress(1.0, torch.Generator().manual_seed(0)))
     if algo == "trpo":
         assert out["trpo/accepted"] == 1.0, out
-    unchanged = [n for n, p in work.policy.named_parameters()
-                 if p.requires_grad and torch.equal(p, before[n]) and not n.startswith("value_head")]
-    assert unchanged == []
+    unchanged = [n for n, p in work.policy.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
+    assert unchanged == []  # the value head's weight and bias included
     assert all(not p.requires_grad for p in work.policy.reference.parameters())
     assert math.isfinite(metrics["kl/to_reference"])
 
