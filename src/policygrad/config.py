@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Optional
+from typing import Any, Callable, Collection, Optional
 
 import yaml
 
@@ -151,8 +152,10 @@ class Config:
     fvp_fraction: float = 0.25
     """Share of a batch's completions used for TRPO's Fisher-vector products."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass instead of keeping them (language models): on
-    SmolLM2-135M it cut peak memory from 4.7 to 2.7 GB at the same step time."""
+    """Language models: recompute activations in the backward pass instead of keeping them. Every
+    training pass then runs each completion in full, checkpointed (the shared-prompt pass keeps a
+    KV cache, which a checkpointed layer cannot pass): less memory, a slower step (README: peak RSS
+    and step time with and without, `benchmarks/lm.py --only memory`)."""
     share_prompts: bool = True
     """Forward passes over a batch's n completions of one prompt run the prompt once and repeat its
     KV cache (sampling, reference, training); false: every row in full, as a check."""
@@ -194,6 +197,12 @@ class Config:
         return self.task is not None
 
     @property
+    def uses_critic(self) -> bool:
+        """A learned value enters the update: always in control (the MLP critic); for a language
+        model only with a value head and an advantage that reads it (gae or mc)."""
+        return not self.is_lm or (self.use_value_head and self.advantage != "sequence")
+
+    @property
     def completions_per_step(self) -> int:
         return self.prompts_per_step * self.samples_per_prompt
 
@@ -221,8 +230,93 @@ POSITIVE = ("total_steps", "num_envs", "n_steps", "n_epochs", "batch_size", "cg_
             "line_search_steps", "value_epochs", "eval_episodes", "torch_threads", "lr", "value_lr",
             "max_kl", "clip_eps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
             "temperature", "logprob_chunk", "eval_prompts", "kl_horizon", "keep_checkpoints",
-            "max_bad_updates", "reward_timeout", "reward_retries")
+            "max_bad_updates", "reward_timeout", "reward_retries", "kl_target", "clip_obs")
+POSITIVE_WHEN_SET = ("clip_value_eps", "target_kl")
+NON_NEGATIVE = ("seed", "eval_every", "checkpoint_every", "micro_batch_size", "top_k", "kl_coef", "ent_coef",
+                "vf_coef", "cg_damping", "max_grad_norm")
 UNIT_INTERVAL = ("gamma", "gae_lambda", "line_search_shrink", "top_p", "fvp_fraction")
+
+# Keys only one kind of run reads. Every key has a default, so only a key the user set (file,
+# override or flag) for the other kind is refused: it would be silently ignored.
+LM_KEYS = ("model", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature", "top_p",
+           "top_k", "baseline", "kl_coef", "kl_estimator", "kl_in", "adaptive_kl", "kl_target", "kl_horizon",
+           "use_value_head", "whiten_rewards", "micro_batch_size", "gradient_checkpointing", "share_prompts",
+           "logprob_chunk", "eval_prompts", "reward_timeout", "reward_retries")
+CONTROL_KEYS = ("env", "num_envs", "n_steps", "vectorization", "hidden_sizes", "activation", "log_std_init",
+                "ortho_init", "normalize_obs", "normalize_reward", "clip_obs", "eval_episodes", "stop_at_return")
+PPO_KEYS = ("n_epochs", "clip_eps", "clip_schedule")
+TRPO_KEYS = ("max_kl", "cg_iters", "cg_damping", "line_search_steps", "line_search_shrink", "fvp_fraction",
+             "value_epochs")
+CRITIC_KEYS = ("vf_coef", "value_lr", "value_epochs", "value_baseline")
+
+Check = Callable[[Config], bool]
+# Keys the user set that this run would ignore: (keys, when the run ignores them, why and what would
+# be right). The first that applies is the message; fields of the config fill its {braces}.
+IGNORED: list[tuple[tuple[str, ...], Check, str]] = [
+    (LM_KEYS, lambda c: not c.is_lm,
+     "{key} is a language-model key; this is a control run (env {env}): drop it, or give a task"),
+    (CONTROL_KEYS, lambda c: c.is_lm,
+     "{key} is a control key; this is a language-model run (task {task}): drop it"),
+    (PPO_KEYS, lambda c: c.algo != "ppo", "{key} is PPO's; this run's algo is {algo}: drop it, or use algo=ppo"),
+    (TRPO_KEYS, lambda c: c.algo != "trpo", "{key} is TRPO's; this run's algo is {algo}: drop it, or use algo=trpo"),
+    (("vf_coef", "ent_coef"), lambda c: c.algo == "trpo",
+     "{key} weighs a term of PPO's and REINFORCE's joint loss; TRPO has none (its value regression "
+     "runs on its own, at value_lr): drop it, or use algo=ppo or reinforce"),
+    (("batch_size",), lambda c: c.algo == "reinforce",
+     "batch_size is the minibatch of PPO (and of TRPO's value regression); REINFORCE steps once on the "
+     "whole batch: drop it (micro_batch_size splits a language model's passes)"),
+    (CRITIC_KEYS, lambda c: not c.uses_critic,
+     "{key} tunes a critic; this language-model run has none (advantage={advantage}, "
+     "use_value_head={use_value_head}): drop it, or set use_value_head=true with advantage=gae"),
+    (("value_baseline",), lambda c: c.algo != "reinforce" and c.advantage != "mc",
+     "value_baseline switches the learned baseline of REINFORCE (and of advantage=mc); this run is "
+     "algo={algo} with advantage={advantage}: drop it"),
+    (("value_lr",), lambda c: not c.is_lm and c.algo != "trpo",
+     "value_lr is the learning rate of a separate critic optimiser (TRPO's, or a language model's value "
+     "head); {algo} trains this critic together with the policy at lr: drop it, or set lr"),
+    (("baseline",), lambda c: c.advantage != "sequence",
+     "baseline is the critic-free baseline of advantage=sequence; this run uses advantage={advantage}: "
+     "drop it, or set advantage=sequence"),
+    (("gae_lambda",), lambda c: c.advantage != "gae",
+     "gae_lambda acts only with advantage=gae; this run uses advantage={advantage}: drop it"),
+    (("kl_target", "kl_horizon"), lambda c: not c.adaptive_kl,
+     "{key} steers the adaptive KL controller, which is off: set adaptive_kl=true, or drop {key}"),
+]
+# Combinations no run can use, whoever set them: (when the config is refused, why and what would be right).
+CONFLICTS: list[tuple[Check, str]] = [
+    (lambda c: c.advantage == "sequence" and not c.is_lm,
+     "advantage=sequence scores whole completions of a language model; this is a control run "
+     "(env {env}): use advantage=gae or mc, or give a task"),
+    (lambda c: c.is_lm and c.advantage == "gae" and not c.use_value_head,
+     "advantage=gae needs a critic, and a language model has one only with use_value_head=true: set "
+     "it, or use advantage=sequence (critic-free) or mc"),
+    (lambda c: c.is_lm and c.use_value_head and c.advantage == "sequence",
+     "use_value_head=true adds a value head that advantage=sequence never reads: use advantage=gae "
+     "or mc with it, or use_value_head=false"),
+    (lambda c: c.is_lm and c.advantage == "sequence" and c.baseline in ("rloo", "group")
+     and c.samples_per_prompt < 2,
+     "baseline={baseline} compares the completions of one prompt and needs samples_per_prompt >= 2 "
+     "(got {samples_per_prompt}): raise it, or use baseline=moving-average or none"),
+    (lambda c: c.adaptive_kl and c.kl_coef == 0,
+     "adaptive_kl=true multiplies kl_coef, and from 0 it stays 0: set kl_coef > 0, or adaptive_kl=false"),
+    (lambda c: c.target_kl is not None and c.algo != "ppo",
+     "target_kl stops PPO's epochs early; algo {algo} has none: drop it (TRPO bounds its step by max_kl)"),
+    (lambda c: c.clip_value_eps is not None and c.algo != "ppo",
+     "clip_value_eps clips PPO's value loss; algo {algo} does not read it: drop it, or use algo=ppo"),
+    (lambda c: c.clip_value_eps is not None and not c.uses_critic,
+     "clip_value_eps clips a critic's update; this language-model run has none: set use_value_head=true "
+     "with advantage=gae, or drop clip_value_eps"),
+    # generate() samples from the truncated, renormalised distribution while the ratios and
+    # gradients use log-probabilities of the full one: the update would be biased.
+    (lambda c: c.top_p < 1.0,
+     "top_p={top_p} would train on samples of a truncated distribution while the ratios and gradients "
+     "use the full one (a biased update): train with top_p=1.0 top_k=0; `policygrad sample` accepts "
+     "--top-p and --top-k"),
+    (lambda c: c.top_k > 0,
+     "top_k={top_k} would train on samples of a truncated distribution while the ratios and gradients "
+     "use the full one (a biased update): train with top_p=1.0 top_k=0; `policygrad sample` accepts "
+     "--top-p and --top-k"),
+]
 
 
 def field_names() -> list[str]:
@@ -321,22 +415,50 @@ def preset(env: str, algo: str) -> dict[str, Any]:
     return dict((table.get(env) or {}).get(algo) or {})
 
 
-def validate(cfg: Config) -> Config:
+def validate(cfg: Config, user: Collection[str] = ()) -> Config:
+    """cfg, once each value is in range and the keys fit together. `user`: the keys the user set
+    (resolve knows them); one that this run would ignore is refused."""
+    check_values(cfg)
+    check_combinations(cfg, user)
+    return cfg
+
+
+def check_values(cfg: Config) -> None:
+    """Each key on its own: choices and ranges."""
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key} '{getattr(cfg, key)}' is not one of: {', '.join(allowed)}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number; got {value}")
     for key in POSITIVE:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive; got {getattr(cfg, key)}")
+    for key in POSITIVE_WHEN_SET:
+        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive (or null to disable); got {getattr(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0; got {getattr(cfg, key)}")
     for key in UNIT_INTERVAL:
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"{key} must lie in [0, 1]; got {getattr(cfg, key)}")
     if not cfg.hidden_sizes or any(h <= 0 for h in cfg.hidden_sizes):
         raise ConfigError(f"hidden_sizes must be a non-empty list of positive ints; got {cfg.hidden_sizes}")
-    for key in ("eval_every", "checkpoint_every"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0; got {getattr(cfg, key)}")
-    return cfg
+
+
+def check_combinations(cfg: Config, user: Collection[str] = ()) -> None:
+    """Every cross-key rule, in one place: keys the user set that this run ignores (IGNORED), then
+    combinations no run can use (CONFLICTS)."""
+    fields = vars(cfg)
+    for keys, ignored, message in IGNORED:
+        for key in keys:
+            if key in user and ignored(cfg):
+                raise ConfigError(message.format(key=key, **fields))
+    for conflict, message in CONFLICTS:
+        if conflict(cfg):
+            raise ConfigError(message.format(**fields))
 
 
 # Language-model runs start from these, then the algorithm's and the task's own defaults.
@@ -344,7 +466,6 @@ LM_DEFAULTS: dict[str, Any] = {
     "gamma": 1.0, "gae_lambda": 0.95, "lr": 1e-5, "value_lr": 1e-4, "advantage": "sequence",
     "max_grad_norm": 1.0, "eval_every": 10, "n_epochs": 1, "batch_size": 16, "cg_iters": 10,
     "cg_damping": 0.1, "fvp_fraction": 0.25, "torch_threads": 2, "normalize_advantages": True,
-    "gradient_checkpointing": True,
 }
 LM_ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "reinforce": {"lr": 3e-5},
@@ -354,10 +475,11 @@ LM_ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     # On SmolLM2-135M a Fisher-vector product costs a backward pass or more (3.5 s for 2
     # completions, 5 s for 4: parameter-sized work dominates), so few CG iterations on a 1/8
     # sub-sample (the TRPO paper used 1/10); checkpointing off, as its recomputation repeats inside
-    # every double backward. The step is far from quadratic: backtrack faster than control's 0.8.
+    # every double backward (gradient_checkpointing is off by default). The step is far from
+    # quadratic: backtrack faster than control's 0.8.
     # max_kl 0.01 moved too little: after 22 of 40 steps the training reward had not risen.
     "trpo": {"max_kl": 0.02, "value_epochs": 2, "cg_iters": 5, "fvp_fraction": 0.125,
-             "line_search_shrink": 0.5, "gradient_checkpointing": False},
+             "line_search_shrink": 0.5},
 }
 
 
@@ -377,7 +499,7 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any], flags: dict[
     probe = apply(Config(), layered)  # find algo/env/task (and reject unknown keys) before defaults
     base = lm_defaults(probe.task, probe.algo, layered) if probe.task else preset(probe.env, probe.algo)
     cfg = apply(Config(), base)
-    return validate(apply(cfg, layered))
+    return validate(apply(cfg, layered), user={key.replace("-", "_") for key in layered})
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
