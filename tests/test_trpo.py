@@ -79,7 +79,8 @@ def _quadratic_problem():
 
 def test_trpo_step_lands_on_the_trust_region_boundary_along_natural_gradient():
     theta, fisher, g, loss_fn, kl_fn = _quadratic_problem()
-    metrics = trpo.trpo_step([theta], loss_fn, kl_fn, max_kl=0.01, damping=0.0, cg_iters=10)
+    metrics = trpo.trpo_step([theta], [(1.0, loss_fn)], [(1.0, kl_fn)], lambda: (loss_fn(), kl_fn()),
+                             max_kl=0.01, damping=0.0, cg_iters=10)
     assert metrics["trpo/accepted"] == 1.0 and metrics["trpo/backtracks"] == 0.0
     natural = torch.linalg.solve(fisher, g)
     expected = natural * math.sqrt(2 * 0.01 / (natural @ fisher @ natural))

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .batch import Batch
-from .core.losses import KL_ESTIMATORS, POLICY_LOSSES, batch_mean, value_loss
+from .core.losses import POLICY_LOSSES, batch_mean, kl_loss_per_token, value_loss
 from .core.trpo import trpo_step
 from .flat import FlatParameters, clip_grad_norm_, keep_adam_moments_adjacent
 
@@ -114,11 +114,18 @@ def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batc
 
 
 def kl_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:
-    """kl_coef * KL(policy || reference) as a loss term, when cfg.kl_in == 'loss'."""
-    if cfg.kl_in != "loss" or batch.ref_log_prob is None or cfg.kl_coef == 0:
+    """batch.kl_coef * KL(policy || reference) as a loss term, when cfg.kl_in == 'loss'.
+
+    Averaged per token like the policy loss beside it, so one nat of KL per completion weighs what
+    it weighs as a reward penalty (kl_in=reward subtracts kl_coef * the completion's summed KL from
+    its score, which the per-token policy loss spreads over its tokens): kl_coef is the price of a
+    nat per completion in both modes. The gradient is that of the per-token KL (see
+    core.losses.kl_loss_per_token); the README says how it differs from the sequence-level one."""
+    if cfg.kl_in != "loss" or batch.ref_log_prob is None or batch.kl_coef == 0:
         return torch.zeros(()), {}
-    kl = batch_mean(KL_ESTIMATORS[cfg.kl_estimator](batch.ref_log_prob - log_prob), batch)
-    return cfg.kl_coef * kl, {"kl/loss_term": kl.item()}
+    per_token = kl_loss_per_token(log_prob, batch.log_prob, batch.ref_log_prob, cfg.kl_estimator)  # (B, T)
+    kl = batch_mean(per_token, batch)                                   # ()
+    return batch.kl_coef * kl, {"kl/loss_term": kl.item()}
 
 
 # --- REINFORCE ---------------------------------------------------------------------------------
@@ -176,35 +183,54 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
     return {**mean.result(), "policy/early_stop": stopped_early, "policy/clip_eps": step_cfg.clip_eps}
 
 
-# --- TRPO --------------------------------------------------------------------------------------
+# --- TRPO ---------------------------------------------------------------------------------------
+def _weighted(batch: Batch, size: int) -> list[tuple[float, Batch]]:
+    """Micro-batches of `size` rows, each with its share of the batch's valid steps as its weight:
+    the weighted sum of a mean over each micro-batch's valid steps is the whole batch's mean."""
+    return [(float(m.n_valid / batch.n_valid), m) for m in batch.split_rows(size)]
+
+
+def _fvp_rows(policy, batch: Batch, cfg, generator: torch.Generator) -> Batch:
+    """The rows the Fisher-vector products see: a random cfg.fvp_fraction of the policy's rows
+    (completions of a language model, transitions of a control rollout), or the whole batch."""
+    if cfg.fvp_fraction >= 1.0:
+        return batch
+    rows = policy.rows(batch)
+    n_rows = rows.shape[0]
+    n_sub = max(1, round(cfg.fvp_fraction * n_rows))
+    return rows.select_rows(torch.randperm(n_rows, generator=generator)[:n_sub])
+
+
 def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) -> dict:
     """A natural-gradient policy step in the trust region, then value regression with Adam.
 
-    Fisher-vector products use a sub-sample of cfg.fvp_fraction of the rows; the line search
+    The gradient and the Fisher-vector products accumulate over micro-batches of
+    cfg.micro_batch_size rows; the products use cfg.fvp_fraction of the rows; the line search
     checks the KL bound on the whole batch."""
-    old = policy.snapshot_actor(batch)
-    n_rows = batch.shape[0]
-    n_sub = max(1, round(cfg.fvp_fraction * n_rows))
-    if n_sub < n_rows:
-        sub = batch.select_rows(torch.randperm(n_rows, generator=progress.generator)[:n_sub])
-        old_sub = policy.snapshot_actor(sub)
-        fvp_kl = lambda: policy.kl(sub, old_sub)
-    else:
-        fvp_kl = None
+    micros = _weighted(batch, cfg.micro_batch_size)
+    fvp_micros = _weighted(_fvp_rows(policy, batch, cfg, progress.generator), cfg.micro_batch_size)
+    olds = [policy.snapshot_actor(m) for _, m in micros]
+    fvp_olds = [policy.snapshot_actor(m) for _, m in fvp_micros]
 
-    def surrogate_of(log_prob: torch.Tensor) -> torch.Tensor:
-        ratio = torch.exp(log_prob - batch.log_prob)                     # (B, T)
-        return -batch_mean(ratio * batch.advantages, batch) + kl_loss(log_prob, batch, cfg)[0]
+    def surrogate_of(log_prob: torch.Tensor, b: Batch) -> torch.Tensor:
+        ratio = torch.exp(log_prob - b.log_prob)                         # (B, T)
+        return -batch_mean(ratio * b.advantages, b) + kl_loss(log_prob, b, cfg)[0]
 
-    def surrogate_and_kl() -> tuple[torch.Tensor, torch.Tensor]:
-        log_prob, kl = policy.log_prob_and_kl(batch, old)               # one forward pass
-        return surrogate_of(log_prob), kl
+    loss_pieces = [(w, lambda m=m: surrogate_of(policy.log_prob(m), m)) for w, m in micros]
+    kl_pieces = [(w, lambda m=m, old=old: policy.kl(m, old)) for (w, m), old in zip(fvp_micros, fvp_olds)]
+
+    @torch.no_grad()
+    def loss_and_kl() -> tuple[torch.Tensor, torch.Tensor]:
+        loss, kl = torch.zeros(()), torch.zeros(())
+        for (w, m), old in zip(micros, olds):
+            log_prob, kl_m = policy.log_prob_and_kl(m, old)              # one forward pass
+            loss, kl = loss + w * surrogate_of(log_prob, m), kl + w * kl_m
+        return loss, kl
 
     progress.before_step()  # the line search below moves the parameters
-    metrics = trpo_step(policy.actor_parameters(), lambda: surrogate_of(policy.log_prob(batch)),
-                        lambda: policy.kl(batch, old), max_kl=cfg.max_kl, damping=cfg.cg_damping,
-                        cg_iters=cfg.cg_iters, line_search_steps=cfg.line_search_steps,
-                        shrink=cfg.line_search_shrink, fvp_kl_fn=fvp_kl, loss_and_kl_fn=surrogate_and_kl)
+    metrics = trpo_step(policy.actor_parameters(), loss_pieces, kl_pieces, loss_and_kl, max_kl=cfg.max_kl,
+                        damping=cfg.cg_damping, cg_iters=cfg.cg_iters, line_search_steps=cfg.line_search_steps,
+                        shrink=cfg.line_search_shrink)
     if opts.value is None:  # critic-free (a sequence baseline)
         return metrics
     _set_lr(opts.value, progress, cfg, base=cfg.value_lr)

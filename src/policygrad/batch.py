@@ -13,6 +13,10 @@ from typing import Iterator, Optional
 import torch
 
 
+PER_ROW_OR_SCALAR = ("group", "baseline", "kl_coef")
+"""Batch fields that are not (B, T, ...) per-step tensors."""
+
+
 @dataclass(frozen=True)
 class Batch:
     obs: torch.Tensor
@@ -46,6 +50,9 @@ class Batch:
     """(B, T) filled by an advantage estimator."""
     returns: Optional[torch.Tensor] = None
     """(B, T) value targets, filled by an advantage estimator."""
+    kl_coef: float = 0.0
+    """Weight of KL(policy || reference) in force for this batch (the adaptive controller's value
+    when it adapts); the loss uses it when cfg.kl_in == 'loss'."""
 
     @cached_property
     def n_valid(self) -> torch.Tensor:
@@ -69,7 +76,7 @@ class Batch:
         changes = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is not None and f.name not in ("group", "baseline"):
+            if value is not None and f.name not in PER_ROW_OR_SCALAR:
                 changes[f.name] = fn(value)
         return self.replace(**changes)
 

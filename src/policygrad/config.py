@@ -149,8 +149,10 @@ class Config:
     """Whiten the task rewards over each batch before the KL penalty is added."""
     micro_batch_size: int = 0
     """Completions per forward/backward pass; gradients accumulate over a minibatch (0: all at once)."""
-    fvp_fraction: float = 0.25
-    """Share of a batch's completions used for TRPO's Fisher-vector products."""
+    fvp_fraction: float = 1.0
+    """TRPO: share of a batch's rows, drawn at random, used for the Fisher-vector products:
+    transitions of a control rollout (default 1.0, all of them, as sb3-contrib), completions of a
+    language model (default 0.125: each product is a double backward through the model)."""
     gradient_checkpointing: bool = False
     """Language models: recompute activations in the backward pass instead of keeping them. Every
     training pass then runs each completion in full, checkpointed (the shared-prompt pass keeps a
@@ -306,6 +308,12 @@ CONFLICTS: list[tuple[Check, str]] = [
     (lambda c: c.clip_value_eps is not None and not c.uses_critic,
      "clip_value_eps clips a critic's update; this language-model run has none: set use_value_head=true "
      "with advantage=gae, or drop clip_value_eps"),
+    # As a reward, an estimator's own dependence on the policy is dropped (a score-function gradient
+    # sees only its value); that dependence has zero mean only for k1 (tests/test_kl.py).
+    (lambda c: c.is_lm and c.kl_in == "reward" and c.kl_estimator != "k1",
+     "kl_estimator={kl_estimator} as a reward penalty gives a biased gradient of KL(policy || reference) "
+     "(only k1's is exact there): use kl_estimator=k1 with kl_in=reward, or kl_in=loss, where every "
+     "estimator is exact"),
     # generate() samples from the truncated, renormalised distribution while the ratios and
     # gradients use log-probabilities of the full one: the update would be biased.
     (lambda c: c.top_p < 1.0,
@@ -465,7 +473,7 @@ def check_combinations(cfg: Config, user: Collection[str] = ()) -> None:
 LM_DEFAULTS: dict[str, Any] = {
     "gamma": 1.0, "gae_lambda": 0.95, "lr": 1e-5, "value_lr": 1e-4, "advantage": "sequence",
     "max_grad_norm": 1.0, "eval_every": 10, "n_epochs": 1, "batch_size": 16, "cg_iters": 10,
-    "cg_damping": 0.1, "fvp_fraction": 0.25, "torch_threads": 2, "normalize_advantages": True,
+    "cg_damping": 0.1, "torch_threads": 2, "normalize_advantages": True,
 }
 LM_ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "reinforce": {"lr": 3e-5},

@@ -77,6 +77,41 @@ KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# KL(policy || reference) as a loss term. Differentiating an estimator of the sampled tokens directly
+# is wrong for two of the three: on-policy E[grad k1] = E[grad log pi] = 0 (pure noise) and
+# E[grad k3] = grad KL(ref || pi), the reverse KL; only grad k2 = (log pi - log ref) grad log pi has
+# grad KL(pi || ref) as its expectation (Tang & Munos 2025, "On a few pitfalls in KL divergence
+# gradient estimation for RL"). The tokens come from the collecting policy pi_old, so each form is
+# importance-weighted by ratio = pi / pi_old (1 on-policy, where the value is the plain estimate):
+# - k1, k3 are unbiased (E_pi[k] = KL), so ratio * k, differentiated through the ratio too, is an
+#   unbiased estimate of E_pi[k] whose gradient E_old[ratio (grad k + k grad log pi)] is grad KL;
+# - k2 is biased in value but exact in gradient: ratio.detach() * k2.
+def _kl_through_ratio(k: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    return ratio * k                                                    # (B, T)
+
+
+def _kl_detached_ratio(k: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    return ratio.detach() * k                                           # (B, T)
+
+
+KL_LOSS_FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "k1": _kl_through_ratio, "k2": _kl_detached_ratio, "k3": _kl_through_ratio,
+}
+
+KL_REWARD_EXACT = ("k1",)
+"""Estimators whose per-token penalty as a reward gives grad KL(pi || ref): the score-function
+gradient E[k grad log pi] drops E[grad k], which is 0 only for k1 (tests/test_kl.py enumerates it)."""
+
+
+def kl_loss_per_token(log_prob: torch.Tensor, old_log_prob: torch.Tensor, ref_log_prob: torch.Tensor,
+                      estimator: str) -> torch.Tensor:
+    """(B, T) per-token term whose gradient, in expectation over tokens sampled from the collecting
+    policy (old_log_prob), is the gradient of KL(pi || ref) at each token's context."""
+    k = KL_ESTIMATORS[estimator](ref_log_prob - log_prob)               # (B, T)
+    ratio = torch.exp(log_prob - old_log_prob)                          # (B, T) pi / pi_old
+    return KL_LOSS_FORMS[estimator](k, ratio)                           # (B, T)
+
+
 def categorical_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """Exact KL(p || q) between categoricals given by logits (..., K) -> (...)."""
     log_p = torch.log_softmax(logits_p, dim=-1)                         # (..., K)

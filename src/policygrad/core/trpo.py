@@ -54,6 +54,42 @@ def fisher_vector_product(kl_fn: Callable[[], torch.Tensor], params: Sequence[to
     return product
 
 
+WeightedFn = tuple[float, Callable[[], torch.Tensor]]
+"""A piece of a loss or KL (one micro-batch) and its weight, its share of the batch's valid steps."""
+
+
+def accumulated_fisher_vector_product(kl_pieces: Sequence[WeightedFn], params: Sequence[torch.Tensor],
+                                      damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """As fisher_vector_product for a KL that is the weighted sum of pieces (micro-batches), with only
+    one piece's graph alive at a time: each product rebuilds each piece's KL gradient, so memory is
+    one micro-batch's while every product costs a forward and a double backward more. One piece
+    takes the plain path (its graph built once)."""
+    if len(kl_pieces) == 1:
+        weight, kl_fn = kl_pieces[0]
+        return fisher_vector_product(lambda: weight * kl_fn(), params, damping)
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        out = damping * v                                               # (P,)
+        for weight, kl_fn in kl_pieces:
+            kl_grad = flat_grad(weight * kl_fn(), params, create_graph=True)  # (P,)
+            out = out + flat_grad(kl_grad @ v, params)                  # (P,)
+        return out
+
+    return product
+
+
+def accumulated_gradient(loss_pieces: Sequence[WeightedFn], params: Sequence[torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted sum of the pieces' losses (detached) and its flat gradient, one piece's graph
+    at a time."""
+    total, grad = torch.zeros(()), torch.zeros(())
+    for weight, loss_fn in loss_pieces:
+        loss = weight * loss_fn()
+        grad = grad + flat_grad(loss, params)                           # (P,)
+        total = total + loss.detach()
+    return total, grad
+
+
 @torch.no_grad()
 def set_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
     """Copy a flat vector into the parameters in place (their storage, and any views of it, stay)."""
@@ -82,24 +118,24 @@ def line_search(params: Sequence[torch.Tensor], old_flat: torch.Tensor, full_ste
             "trpo/kl": 0.0, "trpo/improvement": 0.0}
 
 
-def trpo_step(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Tensor],
-              kl_fn: Callable[[], torch.Tensor], max_kl: float, damping: float = 0.1,
-              cg_iters: int = 10, line_search_steps: int = 10, shrink: float = 0.8,
-              fvp_kl_fn: Callable[[], torch.Tensor] | None = None,
-              loss_and_kl_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+def trpo_step(params: Sequence[torch.Tensor], loss_pieces: Sequence[WeightedFn],
+              fvp_kl_pieces: Sequence[WeightedFn], loss_and_kl_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+              max_kl: float, damping: float = 0.1, cg_iters: int = 10, line_search_steps: int = 10,
+              shrink: float = 0.8) -> dict:
     """One natural-gradient step of params inside the trust region KL(old || new) <= max_kl.
 
-    fvp_kl_fn, if given, is the KL used for Fisher-vector products (e.g. on a sub-sample of the
-    batch, which is cheaper and, per the TRPO paper, nearly as good). loss_and_kl_fn, if given,
-    evaluates both from one forward pass in the line search.
+    loss_pieces: the surrogate loss to minimise as weighted pieces (micro-batches; one piece for the
+    whole batch). fvp_kl_pieces: the mean KL(old || new) whose Hessian gives the Fisher-vector
+    products, likewise (e.g. on a sub-sample of the batch, which is cheaper and, per the TRPO paper,
+    nearly as good). loss_and_kl_fn: the loss and KL on the whole batch for the line search, no
+    gradient needed.
     """
     params = list(params)
-    loss = loss_fn()
-    grad = flat_grad(loss, params)                                      # (P,)
+    loss, grad = accumulated_gradient(loss_pieces, params)              # (), (P,)
     if not (torch.isfinite(loss) and torch.isfinite(grad).all()):
         return {"trpo/accepted": 0.0, "trpo/backtracks": 0.0, "trpo/step_fraction": 0.0, "trpo/kl": 0.0,
                 "trpo/improvement": 0.0, "trpo/grad_norm": float("nan"), "update/nonfinite": 1.0}
-    fvp = fisher_vector_product(fvp_kl_fn or kl_fn, params, damping)
+    fvp = accumulated_fisher_vector_product(fvp_kl_pieces, params, damping)
     direction, f_direction = conjugate_gradient(fvp, -grad, iters=cg_iters)  # (P,) ~ -F^-1 g, F of it
     # Scale so that the quadratic model of the KL, 0.5 s^T F s, equals max_kl.
     quad = 0.5 * (direction @ f_direction)
@@ -108,7 +144,7 @@ def trpo_step(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Tensor
                 "trpo/kl": 0.0, "trpo/improvement": 0.0, "trpo/grad_norm": grad.norm().item()}
     full_step = direction * torch.sqrt(max_kl / quad)                   # (P,)
     old_flat = parameters_to_vector(params).detach()                    # (P,)
-    both = loss_and_kl_fn or (lambda: (loss_fn(), kl_fn()))
-    metrics = line_search(params, old_flat, full_step, both, loss.item(), max_kl, line_search_steps, shrink)
+    metrics = line_search(params, old_flat, full_step, loss_and_kl_fn, loss.item(), max_kl,
+                          line_search_steps, shrink)
     metrics["trpo/grad_norm"] = grad.norm().item()
     return metrics
