@@ -74,6 +74,20 @@ class RunLogger:
         if headline and headline in metrics and metrics[headline] is not None:
             self.bar.set_postfix_str(f"{headline.split('/')[-1]}={metrics[headline]:.1f}", refresh=False)
 
+    def warn(self, message: str) -> None:
+        """One line on stderr that does not break the progress bar."""
+        if self.enabled:
+            self.bar.write(f"policygrad: warning: {message}", file=sys.stderr)
+
+    def run_mean(self, key: str) -> Optional[float]:
+        """Mean of `key` over every update in metrics.jsonl (a resumed run's earlier updates too)."""
+        if not self.enabled:
+            return None
+        self.metrics_file.flush()
+        values = [row[key] for row in map(json.loads, (self.out_dir / "metrics.jsonl").read_text().splitlines())
+                  if isinstance(row.get(key), (int, float))]
+        return sum(values) / len(values) if values else None
+
     def log_final(self, step: int, metrics: dict) -> None:
         """The closing evaluation: TensorBoard and final_eval.json (metrics.jsonl is per update)."""
         if not self.enabled or not metrics:

@@ -161,6 +161,8 @@ def run_update(cfg: Config, work, algo, opts: Optimizers, state: RunState, gener
            "update/skipped_total": state.skipped_updates, **collect_metrics, **metrics, **eval_metrics}
     per_update = 1 if cfg.is_lm else cfg.rollout_size * world
     logger.log(state.env_steps, row, per_update, headline=work.headline)
+    for message in work.take_warnings():
+        logger.warn(message)
     # 6. checkpoint: periodically, and whenever validation reaches a new best
     new_best = note_best(state, eval_metrics, work.eval_headline)
     if rank == 0 and (new_best or checkpoint_due(cfg, state)):
@@ -207,6 +209,7 @@ def train(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = Fals
             save_run(out_dir, cfg, work, opts, state, generators, writer)
             writer.wait()
             logger.log_final(state.env_steps, final)
+        flat = logger.run_mean("train/flat_group_share")  # batches that gave nothing to learn from
     finally:
         writer.wait()  # a checkpoint being written is finished, whatever stopped the run
         logger.close()
@@ -216,6 +219,7 @@ def train(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = Fals
             **({"best_" + work.eval_headline.replace("/", "_"): state.best_metric}
                if state.best_metric is not None else {}),
             **{f"final_{k.replace('/', '_')}": v for k, v in final.items() if isinstance(v, (int, float))},
+            **({"flat_group_share": flat} if flat is not None else {}),
             "wall_s": time.perf_counter() - start}
 
 

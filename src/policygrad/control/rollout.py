@@ -165,6 +165,10 @@ class ControlWorkload:
     def after_update(self, batch: Batch, metrics: dict) -> dict:
         return {}
 
+    def take_warnings(self) -> list[str]:
+        """Warnings for the user raised since the last call; control runs have none yet."""
+        return []
+
     def stop_early(self) -> bool:
         returns = self.collector.recent_returns
         return (self.cfg.stop_at_return is not None and len(returns) == returns.maxlen

@@ -88,6 +88,9 @@ class LMPolicy(nn.Module):
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        # A chat template writes the model's special tokens itself; a plain prompt needs the
+        # tokenizer's (a base model's BOS), as transformers' own pipelines add them.
+        self.add_special_tokens = not getattr(tokenizer, "chat_template", None)
 
     # --- prompts and sampling ---
     def render(self, row: dict) -> str:
@@ -109,7 +112,7 @@ class LMPolicy(nn.Module):
     def generate(self, texts: list[str], cfg, seed: int, samples_per_prompt: int = 1) -> Batch:
         """Sample one completion per text (repeat texts for several: with runs of
         samples_per_prompt equal texts, each prompt is prefilled once); a Batch without rewards."""
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens)
         self.model.eval()  # generation keeps its KV cache (training mode + checkpointing drops it)
         prefilled = self._shared_prefill(enc, samples_per_prompt if self.share_prompts else 1)
         with torch.random.fork_rng():
@@ -117,14 +120,16 @@ class LMPolicy(nn.Module):
             out = self.model.generate(
                 **enc, **prefilled, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
                 top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                return_dict_in_generate=True, output_logits=True)
+                return_dict_in_generate=True, output_scores=True)
         prompt_len = enc["input_ids"].shape[1]
         tokens = out.sequences[:, prompt_len:]                                   # (B, T)
         mask = self.completion_mask(tokens)                                      # (B, T)
-        # The sampling pass's own logits give the old log-probs: no second forward pass, and
-        # one (B, V) step at a time rather than a (B, T, V) stack.
-        log_prob = torch.stack([token_log_probs(step.float() / cfg.temperature, tokens[:, t])
-                                for t, step in enumerate(out.logits)], 1) * mask  # (B, T)
+        # The old log-probs come from the sampling pass itself: no second forward pass, one (B, V)
+        # step at a time. `scores` are the logits after generate's processors (temperature, and
+        # top-k/top-p where sample/eval ask for them), i.e. the distribution the tokens were drawn
+        # from; training refuses truncation (config.py), so there they equal log_softmax(logits / T).
+        log_prob = torch.stack([token_log_probs(step.float(), tokens[:, t])
+                                for t, step in enumerate(out.scores)], 1) * mask  # (B, T)
         obs_mask = torch.cat([enc["attention_mask"].float(), mask], 1)           # (B, P+T)
         zeros = torch.zeros_like(mask)
         return Batch(obs=out.sequences, obs_mask=obs_mask, actions=tokens, log_prob=log_prob,
@@ -162,8 +167,8 @@ class LMPolicy(nn.Module):
         """As _hidden, for rows in runs of n completions of one prompt: each prompt goes through the
         model once, its KV cache is repeated n times (gradients flow back through the repeat) and
         only completion positions run per row. With 4 samples of a ~45-token chat prompt this skips
-        about 40% of the tokens. Never checkpointed: a cache cannot pass a checkpointed layer, and
-        with the prompts counted once the saved activations are about half of a plain pass's."""
+        about 40% of the tokens. Never checkpointed (a cache cannot pass a checkpointed layer): with
+        gradient_checkpointing on, training passes take the plain pass instead."""
         T = batch.actions.shape[1]
         P = batch.obs.shape[1] - T
         attention = batch.obs_mask.long()
@@ -182,9 +187,12 @@ class LMPolicy(nn.Module):
     def hidden_states(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """(B, T, H) at the positions that predict each completion token: the shared-prompt pass
         when the rows come in runs of samples_per_prompt copies of one prompt (a training batch),
-        else the plain one (tests check they agree, values and gradients)."""
+        else the plain one (tests check they agree, values and gradients). A training pass with
+        gradient_checkpointing on is always the plain, checkpointed one."""
         n, T = self.samples_per_prompt, batch.actions.shape[1]
         P = batch.obs.shape[1] - T
+        if model is self.model and self.checkpointing and torch.is_grad_enabled():
+            return self._hidden(model, batch)  # a KV cache cannot pass a checkpointed layer
         if (self.share_prompts and n > 1 and batch.obs.shape[0] % n == 0
                 and torch.equal(batch.obs[::n, :P].repeat_interleave(n, 0), batch.obs[:, :P])):
             return self._hidden_shared_prompts(model, batch, n)

@@ -19,6 +19,7 @@ from ..algos import ALGOS
 from ..batch import Batch
 from ..core.losses import KL_ESTIMATORS
 from . import models, tasks
+from .tasks import prompt_text
 from .policy import LMPolicy
 
 
@@ -66,13 +67,49 @@ def extras_of(rows: list[dict]) -> dict[str, list]:
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
+def shaped_rewards(score: torch.Tensor, batch: Batch, kl_coef: float, kl_estimator: str, kl_in: str
+                   ) -> torch.Tensor:
+    """(B, T) per-token rewards: the task score on each completion's last token; with kl_in=reward,
+    every token also carries -kl_coef * the KL estimate of that token (Ziegler et al. 2019)."""
+    B, T = batch.mask.shape
+    last = (batch.mask.sum(1).long() - 1).clamp(min=0)                        # (B,) last token
+    rewards = torch.zeros(B, T)                                               # (B, T)
+    rewards[torch.arange(B), last] = score
+    if kl_in == "reward" and kl_coef:
+        estimate = KL_ESTIMATORS[kl_estimator](batch.ref_log_prob - batch.log_prob)  # (B, T)
+        rewards = rewards - kl_coef * estimate * batch.mask
+    return rewards
+
+
+def no_signal(task_reward: np.ndarray, samples_per_prompt: int) -> tuple[float, float]:
+    """The share of prompt groups whose completions all got the same task reward (a group baseline
+    then leaves them nothing to learn from), and 1.0 if the whole batch did, else 0.0."""
+    groups = np.asarray(task_reward, dtype=np.float64).reshape(-1, samples_per_prompt)  # (G, k)
+    flat = groups.max(1) - groups.min(1) <= 1e-9 * (1.0 + np.abs(groups).max(1))      # (G,)
+    everything = task_reward.max() - task_reward.min() <= 1e-9 * (1.0 + np.abs(task_reward).max())
+    return float(flat.mean()), float(everything)
+
+
+class NoSignalWatch:
+    """Remembers the share of flat prompt groups over the last `window` steps and words one warning,
+    once, when most of them had no reward spread: such a run shows a flat curve for a reason."""
+
+    def __init__(self, window: int = 10):
+        self.window, self.recent, self.warned = window, [], False
+
+    def add(self, share: float) -> Optional[str]:
+        self.recent = (self.recent + [share])[-self.window:]
+        if self.warned or len(self.recent) < self.window or np.mean(self.recent) <= 0.5:
+            return None
+        self.warned = True
+        return (f"{np.mean(self.recent):.0%} of the prompt groups in the last {self.window} steps got the "
+                "same reward for every completion, which gives the policy nothing to learn from; more "
+                "samples_per_prompt, a longer max_new_tokens or a denser reward usually help")
+
+
 def kl_per_completion(batch: Batch) -> torch.Tensor:
     """(B,) sum over a completion's tokens of log pi - log pi_ref (k1): nats per completion."""
     return ((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1)
-
-
-def prompt_text(row: dict) -> str:
-    return row.get("prompt") or row["messages"][-1]["content"]
 
 
 class LMWorkload:
@@ -97,6 +134,7 @@ class LMWorkload:
         self.kl = KLController(cfg)
         self.moving_baseline = 0.0
         self.steps = 0
+        self.signal_watch, self._warnings = NoSignalWatch(), []
 
     # --- rollouts ---
     def sample(self, rows: list[dict], n: int, seed: int) -> tuple[Batch, list[str], np.ndarray]:
@@ -115,7 +153,8 @@ class LMWorkload:
         limit = getattr(self.policy.model.config, "max_position_embeddings", None)
         if limit is None:
             return
-        longest = max(len(ids) for ids in self.policy.tokenizer(texts, add_special_tokens=False)["input_ids"])
+        encoded = self.policy.tokenizer(texts, add_special_tokens=self.policy.add_special_tokens)["input_ids"]
+        longest = max(len(ids) for ids in encoded)
         if longest + self.cfg.max_new_tokens > limit:
             raise tasks.TaskError(f"a prompt of {longest} tokens plus max_new_tokens={self.cfg.max_new_tokens} "
                                   f"is longer than the model's context of {limit}; shorten the prompts or "
@@ -135,11 +174,7 @@ class LMWorkload:
         score = torch.as_tensor(task_reward, dtype=torch.float32)                # (B,)
         if cfg.whiten_rewards:
             score = (score - score.mean()) / (score.std() + 1e-8)
-        rewards = torch.zeros(B, T)
-        rewards[torch.arange(B), last] = score
-        if cfg.kl_in == "reward" and self.kl.coef:
-            estimate = KL_ESTIMATORS[cfg.kl_estimator](batch.ref_log_prob - batch.log_prob)
-            rewards = rewards - self.kl.coef * estimate * batch.mask
+        rewards = shaped_rewards(score, batch, self.kl.coef, cfg.kl_estimator, cfg.kl_in)  # (B, T)
         terminated = torch.zeros(B, T)
         terminated[torch.arange(B), last] = 1.0
         group = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.samples_per_prompt)
@@ -150,11 +185,14 @@ class LMWorkload:
             next_values = torch.cat([values[:, 1:], torch.zeros(B, 1)], 1)
         baseline = torch.full((B,), self.moving_baseline)
         batch = batch.replace(rewards=rewards, terminated=terminated, group=group, values=values,
-                              next_values=next_values, baseline=baseline)
+                              next_values=next_values, baseline=baseline, kl_coef=self.kl.coef)
         self._last_scores = (rewards * batch.mask).sum(1)
         lengths = batch.mask.sum(1)
+        flat_groups, flat_batch = no_signal(task_reward, cfg.samples_per_prompt)
+        self._warnings.extend(filter(None, [self.signal_watch.add(flat_groups)]))
         return batch, {
             "train/reward_mean": float(task_reward.mean()), "train/reward_std": float(task_reward.std()),
+            "train/flat_group_share": flat_groups, "train/flat_batch": flat_batch,
             "kl/to_reference": float(kl_per_completion(batch).mean()), "kl/coef": self.kl.coef,
             "train/completion_length": float(lengths.mean()), "time/generate_s": generate_s,
             "time/tokens_per_s": float(lengths.sum()) / max(generate_s, 1e-9)}
@@ -166,6 +204,11 @@ class LMWorkload:
 
     def stop_early(self) -> bool:
         return False
+
+    def take_warnings(self) -> list[str]:
+        """Warnings for the user raised since the last call (the trainer prints each as one line)."""
+        out, self._warnings = self._warnings, []
+        return out
 
     # --- evaluation ---
     def evaluate(self, split: str, out_dir: Optional[Path] = None) -> dict:

@@ -179,6 +179,11 @@ def from_yaml(path: Path, config_keys: set[str]) -> Task:
 
 
 # --- tasks and Gymnasium environments --------------------------------------------------------
+def prompt_text(row: dict) -> str:
+    """A row's prompt as the rewards see it: its `prompt`, or its chat's last message."""
+    return row.get("prompt") or row["messages"][-1]["content"]
+
+
 class TaskEnv(gym.Env):
     """A text task as a Gymnasium env: reset() gives a prompt, step(completion) its reward; each
     episode is one step. Seeded resets pick rows reproducibly."""
@@ -193,11 +198,11 @@ class TaskEnv(gym.Env):
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.row = self.rows_[int(self.np_random.integers(len(self.rows_)))]
-        return self.row.get("prompt") or self.row["messages"][-1]["content"], {"row": self.row}
+        return prompt_text(self.row), {"row": self.row}
 
     def step(self, action: str):
         extras = {k: [v] for k, v in self.row.items() if k not in ("prompt", "messages")}
-        reward = float(self.task.rewards([self.row.get("prompt", "")], [action], extras)[0])
+        reward = float(self.task.rewards([prompt_text(self.row)], [action], extras)[0])
         return "", reward, True, False, {}
 
 
