@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -138,7 +139,9 @@ def main() -> None:
     parser.add_argument("--only", choices=("learning", "speed"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    out: dict = {"benchmark": "control", "torch_threads": 1}
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    out: dict = {"benchmark": "control", "torch_threads": 1,
+                 "cpu": next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "?")}
     if args.only != "speed":
         out["learning"] = learning()
         out["learning_ok"] = all(r["ok"] for r in out["learning"])
