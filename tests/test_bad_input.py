@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from policygrad.cli import main
+from policygrad.cli import check_run_named, main
 
+RUN_YAML = "algo: ppo\nenv: CartPole-v1\n"
 CONTROL = ["--algo", "ppo", "--env", "CartPole-v1", "--total-steps", "64", "--no-progress", "num_envs=2",
            "n_steps=16", "batch_size=32", "n_epochs=1", "eval_every=0", "checkpoint_every=1"]
 
@@ -98,17 +99,59 @@ CASES = {
                                   "checkpoint_every"),
     "override without =": (lambda r, m, o, c: ["train", *CONTROL, "--out", o, "gamma"], "key=value"),
     "unknown algo": (lambda r, m, o, c: ["train", "--algo", "a2c", "--env", "CartPole-v1", "--out", o], "a2c"),
-    "unknown env": (lambda r, m, o, c: ["train", "--env", "CartPol-v1", "--out", o], "CartPol-v1"),
+    "unknown env": (lambda r, m, o, c: ["train", "--algo", "ppo", "--env", "CartPol-v1", "--out", o], "CartPol-v1"),
     "unknown flag": (lambda r, m, o, c: ["train", *CONTROL, "--out", o, "--bogus"], "--bogus"),
     "config file missing": (lambda r, m, o, c: ["train", "--config", r / "nope.yaml", "--out", o], "not found"),
     "config file not YAML": (lambda r, m, o, c: ["train", "--config", write(r / "bad.yaml", "a: [1,\n"),
                                                  "--out", o], "bad.yaml"),
     "config file not a mapping": (lambda r, m, o, c: ["train", "--config", write(r / "list.yaml", "- 1\n"),
                                                       "--out", o], "list.yaml"),
-    "config file unknown key": (lambda r, m, o, c: ["train", "--config", write(r / "k.yaml", "lrate: 1\n"),
+    "config file unknown key": (lambda r, m, o, c: ["train", "--config", write(r / "k.yaml", RUN_YAML + "lrate: 1\n"),
                                                     "--out", o], "lrate"),
     "no --out": (lambda r, m, o, c: ["train", *CONTROL], "--out"),
     "--out is a file": (lambda r, m, o, c: ["train", *CONTROL, "--out", write(r / "afile", "x")], "is a file"),
+    # a run named in full: an algorithm and one of env or task, from flags, --config or overrides
+    "train names no run": (lambda r, m, o, c: ["train", "--out", o], "--env ENV"),
+    "train names an algo only": (lambda r, m, o, c: ["train", "--algo", "ppo", "--out", o], "--task TASK"),
+    "train env without algo": (lambda r, m, o, c: ["train", "--env", "CartPole-v1", "--out", o], "needs --algo"),
+    "train task without algo": (lambda r, m, o, c: ["train", "--task", "positive-review", "--model", m, "--out", o],
+                                "needs --algo"),
+    "train overrides without algo": (lambda r, m, o, c: ["train", "env=CartPole-v1", "--out", o], "needs --algo"),
+    "train --env and --task": (lambda r, m, o, c: ["train", "--algo", "ppo", "--env", "CartPole-v1", "--task",
+                                                   "positive-review", "--out", o], "not both"),
+    "train --env, --task and --model": (lambda r, m, o, c: ["train", "--algo", "ppo", "--env", "CartPole-v1",
+                                                            "--task", "positive-review", "--model", m, "--out", o],
+                                        "not both"),
+    "train --model with --env": (lambda r, m, o, c: ["train", "--algo", "ppo", "--env", "CartPole-v1", "--model", m,
+                                                     "--out", o], "drop --model"),
+    "train --model alone": (lambda r, m, o, c: ["train", "--algo", "ppo", "--model", m, "--out", o], "--env ENV"),
+    "train env in file, --task": (lambda r, m, o, c: ["train", "--config", write(r / "e.yaml", RUN_YAML),
+                                                      "--task", "positive-review", "--out", o], "not both"),
+    "train task override, --env": (lambda r, m, o, c: ["train", "--algo", "ppo", "--env", "CartPole-v1",
+                                                       "task=positive-review", "--out", o], "not both"),
+    "train model override, env": (lambda r, m, o, c: ["train", "--algo", "ppo", "--env", "CartPole-v1",
+                                                      f"model={m}", "--out", o], "drop --model"),
+    "--resume with --algo": (lambda r, m, o, c: ["train", "--resume", c, "--algo", "trpo"], "drop --algo"),
+    "--resume with --env": (lambda r, m, o, c: ["train", "--resume", c, "--env", "Acrobot-v1"], "drop --env"),
+    "--resume with --task and --model": (lambda r, m, o, c: ["train", "--resume", c, "--task", "positive-review",
+                                                             "--model", m], "drop --task --model"),
+    "--resume with --config and override": (lambda r, m, o, c: ["train", "--resume", c, "--config",
+                                                                write(r / "e.yaml", RUN_YAML), "lr=0.1"],
+                                            "drop --config lr=0.1"),
+    # keys that do not fit together (tests/test_config.py has every rule)
+    "sequence advantage on control": (lambda r, m, o, c: ["train", *CONTROL, "--out", o, "advantage=sequence"],
+                                      "advantage=sequence"),
+    "LM key on control": (lambda r, m, o, c: ["train", *CONTROL, "--out", o, "kl_coef=0.1"],
+                          "kl_coef is a language-model key; this is a control run (env CartPole-v1)"),
+    "PPO key with TRPO": (lambda r, m, o, c: ["train", "--algo", "trpo", "--env", "CartPole-v1", "target_kl=0.01",
+                                              "--out", o], "target_kl"),
+    "LM gae without value head": (lambda r, m, o, c: [*lm_train(r, m), "--out", o, "advantage=gae",
+                                                      "use_value_head=false"], "use_value_head=true"),
+    "LM rloo with one sample": (lambda r, m, o, c: [*lm_train(r, m), "--out", o, "samples_per_prompt=1"],
+                                "samples_per_prompt >= 2"),
+    "LM trains with top_k": (lambda r, m, o, c: [*lm_train(r, m), "--out", o, "top_k=5"], "--top-k"),
+    "LM adaptive KL from 0": (lambda r, m, o, c: [*lm_train(r, m), "--out", o, "adaptive_kl=true", "kl_coef=0"],
+                              "kl_coef > 0"),
     # run folders and checkpoints
     "--out holds another run": (lambda r, m, o, c: ["train", *CONTROL, "--out", c, "lr=0.01"], "different run"),
     "--resume not a run": (lambda r, m, o, c: ["train", "--resume", r], "no config.yaml"),
@@ -129,6 +172,10 @@ CASES = {
     "eval latest pointer tampered": (lambda r, m, o, c: ["eval", c], "does not name a checkpoint",
                                      lambda c: write(c / "checkpoints" / "latest", "../../etc")),
     "eval zero episodes": (lambda r, m, o, c: ["eval", c, "--episodes", 0], "--episodes"),
+    "eval a run with --task": (lambda r, m, o, c: ["eval", c, "--task", "positive-review"], "drop the run or --task"),
+    "eval a run with --model": (lambda r, m, o, c: ["eval", c, "--model", m], "drop the run or --model"),
+    "eval --vs-base without a run": (lambda r, m, o, c: ["eval", "--task", "positive-review", "--vs-base"],
+                                     "give the run folder"),
     "resume truncated optimizer": (lambda r, m, o, c: ["train", "--resume", c], "corrupt",
                                    lambda c: truncate(latest(c) / "optimizer.safetensors")),
     "resume tampered counters": (lambda r, m, o, c: ["train", "--resume", c], "cannot be resumed",
@@ -138,12 +185,19 @@ CASES = {
                                         lambda c: (edit_state(c, lambda s: s["optimizers"].clear()),
                                                    (c / "final_eval.json").unlink())),
     "sample on a control run": (lambda r, m, o, c: ["sample", c, "--prompt", "hi"], "control policy"),
+    "sample -n 0": (lambda r, m, o, c: ["sample", r / "lm", "--prompt", "hi", "-n", 0], "-n must be positive"),
+    "sample --top-p 0": (lambda r, m, o, c: ["sample", r / "lm", "--prompt", "hi", "--top-p", 0], "--top-p"),
+    "sample --top-p above 1": (lambda r, m, o, c: ["sample", r / "lm", "--prompt", "hi", "--top-p", 1.5], "(0, 1]"),
+    "sample --top-k negative": (lambda r, m, o, c: ["sample", r / "lm", "--prompt", "hi", "--top-k", -1], "--top-k"),
+    "sample --temperature 0": (lambda r, m, o, c: ["sample", r / "lm", "--prompt", "hi", "--temperature", 0],
+                               "--temperature"),
     # text tasks, data and models
-    "unknown task": (lambda r, m, o, c: ["train", "--task", "nope", "--model", m, "--out", o], "unknown task"),
-    "unknown model": (lambda r, m, o, c: ["train", "--task", "positive-review", "--model", r / "nomodel",
-                                          "--out", o], "unknown model"),
-    "task file missing": (lambda r, m, o, c: ["train", "--task", r / "none.yaml", "--model", m, "--out", o],
-                          "not found"),
+    "unknown task": (lambda r, m, o, c: ["train", "--algo", "ppo", "--task", "nope", "--model", m, "--out", o],
+                     "unknown task"),
+    "unknown model": (lambda r, m, o, c: ["train", "--algo", "ppo", "--task", "positive-review", "--model",
+                                          r / "nomodel", "--out", o], "unknown model"),
+    "task file missing": (lambda r, m, o, c: ["train", "--algo", "ppo", "--task", r / "none.yaml", "--model", m,
+                                              "--out", o], "not found"),
     "data file missing": (lambda r, m, o, c: [*lm_train(r, m, data="absent.jsonl"), "--out", o], "absent.jsonl"),
     "data line malformed": (lambda r, m, o, c: [*lm_train(r, m, data="bad.jsonl"), "--out", o], "bad.jsonl:2"),
     "no prompt column": (lambda r, m, o, c: [*lm_train(r, m, data="noprompt.jsonl"), "--out", o], "'prompt'"),
@@ -208,3 +262,13 @@ def test_bad_input_is_one_line_exit_2_and_leaves_runs_alone(name, world, tmp_pat
     assert needle in lines[0], lines[0]
     assert digest(copy) == before, "the existing run was changed"
     assert digest(root / "lm") == before_lm
+
+
+@pytest.mark.parametrize("named", [
+    {"algo": "ppo", "env": "CartPole-v1"},
+    {"algo": "trpo", "task": "positive-review"},
+    {"algo": "reinforce", "task": "positive-review", "model": "smollm2-135m"},
+    {"algo": "ppo", "env": "CartPole-v1", "task": None, "model": None},  # flags not given
+])
+def test_a_run_named_in_full_is_accepted(named):
+    check_run_named(named)

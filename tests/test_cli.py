@@ -31,20 +31,36 @@ def test_train_writes_config_metrics_and_checkpoint(trained_run):
     assert [r["env_steps"] for r in rows] == [32, 64, 96]
     assert all({"time/elapsed_s", "train/episode_return_mean", "policy/loss", "value/loss"} <= r.keys()
                for r in rows)
-    final = json.loads((trained_run / "final_eval.json").read_text())
-    assert 8 <= final["eval/return_mean"] <= 500
     ckpt = trained_run / "checkpoints" / (trained_run / "checkpoints" / "latest").read_text().strip()
+    # the final evaluation is of the final weights: the same episodes of the checkpoint, loaded
+    # on its own, return the same
+    from policygrad.control.rollout import evaluate
+    from policygrad.trainer import load_workload
+    work, cfg = load_workload(ckpt)
+    final = json.loads((trained_run / "final_eval.json").read_text())
+    again = evaluate(work.policy, "CartPole-v1", cfg.eval_episodes, seed=cfg.seed + 1_000_003)
+    assert final["eval/return_mean"] == pytest.approx(float(again.mean()))
+    assert final["eval/return_std"] == pytest.approx(float(again.std()))
     assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.safetensors", "state.json"}
     assert any((trained_run / "tb").iterdir())
 
 
-def test_eval_prints_json_last(trained_run):
-    r = policygrad("eval", trained_run, "--episodes", 3)
+def test_eval_prints_json_last_with_the_returns_of_the_trained_policy(trained_run):
+    r = policygrad("eval", trained_run, "--episodes", 5, "--seed", 7)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert result["episodes"] == 3
-    assert {"mean_return", "std_return"} <= result.keys()
-    assert 8 <= result["mean_return"] <= 500
+    assert result["episodes"] == 5 and result["checkpoint"] == "update-000003"
+    from policygrad import checkpoint
+    from policygrad.control.rollout import build_policy, evaluate
+    from policygrad.trainer import load_workload
+    work, cfg = load_workload(checkpoint.latest(trained_run))
+    returns = evaluate(work.policy, "CartPole-v1", 5, seed=7)
+    assert result["mean_return"] == pytest.approx(float(returns.mean()))
+    assert (result["std_return"], result["min_return"], result["max_return"]) == pytest.approx(
+        (float(returns.std()), float(returns.min()), float(returns.max())))
+    # the weights eval loads are the trained ones, not a fresh initialisation from the same seed
+    untrained = evaluate(build_policy(cfg, cfg.seed), "CartPole-v1", 5, seed=7)
+    assert result["mean_return"] != pytest.approx(float(untrained.mean()))
 
 
 def test_config_file_and_overrides_resolve(tmp_path):
@@ -88,14 +104,15 @@ def assert_one_line_error(r, *needles):
     (["--total-steps", "many"], ["--total-steps", "invalid int"]),
 ])
 def test_bad_train_input_is_one_line_exit_2(tmp_path, args, needles):
-    r = policygrad("train", "--out", tmp_path / "run", *args)
+    # a complete run first; args given after it win (argparse keeps an option's last value)
+    r = policygrad("train", "--out", tmp_path / "run", "--algo", "ppo", "--env", "CartPole-v1", *args)
     assert_one_line_error(r, *needles)
     assert not (tmp_path / "run").exists()
 
 
 def test_out_holding_another_run_is_refused_and_left_alone(trained_run):
     before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")}
-    r = policygrad("train", "--algo", "trpo", "--out", trained_run, "--total-steps", 32)
+    r = policygrad("train", "--algo", "trpo", "--env", "CartPole-v1", "--out", trained_run, "--total-steps", 32)
     assert_one_line_error(r, "different run", "--overwrite")
     assert {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")} == before
 
@@ -175,6 +192,11 @@ def test_lm_eval_sample_and_baseline(lm_setup, lm_run):
     r = policygrad("sample", lm_run, "--prompt", "Hello", "-n", "2")
     assert r.returncode == 0, r.stderr
     assert [json.loads(line)["prompt"] for line in r.stdout.splitlines()] == ["Hello", "Hello"]
+    # truncated sampling is for sampling only: top-k 1 is greedy, the same completion for every seed
+    greedy = [policygrad("sample", lm_run, "--prompt", "Hello", "--top-k", 1, "--top-p", 0.5, "--temperature", 0.7,
+                         "--seed", seed) for seed in (0, 1)]
+    assert all(g.returncode == 0 for g in greedy), greedy[0].stderr
+    assert greedy[0].stdout == greedy[1].stdout
     r = policygrad("tasks")
     assert "positive-review" in r.stdout and "vader" in r.stdout
 
@@ -184,10 +206,15 @@ def test_lm_eval_sample_and_baseline(lm_setup, lm_run):
     (lambda f, m: ["--task", f / "task.yaml", "--model", f / "nowhere"], ["unknown model"]),
     (lambda f, m: ["--task", f / "missing.yaml", "--model", m], ["task file", "not found"]),
     (lambda f, m: ["--task", "positive-review", "--model", m, "baseline=best"], ["baseline", "rloo"]),
+    (lambda f, m: ["--task", f / "task.yaml", "--model", m, "advantage=gae"], ["advantage=gae", "use_value_head"]),
+    (lambda f, m: ["--task", f / "task.yaml", "--model", m, "use_value_head=false", "advantage=gae"],
+     ["advantage=gae", "use_value_head=true"]),
+    (lambda f, m: ["--task", f / "task.yaml", "--model", m, "top_p=0.9"], ["top_p=0.9", "--top-p"]),
+    (lambda f, m: ["--task", f / "task.yaml", "--model", m, "num_envs=4"], ["num_envs is a control key"]),
 ])
 def test_bad_lm_input_is_one_line_exit_2(lm_setup, tmp_path, make_args, needles):
     folder, model = lm_setup
-    r = policygrad("train", "--out", tmp_path / "run", *make_args(folder, model))
+    r = policygrad("train", "--out", tmp_path / "run", "--algo", "ppo", *make_args(folder, model))
     assert_one_line_error(r, *needles)
     assert not (tmp_path / "run").exists()
 
@@ -197,9 +224,19 @@ def test_reward_that_raises_is_one_line(lm_setup, tmp_path):
     (tmp_path / "r.py").write_text("def bad(prompts, completions, **kw):\n    raise ValueError('boom')\n")
     (tmp_path / "t.yaml").write_text(f"data: {folder / 'prompts.jsonl'}\nrewards:\n  - python:r.py:bad\n"
                                      "max_new_tokens: 3\nprompts_per_step: 1\nsamples_per_prompt: 2\n")
-    r = policygrad("train", "--out", tmp_path / "run", "--task", tmp_path / "t.yaml", "--model", model,
-                   "--steps", 1, "--no-progress")
+    r = policygrad("train", "--out", tmp_path / "run", "--algo", "reinforce", "--task", tmp_path / "t.yaml",
+                   "--model", model, "--steps", 1, "--no-progress")
     assert_one_line_error(r, "reward 'python:r.py:bad' raised ValueError: boom")
+
+
+def test_help_opens_with_a_whole_sentence_and_version_prints_the_package_version():
+    from policygrad import __version__
+    r = policygrad("--help")
+    assert r.returncode == 0
+    description = r.stdout.split("\n\n")[1].replace("\n", " ")
+    assert description.startswith("Train policies with REINFORCE, TRPO or PPO") and description.endswith(".")
+    r = policygrad("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"policygrad {__version__}"
 
 
 def test_wandb_logs_offline_into_the_run_folder(tmp_path):

@@ -4,6 +4,7 @@ existing run."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from . import checkpoint
+from . import __version__, checkpoint
 from . import config as config_mod
 from .checkpoint import CheckpointError
 from .config import ConfigError
@@ -45,7 +46,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="policygrad", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="policygrad", description=(
+        "Train policies with REINFORCE, TRPO or PPO on Gymnasium environments and on text tasks "
+        "for language models; evaluate, sample from and plot the runs."))
+    parser.add_argument("--version", action="version", version=f"policygrad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a policy on a Gymnasium env or a text task")
     train.add_argument("--algo", help="reinforce | trpo | ppo")
@@ -79,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", required=True, action="append", help="a prompt (repeatable)")
     sample.add_argument("-n", type=int, default=1, help="completions per prompt")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--temperature", type=float, help="sampling temperature (default: the run's)")
+    sample.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default: the run's, 1.0)")
+    sample.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0: all (default: the run's)")
     sub.add_parser("tasks", help="list the built-in text tasks and rewards")
     plot = sub.add_parser("plot", help="learning curves of one or more runs (seeds of a run: mean and min-max band)")
     plot.add_argument("runs", nargs="+", help="run folders")
@@ -138,6 +145,24 @@ def saved_config(run: Path) -> dict:
     return values
 
 
+def check_run_named(named: dict) -> None:
+    """From the command line, a run is named in full: an algorithm, and either an env or a task
+    (by flag, --config file or override); no default picks one silently. Python callers of
+    config.resolve keep the defaults."""
+    named = {k.replace("-", "_"): v for k, v in named.items() if v is not None}
+    if "env" in named and "task" in named:
+        raise UsageError(f"give either --env (a control run) or --task (a language-model run), not both; "
+                         f"got env {named['env']} and task {named['task']}")
+    if "env" not in named and "task" not in named:
+        raise UsageError("train needs --env ENV (a Gymnasium control run, e.g. CartPole-v1) or --task TASK "
+                         "(a language-model run; see `policygrad tasks`)")
+    if "model" in named and "task" not in named:
+        raise UsageError(f"--model is the language model of a --task run; this is a control run "
+                         f"(env {named['env']}): drop --model, or give --task instead of --env")
+    if "algo" not in named:
+        raise UsageError("train needs --algo reinforce, trpo or ppo (or algo in --config or algo=...)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     flags = {"algo": args.algo, "env": args.env, "task": args.task, "model": args.model,
              "total_steps": args.total_steps, "seed": args.seed, "wandb": args.wandb}
@@ -152,7 +177,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.out:
             raise UsageError("train needs --out (a run folder), or --resume RUN")
         file_values = config_mod.load_yaml(args.config) if args.config else {}
-        cfg = config_mod.resolve(file_values, config_mod.parse_overrides(args.overrides), flags)
+        overrides = config_mod.parse_overrides(args.overrides)
+        check_run_named({**file_values, **overrides, **{k: v for k, v in flags.items() if v is not None}})
+        cfg = config_mod.resolve(file_values, overrides, flags)
         out = Path(args.out)
     if cfg.is_lm:
         from .lm import models
@@ -184,6 +211,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.run is None:
         return eval_baseline(args)
+    given = [flag for flag, value in (("--task", args.task), ("--model", args.model)) if value is not None]
+    if given:
+        raise UsageError(f"eval RUN evaluates the run's own model on its own task; {' and '.join(given)} "
+                         "are for an untrained model without a run: drop the run or "
+                         f"{' and '.join(given)}")
     if args.episodes <= 0:
         raise UsageError(f"--episodes must be positive; got {args.episodes}")
     run = Path(args.run)
@@ -234,6 +266,8 @@ def eval_vs_base(work, cfg, split: str, path: Path) -> int:
 def eval_baseline(args: argparse.Namespace) -> int:
     if not args.task:
         raise UsageError("eval needs a run folder, or --task (and --model) to evaluate an untrained model")
+    if args.vs_base:
+        raise UsageError("--vs-base compares a trained run with its base model: give the run folder")
     cfg = config_mod.resolve({}, {}, {"task": args.task, "model": args.model})
     from .lm.rollout import LMWorkload
     work = LMWorkload(cfg, cfg.seed)
@@ -241,18 +275,33 @@ def eval_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_sampling_args(args: argparse.Namespace) -> None:
+    if args.n <= 0:
+        raise UsageError(f"-n must be positive; got {args.n}")
+    if args.temperature is not None and not args.temperature > 0:
+        raise UsageError(f"--temperature must be positive; got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must lie in (0, 1]; got {args.top_p}")
+    if args.top_k is not None and args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0: no limit); got {args.top_k}")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from .trainer import load_workload
 
+    check_sampling_args(args)
     path = checkpoint.latest(Path(args.run)) if Path(args.run).is_dir() else None
     if path is None:
         raise UsageError(f"'{args.run}' is not a run folder with a checkpoint")
     work, cfg = load_workload(path)
     if not cfg.is_lm:
         raise UsageError(f"run '{args.run}' trained a control policy; `sample` is for language models")
+    # Truncated sampling is for reading completions only; training refuses it (config.CONFLICTS).
+    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    sampling = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
     rows = [{"prompt": p} for p in args.prompt]
     texts = [work.policy.render(r) for r in rows for _ in range(args.n)]
-    batch = work.policy.generate(texts, cfg, args.seed)
+    batch = work.policy.generate(texts, sampling, args.seed)
     for text, completion in zip([p for p in args.prompt for _ in range(args.n)],
                                 work.policy.decode(batch.actions, batch.mask)):
         print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False))
