@@ -212,11 +212,16 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
     olds = [policy.snapshot_actor(m) for _, m in micros]
     fvp_olds = [policy.snapshot_actor(m) for _, m in fvp_micros]
 
-    def surrogate_of(log_prob: torch.Tensor, b: Batch) -> torch.Tensor:
-        ratio = torch.exp(log_prob - b.log_prob)                         # (B, T)
-        return -batch_mean(ratio * b.advantages, b) + kl_loss(log_prob, b, cfg)[0]
+    kl_metrics = MetricMean()  # of the gradient's pass, at the parameters before the step
 
-    loss_pieces = [(w, lambda m=m: surrogate_of(policy.log_prob(m), m)) for w, m in micros]
+    def surrogate_of(log_prob: torch.Tensor, b: Batch, record: bool = False) -> torch.Tensor:
+        ratio = torch.exp(log_prob - b.log_prob)                         # (B, T)
+        kl_term, metrics = kl_loss(log_prob, b, cfg)
+        if record:
+            kl_metrics.add(metrics)
+        return -batch_mean(ratio * b.advantages, b) + kl_term
+
+    loss_pieces = [(w, lambda m=m: surrogate_of(policy.log_prob(m), m, record=True)) for w, m in micros]
     kl_pieces = [(w, lambda m=m, old=old: policy.kl(m, old)) for (w, m), old in zip(fvp_micros, fvp_olds)]
 
     @torch.no_grad()
@@ -231,6 +236,7 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
     metrics = trpo_step(policy.actor_parameters(), loss_pieces, kl_pieces, loss_and_kl, max_kl=cfg.max_kl,
                         damping=cfg.cg_damping, cg_iters=cfg.cg_iters, line_search_steps=cfg.line_search_steps,
                         shrink=cfg.line_search_shrink)
+    metrics.update(kl_metrics.result())
     if opts.value is None:  # critic-free (a sequence baseline)
         return metrics
     _set_lr(opts.value, progress, cfg, base=cfg.value_lr)

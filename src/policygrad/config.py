@@ -54,7 +54,10 @@ class Config:
     gae_lambda: float = 0.95
     """GAE lambda (1.0 gives Monte-Carlo returns minus the value)."""
     normalize_advantages: bool = True
-    """Whiten advantages over the batch before the update."""
+    """Whiten advantages over the batch's valid steps before the update. It acts after a sequence
+    baseline: with baseline=none it subtracts the batch mean (so `none` becomes a batch-mean
+    baseline), and with baseline=group it whitens the group-whitened advantages a second time,
+    over the batch's tokens (set false for the group whitening alone, as GRPO)."""
 
     # --- optimisation (shared) ---
     lr: float = 3e-4
@@ -232,10 +235,10 @@ POSITIVE = ("total_steps", "num_envs", "n_steps", "n_epochs", "batch_size", "cg_
             "line_search_steps", "value_epochs", "eval_episodes", "torch_threads", "lr", "value_lr",
             "max_kl", "clip_eps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
             "temperature", "logprob_chunk", "eval_prompts", "kl_horizon", "keep_checkpoints",
-            "max_bad_updates", "reward_timeout", "reward_retries", "kl_target", "clip_obs")
+            "max_bad_updates", "reward_timeout", "kl_target", "clip_obs")
 POSITIVE_WHEN_SET = ("clip_value_eps", "target_kl")
 NON_NEGATIVE = ("seed", "eval_every", "checkpoint_every", "micro_batch_size", "top_k", "kl_coef", "ent_coef",
-                "vf_coef", "cg_damping", "max_grad_norm")
+                "vf_coef", "cg_damping", "max_grad_norm", "reward_retries")
 UNIT_INTERVAL = ("gamma", "gae_lambda", "line_search_shrink", "top_p", "fvp_fraction")
 
 # Keys only one kind of run reads. Every key has a default, so only a key the user set (file,

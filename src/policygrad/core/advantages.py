@@ -83,10 +83,11 @@ def sequence_scores(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def group_stats(scores: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per completion: its group's size, mean and (unbiased) std of scores, each (B,)."""
     n_groups = int(group.max()) + 1
-    count = torch.zeros(n_groups).index_add_(0, group, torch.ones_like(scores))   # (G,)
-    total = torch.zeros(n_groups).index_add_(0, group, scores)                    # (G,)
+    zeros = scores.new_zeros(n_groups)                                             # scores' device, dtype
+    count = zeros.index_add(0, group, torch.ones_like(scores))                     # (G,)
+    total = zeros.index_add(0, group, scores)                                      # (G,)
     mean = total / count                                                           # (G,)
-    sq = torch.zeros(n_groups).index_add_(0, group, (scores - mean[group]) ** 2)   # (G,)
+    sq = zeros.index_add(0, group, (scores - mean[group]) ** 2)                    # (G,)
     std = (sq / (count - 1).clamp(min=1)).sqrt()                                   # (G,)
     return count[group], mean[group], std[group]
 
