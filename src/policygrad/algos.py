@@ -76,7 +76,8 @@ def _scheduled(value: float, schedule: str, progress: Progress) -> float:
 
 
 def sync_gradients(params) -> None:
-    """Average gradients over ranks when running under torchrun; a no-op in one process."""
+    """Average gradients over ranks if a process group exists (nothing creates one yet: multi-process
+    training is issue #11, and TRPO's step does not call this); a no-op in one process."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for p in params:
             if p.grad is not None:

@@ -2,8 +2,8 @@
 
 A workload (control/rollout.py: Gymnasium; lm/rollout.py: a text task and a language model)
 supplies the policy, rollouts, evaluation and what to save; everything else is here and the same.
-Rank-aware: under torchrun each rank collects its own experience with its own seed, gradients are
-averaged across ranks (algos.sync_gradients), and only rank 0 evaluates, logs and checkpoints.
+Multi-process training is not supported yet (nothing initialises torch.distributed; issue #11):
+the rank/world lookups below are where it will plug in, and in one process they are rank 0 of 1.
 """
 from __future__ import annotations
 
