@@ -3,9 +3,8 @@
 The optimiser, the gradient clip (and, once multi-process training exists, the all-reduce) then
 touch one tensor instead of one per layer. With a 64x64 MLP actor-critic the per-tensor overhead
 of zero_grad, clipping and fused Adam was about a fifth of a PPO minibatch step (938 -> 815 us,
-profiled on CPU). It is the
-"contiguous gradient buffer" of Megatron and DeepSpeed; tests/test_control.py checks it against
-torch.nn.utils.clip_grad_norm_ and against separate parameters.
+profiled on CPU). It is the "contiguous gradient buffer" of Megatron and DeepSpeed;
+tests/test_control.py checks it against torch.nn.utils.clip_grad_norm_ and separate parameters.
 """
 from __future__ import annotations
 
