@@ -164,6 +164,24 @@ def test_every_trainable_parameter_changes_after_an_update(algo, env_id):
     assert all(np.isfinite(v) for v in metrics.values())
 
 
+@pytest.mark.parametrize("fraction, expected_rows", [(None, 2 * 64), (0.25, 32)])
+def test_trpo_fisher_products_see_every_transition_unless_told_otherwise(monkeypatch, fraction, expected_rows):
+    """fvp_fraction is a share of transitions, and control's default is all of them (it once took
+    1 of the 2 environments of every preset)."""
+    from policygrad.config import resolve
+    overrides = {"num_envs": 2, "n_steps": 64, **({} if fraction is None else {"fvp_fraction": fraction})}
+    cfg = resolve({}, overrides, {"algo": "trpo", "env": "CartPole-v1"})
+    policy = build_policy(cfg, seed=0)
+    batch = advantages.compute(Collector(make_envs("CartPole-v1", 2), seed=0, gamma=cfg.gamma)
+                               .collect(policy, cfg.n_steps), cfg)
+    seen = []
+    kl = policy.kl
+    monkeypatch.setattr(policy, "kl", lambda b, old: seen.append(int(b.mask.numel())) or kl(b, old))
+    spec = ALGOS["trpo"]
+    spec.update(policy, spec.make_optimizers(policy, cfg), batch, cfg, Progress(1.0, torch.Generator().manual_seed(0)))
+    assert seen == [expected_rows]  # the one KL graph the Fisher-vector products reuse
+
+
 def test_checkpoint_round_trip_keeps_weights_and_normaliser(tmp_path):
     cfg = Config(env="CartPole-v1", normalize_obs=True, normalize_reward=True, num_envs=2, n_steps=30)
     work = ControlWorkload(cfg, seed=0)

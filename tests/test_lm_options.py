@@ -186,6 +186,27 @@ def test_micro_batches_give_the_full_batch_update(tiny, algo):
     torch.testing.assert_close(micro, whole, atol=2e-6, rtol=1e-5)
 
 
+def test_trpo_runs_every_pass_on_micro_batches(tiny, monkeypatch):
+    """The gradient, each Fisher-vector product, the snapshots and the line search each see at most
+    micro_batch_size completions per forward pass (their sum is checked above)."""
+    cfg = lm_cfg(tiny, "trpo", micro_batch_size=1, max_kl=0.05, fvp_fraction=1.0)
+    work = LMWorkload(cfg, seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():  # away from the reference: the KL penalty alone gives a gradient
+        for p in work.policy.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    batch = advantages.compute(work.collect()[0], cfg)
+    rows_seen = []
+    plain = work.policy.hidden_states
+    monkeypatch.setattr(work.policy, "hidden_states", lambda model, b: rows_seen.append(b.shape[0]) or plain(model, b))
+    algo = ALGOS["trpo"]
+    metrics = algo.update(work.policy, algo.make_optimizers(work.policy, cfg), batch, cfg,
+                          Progress(1.0, torch.Generator().manual_seed(1)))
+    assert metrics["trpo/accepted"] == 1.0, metrics
+    assert rows_seen and max(rows_seen) == 1, rows_seen
+    assert len(rows_seen) > 4 * batch.shape[0]  # snapshots, gradient, products and line search, per row
+
+
 # --- batches with no learning signal --------------------------------------------------------------
 def test_no_signal_counts_flat_groups_and_flat_batches():
     assert no_signal(np.array([1.0, 1.0, 0.0, 0.5]), 2) == (0.5, 0.0)
