@@ -135,13 +135,16 @@ class Config:
     baseline: str = "rloo"
     """Critic-free baseline of a sequence's score: none | moving-average | rloo | group."""
     kl_coef: float = 0.05
-    """Weight of KL(policy || reference)."""
+    """Price of one nat of KL(policy || reference) per completion, in task-reward units; the same
+    unit with kl_in=reward and kl_in=loss (README: "The KL to the reference, exactly")."""
     kl_estimator: str = "k1"
-    """Per-token KL estimator: k1 | k2 | k3."""
+    """Per-token KL estimator: k1 | k2 | k3 (k2 and k3 only with kl_in=loss: as a reward their
+    gradient of the KL is biased)."""
     kl_in: str = "reward"
-    """Where the KL term goes: reward (a per-token penalty) | loss (added to the policy loss)."""
+    """Where the KL term goes: reward (a per-token penalty in the rewards: the sequence-level KL) |
+    loss (an importance-weighted per-token term added to the loss: the per-token KL)."""
     adaptive_kl: bool = False
-    """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
+    """Adapt the KL coefficient towards kl_target (Ziegler et al. 2019, eq. 2), in either kl_in mode."""
     kl_target: float = 6.0
     """Target KL per completion (nats) of the adaptive controller."""
     kl_horizon: int = 10_000
