@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from lm_helpers import make_tiny_lm
 from policygrad.algos import ALGOS, Progress
 from policygrad.batch import Batch
 from policygrad.config import Config, resolve
@@ -14,27 +13,6 @@ from policygrad.core import advantages
 from policygrad.lm import models, rewards, tasks
 from policygrad.lm.policy import chunked_log_probs, token_log_probs
 from policygrad.lm.rollout import LMWorkload, PromptCursor
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    return make_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def task_file(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("task")
-    with open(folder / "prompts.jsonl", "w") as f:
-        for i in range(30):
-            f.write(json.dumps({"prompt": f"Say something nice about item {i}.", "answer": str(i)}) + "\n")
-    (folder / "rewards.py").write_text(
-        "def brevity(prompts, completions, answer):\n"
-        "    return [1.0 / (1 + len(c)) for c in completions]\n")
-    (folder / "task.yaml").write_text(
-        "data: prompts.jsonl\n"
-        "rewards:\n  - vader\n  - {reward: 'python:rewards.py:brevity', weight: 0.5}\n"
-        "max_new_tokens: 6\n")
-    return folder / "task.yaml"
 
 
 def lm_config(tiny_lm, task_file, **overrides) -> Config:

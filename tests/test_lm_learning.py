@@ -5,7 +5,6 @@ import pytest
 import torch
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from lm_helpers import make_tiny_lm, write_task
 from policygrad.algos import ALGOS, Progress
 from policygrad.config import Config, resolve
 from policygrad.core import advantages
@@ -13,22 +12,6 @@ from policygrad.core.losses import value_loss
 from policygrad.lm.rollout import LMWorkload
 
 KL_COEF = 0.2
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    return make_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def task_file(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("task")
-    (folder / "rewards.py").write_text(
-        "def brevity(prompts, completions, answer):\n"
-        "    return [1.0 / (1 + len(c)) for c in completions]\n")
-    rows = [{"prompt": f"Say something nice about item {i}.", "answer": str(i)} for i in range(30)]
-    return write_task(folder, rows, "data: prompts.jsonl\n"
-                      "rewards:\n  - vader\n  - {reward: 'python:rewards.py:brevity', weight: 0.5}\n")
 
 
 def lm_config(tiny_lm, task_file, **overrides) -> Config:
