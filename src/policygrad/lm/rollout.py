@@ -263,10 +263,11 @@ class LMWorkload:
         self.policy.tokenizer.save_pretrained(target)
 
     def state(self) -> dict:
-        """JSON: the data cursor, KL controller, moving baseline and step count (the generation
-        seeds derive from it), so a resumed run samples exactly what the uninterrupted one would."""
+        """JSON: the data cursor, KL controller, moving baseline, step count (the generation seeds
+        derive from it) and the no-signal window, so a resumed run samples exactly what the
+        uninterrupted one would and warns no second time."""
         return {"cursor": self.cursor.state(), "kl_coef": self.kl.coef, "moving_baseline": self.moving_baseline,
-                "steps": self.steps}
+                "steps": self.steps, "flat_recent": self.signal_watch.recent, "flat_warned": self.signal_watch.warned}
 
     def load_state(self, state: dict, update: int) -> None:
         cursor = state["cursor"]
@@ -274,5 +275,7 @@ class LMWorkload:
         self.kl.coef = float(state["kl_coef"])
         self.moving_baseline = float(state["moving_baseline"])
         self.steps = int(state["steps"])
+        self.signal_watch.recent = [float(x) for x in state.get("flat_recent", [])]  # older runs lack it
+        self.signal_watch.warned = bool(state.get("flat_warned", False))
 
 
