@@ -209,9 +209,13 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
     cfg.micro_batch_size rows; the products use cfg.fvp_fraction of the rows; the line search
     checks the KL bound on the whole batch."""
     micros = _weighted(batch, cfg.micro_batch_size)
-    fvp_micros = _weighted(_fvp_rows(policy, batch, cfg, progress.generator), cfg.micro_batch_size)
     olds = [policy.snapshot_actor(m) for _, m in micros]
-    fvp_olds = [policy.snapshot_actor(m) for _, m in fvp_micros]
+    fvp_batch = _fvp_rows(policy, batch, cfg, progress.generator)
+    if fvp_batch is batch:  # the products see the whole batch: its snapshots serve them too
+        fvp_micros, fvp_olds = micros, olds
+    else:
+        fvp_micros = _weighted(fvp_batch, cfg.micro_batch_size)
+        fvp_olds = [policy.snapshot_actor(m) for _, m in fvp_micros]
 
     kl_metrics = MetricMean()  # of the gradient's pass, at the parameters before the step
 
