@@ -85,13 +85,20 @@ def lm_task(tmp_path_factory):
     return folder, model
 
 
-def test_lm_run_killed_three_times_ends_identical_to_uninterrupted(lm_task, tmp_path):
+# full fine-tuning in float32; a LoRA adapter (reference: the adapter off) in bfloat16 autocast
+LM_VARIANTS = {"full": ([], "policy/model.safetensors"),
+               "lora-bf16": (["lora_r=4", "lr=0.01", "dtype=bfloat16"], "policy/adapter_model.safetensors")}
+
+
+@pytest.mark.parametrize("variant", list(LM_VARIANTS))
+def test_lm_run_killed_three_times_ends_identical_to_uninterrupted(lm_task, tmp_path, variant):
     folder, model = lm_task
     steps = 10
+    extra, weights = LM_VARIANTS[variant]
     # PPO with a value head, adaptive KL and minibatch shuffling: every piece of state a resume needs
     args = ["--algo", "ppo", "--task", folder / "task.yaml", "--model", model, "--steps", steps, "--seed", 3,
             "--no-progress", "checkpoint_every=2", "eval_every=3", "use_value_head=true", "adaptive_kl=true",
-            "batch_size=2", "n_epochs=2"]
+            "batch_size=2", "n_epochs=2", *extra]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     r = subprocess.run(cli("train", "--out", straight, *args), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -99,7 +106,7 @@ def test_lm_run_killed_three_times_ends_identical_to_uninterrupted(lm_task, tmp_
                           [cli("train", "--resume", broken, "--no-progress"), cli("train", "--out", broken, *args)])
     context = f"POLICYGRAD_KILL_SEED={KILL_SEED}: " + "; ".join(log)
     assert rows_without_timings(broken) == rows_without_timings(straight), context
-    for name in ("policy/model.safetensors", "model.safetensors"):
+    for name in (weights, "model.safetensors"):
         a, b = load_file(latest_checkpoint(straight) / name), load_file(latest_checkpoint(broken) / name)
         assert a.keys() == b.keys() and a, context
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs; {context}"

@@ -31,6 +31,8 @@ class Optimizers:
     value: Optional[torch.optim.Optimizer] = None
     """TRPO's separate critic optimiser."""
     value_params: list[FlatParameters] = field(default_factory=list)
+    scaler: Optional[torch.amp.GradScaler] = None
+    """float16 runs' loss scale against gradient underflow (placement.py); None otherwise."""
 
     def named(self) -> dict[str, torch.optim.Optimizer]:
         return {k: v for k, v in (("main", self.main), ("value", self.value)) if v is not None}
@@ -86,10 +88,11 @@ def sync_gradients(params) -> None:
 
 def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batch: Batch,
                    loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]], cfg,
-                   before_step: Callable[[], None]) -> dict:
+                   before_step: Callable[[], None], scaler: Optional[torch.amp.GradScaler] = None) -> dict:
     """One optimiser step on loss_fn over `batch`, accumulated over micro-batches of
     cfg.micro_batch_size rows; each micro-batch's mean is weighted by its share of valid steps, so
-    the gradient equals that of one pass over the whole batch."""
+    the gradient equals that of one pass over the whole batch. With a (float16) scaler the backward
+    passes run on the scaled loss and the gradients are unscaled before clipping."""
     for flat in flats:
         flat.zero_grad()
     micro_batches, mean = batch.split_rows(cfg.micro_batch_size), MetricMean()
@@ -99,11 +102,23 @@ def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batc
         if len(micro_batches) > 1:
             loss = loss * (micro.n_valid / batch.n_valid)
         finite = finite and bool(torch.isfinite(loss))
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         mean.add(metrics)
     sync_gradients([flat.param for flat in flats])
+    if scaler is not None:
+        scaler.unscale_(opt)
     metrics = mean.result()
     metrics["policy/grad_norm"] = clip_grad_norm_(flats, cfg.max_grad_norm)
+    if scaler is not None:
+        # An overflowing float16 gradient is the scaler's to handle: it skips the step and lowers
+        # the scale. Only a non-finite loss counts as a bad update.
+        if finite:
+            before_step()
+            scaler.step(opt)
+        scaler.update()
+        metrics["update/loss_scale"] = scaler.get_scale()
+        metrics["update/nonfinite"] = 0.0 if finite else 1.0
+        return metrics
     # A non-finite loss or gradient would poison the weights and Adam's moments for good: skip the
     # step (the trainer counts it and stops after cfg.max_bad_updates in a row).
     finite = finite and math.isfinite(metrics["policy/grad_norm"])
@@ -146,7 +161,7 @@ def reinforce_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Prog
             metrics["value/loss"] = v_loss.item()
         return total, {**metrics, **kl_metrics, "policy/entropy": entropy_mean.item()}
 
-    return _gradient_step(opts.main, opts.main_params, batch, loss_fn, cfg, progress.before_step)
+    return _gradient_step(opts.main, opts.main_params, batch, loss_fn, cfg, progress.before_step, opts.scaler)
 
 
 # --- PPO ---------------------------------------------------------------------------------------
@@ -174,7 +189,8 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
     stopped_early = 0.0
     for _ in range(cfg.n_epochs):
         for mb in rows.minibatches(cfg.batch_size, progress.generator):
-            metrics = _gradient_step(opts.main, opts.main_params, mb, loss_fn, cfg, progress.before_step)
+            metrics = _gradient_step(opts.main, opts.main_params, mb, loss_fn, cfg, progress.before_step,
+                                     opts.scaler)
             mean.add(metrics)
             if cfg.target_kl is not None and metrics["policy/approx_kl"] > 1.5 * cfg.target_kl:
                 stopped_early = 1.0
@@ -272,9 +288,16 @@ def _adam(groups: list[tuple[list, float]]) -> tuple[torch.optim.Optimizer, list
     return opt, flats
 
 
+def _loss_scaler(policy) -> Optional[torch.amp.GradScaler]:
+    placement = getattr(policy, "placement", None)
+    if placement is None or not placement.needs_loss_scale:
+        return None
+    return torch.amp.GradScaler(placement.device.type)
+
+
 def _joint_adam(policy, cfg) -> Optimizers:
     opt, flats = _adam(policy.optimizer_groups(cfg))
-    return Optimizers(main=opt, main_params=flats)
+    return Optimizers(main=opt, main_params=flats, scaler=_loss_scaler(policy))
 
 
 def _critic_adam(policy, cfg) -> Optimizers:

@@ -80,6 +80,12 @@ def _recycle_into(root: Path, tmp: Path) -> None:
     tmp.mkdir(exist_ok=True)
 
 
+def on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors on an accelerator are copied to the CPU now (the write reads host memory; the copy
+    also frees the caller to change them); CPU tensors pass by reference."""
+    return {k: t if t.device.type == "cpu" else t.detach().to("cpu") for k, t in tensors.items()}
+
+
 class CheckpointWriter:
     """Writes checkpoints on a background thread, so the disk work overlaps the next rollout.
 
@@ -103,6 +109,7 @@ class CheckpointWriter:
         the folder is renamed into place, `latest` points at it and all but the newest `keep` and
         `protect` (the best) go."""
         self.wait()
+        files = {rel: on_cpu(tensors) for rel, tensors in files.items()}
         root = out_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-{name}"

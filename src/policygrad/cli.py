@@ -32,10 +32,11 @@ def user_errors() -> tuple[type, ...]:
     from .lm.rewards import RewardError
     from .lm.tasks import TaskError
     from .log import LoggingError
+    from .merge import MergeError
     from .plot import PlotError
     from .trainer import TrainingError
     return (ConfigError, EnvError, CheckpointError, UsageError, ModelError, RewardError, TaskError,
-            TrainingError, LoggingError, PlotError)
+            TrainingError, LoggingError, PlotError, MergeError)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", help="without a run: the task to evaluate on")
     ev.add_argument("--vs-base", action="store_true",
                     help="text tasks: also evaluate the untrained model; print both and before/after samples")
+    ev.add_argument("--device", help="language models: where to evaluate (default: the run's device key, auto)")
     sample = sub.add_parser("sample", help="sample completions from a trained language-model run")
     sample.add_argument("run", help="run folder of a language-model run")
     sample.add_argument("--prompt", required=True, action="append", help="a prompt (repeatable)")
@@ -86,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=float, help="sampling temperature (default: the run's)")
     sample.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default: the run's, 1.0)")
     sample.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0: all (default: the run's)")
+    sample.add_argument("--device", help="where to sample (default: the run's device key, auto)")
+    merge = sub.add_parser("merge", help="write a language-model run's model (LoRA adapter merged in) as a "
+                                         "plain transformers folder")
+    merge.add_argument("run", help="run folder of a language-model run")
+    merge.add_argument("--out", required=True, help="new folder to write")
+    merge.add_argument("--checkpoint", default="latest", help="latest, best or a name like update-000040")
     sub.add_parser("tasks", help="list the built-in text tasks and rewards")
     plot = sub.add_parser("plot", help="learning curves of one or more runs (seeds of a run: mean and min-max band)")
     plot.add_argument("runs", nargs="+", help="run folders")
@@ -163,6 +171,21 @@ def check_run_named(named: dict) -> None:
         raise UsageError("train needs --algo reinforce, trpo or ppo (or algo in --config or algo=...)")
 
 
+def preflight(cfg) -> None:
+    """What can be checked in a second fails here, before the run folder is touched: the device and
+    dtype, the model, LoRA targets and a starting adapter, the environment."""
+    from . import placement
+    placement.resolve(cfg)
+    if cfg.is_lm:
+        from .lm import adapters, models
+        folder = models.resolve(cfg.model)
+        if cfg.uses_lora:
+            adapters.check(cfg, folder)
+    else:
+        from .control.rollout import make_envs
+        make_envs(cfg.env, 1).close()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     flags = {"algo": args.algo, "env": args.env, "task": args.task, "model": args.model,
              "total_steps": args.total_steps, "seed": args.seed, "wandb": args.wandb}
@@ -181,12 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_run_named({**file_values, **overrides, **{k: v for k, v in flags.items() if v is not None}})
         cfg = config_mod.resolve(file_values, overrides, flags)
         out = Path(args.out)
-    if cfg.is_lm:
-        from .lm import models
-        models.resolve(cfg.model)  # an unknown model fails here, before the run folder is touched
-    else:
-        from .control.rollout import make_envs
-        make_envs(cfg.env, 1).close()
+    preflight(cfg)
     from .trainer import is_complete, train
     resume = prepare_out(out, config_mod.to_dict(cfg), args.overwrite)
     if resume and is_complete(out):
@@ -222,7 +240,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not run.is_dir():
         raise UsageError(f"run folder '{run}' does not exist")
     path = checkpoint.named(run, args.checkpoint)
-    work, cfg = load_workload(path)
+    work, cfg = load_workload(path, device=args.device)
     if cfg.is_lm and args.vs_base:
         return eval_vs_base(work, cfg, args.split, path)
     if cfg.is_lm:
@@ -293,7 +311,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     path = checkpoint.latest(Path(args.run)) if Path(args.run).is_dir() else None
     if path is None:
         raise UsageError(f"'{args.run}' is not a run folder with a checkpoint")
-    work, cfg = load_workload(path)
+    work, cfg = load_workload(path, device=args.device)
     if not cfg.is_lm:
         raise UsageError(f"run '{args.run}' trained a control policy; `sample` is for language models")
     # Truncated sampling is for reading completions only; training refuses it (config.CONFLICTS).
@@ -305,6 +323,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for text, completion in zip([p for p in args.prompt for _ in range(args.n)],
                                 work.policy.decode(batch.actions, batch.mask)):
         print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_run
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise UsageError(f"run folder '{run}' does not exist")
+    out = merge_run(run, Path(args.out), args.checkpoint)
+    print(json.dumps({"merged": str(out), "run": str(run), "checkpoint": args.checkpoint}))
     return 0
 
 
@@ -363,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         args.overrides = [*args.overrides, *extra]
     commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "tasks": cmd_tasks,
-                "plot": cmd_plot, "serve-reward": cmd_serve_reward}
+                "plot": cmd_plot, "serve-reward": cmd_serve_reward, "merge": cmd_merge}
     try:
         return commands[args.command](args)
     except user_errors() as e:

@@ -172,6 +172,31 @@ class Config:
     eval_prompts: int = 40
     """Validation prompts per periodic evaluation (the test split is evaluated whole)."""
 
+    # --- devices, precision, adapters ---
+    device: str = "auto"
+    """auto (language models: the first CUDA GPU, else Apple mps, else the CPU; control: the CPU,
+    where small MLPs run fastest) | cpu | cuda | cuda:N | mps."""
+    dtype: str = "auto"
+    """Language models' compute precision: auto (bfloat16 on a GPU that has it, else float32) |
+    float32 | bfloat16 | float16. Trainable weights and optimiser state stay float32; forward and
+    backward run under autocast; frozen weights (reference, LoRA base) are stored in this dtype."""
+    lora_r: int = 0
+    """Rank of LoRA adapters (PEFT) on the language model; 0: full fine-tuning."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator: an adapter's update is (lora_alpha / lora_r) * B @ A."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input in training passes (sampling never drops: a positive value
+    makes the trained and the sampled policy differ)."""
+    lora_target_modules: Optional[list[str]] = None
+    """Module names (or name suffixes) that get adapters; None: every linear layer of attention and
+    MLP (not the LM head)."""
+    adapter: Optional[str] = None
+    """Start from this PEFT LoRA adapter folder (made for `model`) and train it further; its own
+    adapter_config.json sets r, alpha, dropout and targets."""
+    lora_reference: str = "initial"
+    """With adapter=PATH, the KL reference: initial (the model with the starting adapter, what the
+    run starts from) | base (the bare base model, adapter off)."""
+
     # --- evaluation, logging ---
     eval_every: int = 10_000
     """Evaluate every this many environment steps (control) or training steps (language models);
@@ -205,6 +230,10 @@ class Config:
         return self.task is not None
 
     @property
+    def uses_lora(self) -> bool:
+        return self.is_lm and (self.lora_r > 0 or self.adapter is not None)
+
+    @property
     def uses_critic(self) -> bool:
         """A learned value enters the update: always in control (the MLP critic); for a language
         model only with a value head and an advantage that reads it (gae or mc)."""
@@ -233,23 +262,27 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "baseline": ("none", "moving-average", "rloo", "group"),
     "kl_estimator": ("k1", "k2", "k3"),
     "kl_in": ("reward", "loss"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "lora_reference": ("initial", "base"),
 }
 POSITIVE = ("total_steps", "num_envs", "n_steps", "n_epochs", "batch_size", "cg_iters",
             "line_search_steps", "value_epochs", "eval_episodes", "torch_threads", "lr", "value_lr",
             "max_kl", "clip_eps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
-            "temperature", "logprob_chunk", "eval_prompts", "kl_horizon", "keep_checkpoints",
+            "temperature", "logprob_chunk", "eval_prompts", "kl_horizon", "keep_checkpoints", "lora_alpha",
             "max_bad_updates", "reward_timeout", "kl_target", "clip_obs")
 POSITIVE_WHEN_SET = ("clip_value_eps", "target_kl")
-NON_NEGATIVE = ("seed", "eval_every", "checkpoint_every", "micro_batch_size", "top_k", "kl_coef", "ent_coef",
+NON_NEGATIVE = ("seed", "eval_every", "checkpoint_every", "micro_batch_size", "top_k", "kl_coef", "ent_coef", "lora_r",
                 "vf_coef", "cg_damping", "max_grad_norm", "reward_retries")
-UNIT_INTERVAL = ("gamma", "gae_lambda", "line_search_shrink", "top_p", "fvp_fraction")
+UNIT_INTERVAL = ("gamma", "gae_lambda", "line_search_shrink", "top_p", "fvp_fraction", "lora_dropout")
 
 # Keys only one kind of run reads. Every key has a default, so only a key the user set (file,
 # override or flag) for the other kind is refused: it would be silently ignored.
 LM_KEYS = ("model", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature", "top_p",
            "top_k", "baseline", "kl_coef", "kl_estimator", "kl_in", "adaptive_kl", "kl_target", "kl_horizon",
            "use_value_head", "whiten_rewards", "micro_batch_size", "gradient_checkpointing", "share_prompts",
-           "logprob_chunk", "eval_prompts", "reward_timeout", "reward_retries")
+           "logprob_chunk", "eval_prompts", "reward_timeout", "reward_retries", "dtype", "lora_r", "lora_alpha",
+           "lora_dropout", "lora_target_modules", "adapter", "lora_reference")
+LORA_SHAPE_KEYS = ("lora_alpha", "lora_dropout", "lora_target_modules")
 CONTROL_KEYS = ("env", "num_envs", "n_steps", "vectorization", "hidden_sizes", "activation", "log_std_init",
                 "ortho_init", "normalize_obs", "normalize_reward", "clip_obs", "eval_episodes", "stop_at_return")
 PPO_KEYS = ("n_epochs", "clip_eps", "clip_schedule")
@@ -287,6 +320,17 @@ IGNORED: list[tuple[tuple[str, ...], Check, str]] = [
      "drop it, or set advantage=sequence"),
     (("gae_lambda",), lambda c: c.advantage != "gae",
      "gae_lambda acts only with advantage=gae; this run uses advantage={advantage}: drop it"),
+    (("lora_r",), lambda c: c.adapter is not None,
+     "lora_r is the rank of a new adapter; adapter={adapter} brings its own (its adapter_config.json): "
+     "drop lora_r, or drop adapter to start a new one"),
+    (LORA_SHAPE_KEYS, lambda c: c.adapter is not None,
+     "{key} shapes a new adapter; adapter={adapter} brings its own (its adapter_config.json): drop {key}"),
+    (LORA_SHAPE_KEYS, lambda c: not c.uses_lora,
+     "{key} shapes a LoRA adapter, and this run fine-tunes every weight (lora_r=0): set lora_r > 0, "
+     "or drop {key}"),
+    (("lora_reference",), lambda c: c.adapter is None,
+     "lora_reference chooses between the starting adapter and the bare base model as the KL "
+     "reference; without adapter=PATH the two are the same model: drop it, or give adapter=PATH"),
     (("kl_target", "kl_horizon"), lambda c: not c.adaptive_kl,
      "{key} steers the adaptive KL controller, which is off: set adaptive_kl=true, or drop {key}"),
 ]
@@ -314,6 +358,12 @@ CONFLICTS: list[tuple[Check, str]] = [
     (lambda c: c.clip_value_eps is not None and not c.uses_critic,
      "clip_value_eps clips a critic's update; this language-model run has none: set use_value_head=true "
      "with advantage=gae, or drop clip_value_eps"),
+    (lambda c: c.is_lm and c.algo == "trpo" and c.dtype == "float16",
+     "dtype=float16 with TRPO: its natural-gradient step works on raw gradients and Fisher-vector "
+     "products, which float16 underflows without a loss scale: use dtype=bfloat16 or float32"),
+    (lambda c: c.lora_target_modules is not None and len(c.lora_target_modules) == 0,
+     "lora_target_modules=[] names no module: list module names such as [q_proj, v_proj], or null "
+     "for every linear layer of attention and MLP"),
     # As a reward, an estimator's own dependence on the policy is dropped (a score-function gradient
     # sees only its value); that dependence has zero mean only for k1 (tests/test_kl.py).
     (lambda c: c.is_lm and c.kl_in == "reward" and c.kl_estimator != "k1",
@@ -497,10 +547,21 @@ LM_ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# With LoRA only the adapter moves, from B = 0: a gradient step moves the policy far less than the
+# same lr on every weight, and LoRA recipes run ~10x the full fine-tune's lr (measured on
+# positive-review: README, "LoRA").
+LM_LORA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "reinforce": {"lr": 3e-4},
+    "ppo": {"lr": 1.5e-4},
+}
+
+
 def lm_defaults(task: str, algo: str, user: dict[str, Any]) -> dict[str, Any]:
     from .lm import tasks  # reads the task's data: an unknown task fails here, before any run starts
 
+    lora = bool(user.get("lora_r")) or user.get("adapter") is not None
     defaults = {**LM_DEFAULTS, **LM_ALGO_DEFAULTS.get(algo, {}),
+                **(LM_LORA_DEFAULTS.get(algo, {}) if lora else {}),
                 **tasks.load(task, set(field_names())).defaults}
     if user.get("use_value_head") and "advantage" not in user:
         defaults["advantage"] = "gae"  # a value head is there to be used

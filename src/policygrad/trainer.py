@@ -7,6 +7,7 @@ the rank/world lookups below are where it will plug in, and in one process they 
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from . import checkpoint
+from . import checkpoint, placement
 from . import config as config_mod
 from .algos import ALGOS, Optimizers, Progress
 from .config import Config, to_dict
@@ -106,7 +107,8 @@ def save_run(out_dir: Path, cfg: Config, work, opts: Optimizers, state: RunState
     """Checkpoint the run; with a background writer, writer.wait() must come before the next update."""
     checkpoint.save(out_dir, checkpoint_name(state), work.tensors(), opts.named(),
                     {"config": to_dict(cfg), "run": dict(state.__dict__), "workload": work.state(),
-                     "rng": checkpoint.rng_state(generators)},
+                     "rng": checkpoint.rng_state(generators),
+                     "loss_scale": opts.scaler.state_dict() if opts.scaler is not None else None},
                     extra_files=work.model_files(), write_small=work.write_model_config,
                     keep=cfg.keep_checkpoints, protect=state.best_checkpoint, writer=writer)
     return out_dir / "checkpoints" / checkpoint_name(state)
@@ -122,6 +124,8 @@ def restore(path: Path, cfg: Config, work, opts: Optimizers, generators: dict[st
         for key, opt in opts.named().items():
             checkpoint.optimizer_from_flat(opt, checkpoint.split_optimizer_tensors(opt_tensors, key),
                                            saved["optimizers"][key])
+        if opts.scaler is not None and saved.get("loss_scale"):
+            opts.scaler.load_state_dict(saved["loss_scale"])
         part = "run state"
         state = RunState(**saved["run"])
         work.load_state(saved["workload"], state.update)
@@ -238,10 +242,14 @@ def load_config(state: dict, path: Path) -> Config:
         raise checkpoint.CheckpointError(f"checkpoint '{path}' has an invalid config: {e}") from None
 
 
-def load_workload(path: Path):
-    """The workload (policy, normalisers, task) saved in checkpoint folder `path`, and its config."""
+def load_workload(path: Path, device: Optional[str] = None):
+    """The workload (policy, normalisers, task) saved in checkpoint folder `path`, and its config;
+    device: where to load it, instead of the run's own device key."""
     tensors, _, state = checkpoint.load(path)
     cfg = load_config(state, path)
+    if device is not None:
+        cfg = dataclasses.replace(cfg, device=device)
+        placement.resolve(cfg)  # one line if this machine lacks it
     work = build_workload(cfg, cfg.seed, path)
     try:
         work.policy.load_state_dict(tensors, strict=not cfg.is_lm)

@@ -89,8 +89,9 @@ def resolve(name: str) -> Path:
                      f"({', '.join(ALIASES)})")
 
 
-def load(name: str):
-    """(model, tokenizer) in float32 on CPU, the tokenizer padding on the left for generation."""
+def load(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """(model, tokenizer): the weights in `dtype` on `device`, the tokenizer padding on the left
+    for generation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -99,7 +100,7 @@ def load(name: str):
     path = resolve(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load model '{name}' from {path}: {str(e).splitlines()[0]}") from None
     tokenizer.padding_side = "left"

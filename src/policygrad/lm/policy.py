@@ -3,23 +3,25 @@
 Batch layout: obs (B, P+T) = left-padded prompt ids then completion ids, obs_mask (B, P+T) their
 attention mask, actions (B, T) = completion ids, mask (B, T) = 1 up to and including EOS.
 Log-probabilities are computed from the hidden states at completion positions only, in chunks of
-positions, so a full-vocabulary log-softmax of the whole batch never exists at once.
+positions, so a full-vocabulary log-softmax of the whole batch never exists at once; the LM head's
+logits are float32 even when the model runs under autocast (placement.py).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from ..batch import Batch
 from ..core.losses import batch_mean
-
-
-def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Naive twin: log_softmax over the vocabulary, then the chosen token's entry. (..., V) -> (...)."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+from ..placement import Placement
+from . import adapters
+from .generation import (Sampling, TransformersGenerator, cache_name, completion_mask, repeated_cache,
+                         token_log_probs)
 
 
 def chunked_log_probs(hidden: torch.Tensor, head: nn.Module, tokens: torch.Tensor, temperature: float,
@@ -31,8 +33,9 @@ def chunked_log_probs(hidden: torch.Tensor, head: nn.Module, tokens: torch.Tenso
     at a time, only one (B, chunk, V) block of logits is alive outside autograd's saved tensors.
     """
     log_probs, entropies = [], []
+    logits_of = float32_head(head)
     for start in range(0, hidden.shape[1], chunk):
-        logits = head(hidden[:, start:start + chunk]).float() / temperature      # (B, c, V)
+        logits = logits_of(hidden[:, start:start + chunk]) / temperature          # (B, c, V)
         lse = torch.logsumexp(logits, dim=-1)                                    # (B, c)
         chosen = logits.gather(-1, tokens[:, start:start + chunk].unsqueeze(-1)).squeeze(-1)
         log_probs.append(chosen - lse)                                           # (B, c)
@@ -43,25 +46,46 @@ def chunked_log_probs(hidden: torch.Tensor, head: nn.Module, tokens: torch.Tenso
     return torch.cat(log_probs, 1), (torch.cat(entropies, 1) if with_entropy else None)
 
 
-def cache_name(output) -> str:
-    """The KV cache's name in a model output and forward argument (transformers 5.x renamed
-    past_key_values to cache)."""
-    return "cache" if getattr(output, "cache", None) is not None else "past_key_values"
+def float32_head(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The LM head as a function of hidden states giving float32 logits, autocast off: a bfloat16
+    logit of 10 is only good to +-0.04, an error every log-prob, ratio and KL would carry."""
+    def no_autocast(fn, *args):
+        with torch.autocast(device_type=args[0].device.type, enabled=False):
+            return fn(*args)
+
+    if type(head) is nn.Linear:
+        weight, bias = head.weight.float(), None if head.bias is None else head.bias.float()
+        return lambda h: no_autocast(nn.functional.linear, h.float(), weight, bias)
+    dtype = next(head.parameters()).dtype  # an adapted head (LoRA on lm_head): its own forward
+    return lambda h: no_autocast(head, h.to(dtype)).float()
 
 
-def repeated_cache(output, n: int):
-    """The output's KV cache with each row repeated n times (row i becomes rows i*n .. i*n+n-1)."""
-    cache = getattr(output, cache_name(output))
-    cache.batch_repeat_interleave(n)
-    return cache
+@dataclass
+class Reference:
+    """The frozen reference policy: a model, and the context in which it computes the reference
+    (with LoRA the policy's own model, adapter off or the starting adapter switched in)."""
+    model: nn.Module
+    switch: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def frozen_copy(model: nn.Module, placement: Placement) -> Reference:
+    """A full fine-tune's reference: a copy of the starting weights, stored in the compute dtype."""
+    return Reference(copy.deepcopy(model).to(placement.frozen_dtype).eval().requires_grad_(False))
 
 
 class LMPolicy(nn.Module):
-    def __init__(self, model: nn.Module, tokenizer, cfg, with_reference: bool = True):
+    def __init__(self, model: nn.Module, tokenizer, cfg, with_reference: bool = True,
+                 placement: Optional[Placement] = None, reference: Optional[Reference] = None):
+        """reference: the KL reference; without one, with_reference makes a frozen copy of model."""
         super().__init__()
+        self.placement = placement or Placement(torch.device("cpu"), torch.float32)
         self.model = model.eval()  # no dropout: sampling and learning see the same policy
         self.tokenizer = tokenizer
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if with_reference else None
+        if reference is None and with_reference:
+            reference = frozen_copy(model, self.placement)
+        self.reference = None if reference is None else reference.model
+        self.reference_switch = contextlib.nullcontext if reference is None else reference.switch
+        self.lora_dropout = getattr(cfg, "lora_dropout", 0.0) > 0
         self.checkpointing = cfg.gradient_checkpointing
         if self.checkpointing:
             # transformers checkpoints only in training mode; with every dropout at 0, training
@@ -77,7 +101,7 @@ class LMPolicy(nn.Module):
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         hidden = model.config.hidden_size
-        self.value_head = nn.Linear(hidden, 1) if cfg.use_value_head else None
+        self.value_head = nn.Linear(hidden, 1, device=self.placement.device) if cfg.use_value_head else None
         if self.value_head is not None:
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
@@ -91,6 +115,8 @@ class LMPolicy(nn.Module):
         # A chat template writes the model's special tokens itself; a plain prompt needs the
         # tokenizer's (a base model's BOS), as transformers' own pipelines add them.
         self.add_special_tokens = not getattr(tokenizer, "chat_template", None)
+        self.generator = TransformersGenerator(model, tokenizer.pad_token_id, self.eos_ids, self.placement,
+                                               self.share_prompts)
 
     # --- prompts and sampling ---
     def render(self, row: dict) -> str:
@@ -102,51 +128,29 @@ class LMPolicy(nn.Module):
 
     def completion_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) 1 up to and including the first EOS."""
-        is_eos = torch.zeros_like(tokens, dtype=torch.bool)
-        for eos in self.eos_ids:
-            is_eos |= tokens == eos
-        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0                        # (B, T)
-        return (~after_eos).float()
+        return completion_mask(tokens, self.eos_ids)
 
     @torch.no_grad()
-    def generate(self, texts: list[str], cfg, seed: int, samples_per_prompt: int = 1) -> Batch:
+    def generate(self, texts: list[str], cfg, seed: int, samples_per_prompt: int = 1,
+                 min_new_tokens: int = 0) -> Batch:
         """Sample one completion per text (repeat texts for several: with runs of
         samples_per_prompt equal texts, each prompt is prefilled once); a Batch without rewards."""
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens)
-        self.model.eval()  # generation keeps its KV cache (training mode + checkpointing drops it)
-        prefilled = self._shared_prefill(enc, samples_per_prompt if self.share_prompts else 1)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            out = self.model.generate(
-                **enc, **prefilled, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                return_dict_in_generate=True, output_scores=True)
-        prompt_len = enc["input_ids"].shape[1]
-        tokens = out.sequences[:, prompt_len:]                                   # (B, T)
-        mask = self.completion_mask(tokens)                                      # (B, T)
-        # The old log-probs come from the sampling pass itself: no second forward pass, one (B, V)
-        # step at a time. `scores` are the logits after generate's processors (temperature, and
-        # top-k/top-p where sample/eval ask for them), i.e. the distribution the tokens were drawn
-        # from; training refuses truncation (config.py), so there they equal log_softmax(logits / T).
-        log_prob = torch.stack([token_log_probs(step.float(), tokens[:, t])
-                                for t, step in enumerate(out.scores)], 1) * mask  # (B, T)
-        obs_mask = torch.cat([enc["attention_mask"].float(), mask], 1)           # (B, P+T)
-        zeros = torch.zeros_like(mask)
-        return Batch(obs=out.sequences, obs_mask=obs_mask, actions=tokens, log_prob=log_prob,
-                     rewards=zeros, terminated=zeros, truncated=zeros, mask=mask)
-
-    def _shared_prefill(self, enc, n: int) -> dict:
-        """A KV cache of every prompt but its last token, computed once per run of n equal prompts
-        and repeated n times; generate then runs only the last prompt token and the new ones.
-        Empty (generate prefills itself) when the rows do not come in such runs."""
-        ids, attention = enc["input_ids"], enc["attention_mask"]
-        if n <= 1 or ids.shape[0] % n or ids.shape[1] < 2 or not torch.equal(ids[::n].repeat_interleave(n, 0), ids):
-            return {}
-        positions = (attention.cumsum(1) - 1).clamp(min=0)
-        with torch.no_grad():
-            prefix = self.model(input_ids=ids[::n, :-1], attention_mask=attention[::n, :-1],
-                                position_ids=positions[::n, :-1], use_cache=True, logits_to_keep=1)
-        return {name: repeated_cache(prefix, n) for name in [cache_name(prefix)]}
+        ids, attention = enc["input_ids"].to(self.placement.device), enc["attention_mask"].to(self.placement.device)
+        sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            top_k=cfg.top_k, min_new_tokens=min_new_tokens)
+        out = self.generator.generate(ids, attention, sampling, seed, samples_per_prompt)
+        obs_mask = torch.cat([attention.float(), out.mask], 1)                  # (B, P+T)
+        zeros = torch.zeros_like(out.mask)
+        batch = Batch(obs=torch.cat([ids, out.tokens], 1), obs_mask=obs_mask, actions=out.tokens,
+                      log_prob=out.log_prob if out.log_prob is not None else zeros, rewards=zeros,
+                      terminated=zeros, truncated=zeros, mask=out.mask)
+        if out.log_prob is None:
+            # Under autocast the sampling pass's numbers differ from the training pass's by bfloat16
+            # rounding (other kernels, a KV cache); the old log-probs come from the training pass
+            # itself, so that a ratio is exactly 1 before the first step (as TRL and veRL recompute).
+            batch = batch.replace(log_prob=self.log_prob(batch))
+        return batch
 
     def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(t[m.bool()], skip_special_tokens=True).strip()
@@ -157,6 +161,7 @@ class LMPolicy(nn.Module):
         """(B, T, H) hidden states at the positions that predict each completion token."""
         T = batch.actions.shape[1]
         model.train(model is self.model and self.checkpointing and torch.is_grad_enabled())
+        self._dropout(model)
         attention = batch.obs_mask.long()
         positions = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: count real tokens only
         out = model.base_model(input_ids=batch.obs[:, :-1], attention_mask=attention[:, :-1],
@@ -174,6 +179,7 @@ class LMPolicy(nn.Module):
         attention = batch.obs_mask.long()
         positions = (attention.cumsum(1) - 1).clamp(min=0)
         model.eval()
+        self._dropout(model)
         prefix = model.base_model(input_ids=batch.obs[::n, :P], attention_mask=attention[::n, :P],
                                   position_ids=positions[::n, :P], use_cache=True)
         last = prefix.last_hidden_state[:, -1:].repeat_interleave(n, 0)           # (B, 1, H)
@@ -184,7 +190,15 @@ class LMPolicy(nn.Module):
                                 **{cache_name(prefix): repeated_cache(prefix, n)})
         return torch.cat([last, rest.last_hidden_state], 1)                        # (B, T, H)
 
+    def _dropout(self, model: nn.Module) -> None:
+        if self.lora_dropout:
+            adapters.set_dropout(model, training=torch.is_grad_enabled())
+
     def hidden_states(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        with self.placement.autocast():
+            return self._hidden_states(model, batch)
+
+    def _hidden_states(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """(B, T, H) at the positions that predict each completion token: the shared-prompt pass
         when the rows come in runs of samples_per_prompt copies of one prompt (a training batch),
         else the plain one (tests check they agree, values and gradients). A training pass with
@@ -207,7 +221,7 @@ class LMPolicy(nn.Module):
     def evaluate(self, batch: Batch, entropy_grad: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         hidden, log_prob, entropy = self._log_probs(self.model, batch, True, entropy_grad)
-        values = None if self.value_head is None else self.value_head(hidden).squeeze(-1)  # (B, T)
+        values = None if self.value_head is None else self.value_head(hidden.float()).squeeze(-1)  # (B, T)
         return log_prob, entropy, values
 
     def log_prob(self, batch: Batch) -> torch.Tensor:
@@ -215,7 +229,8 @@ class LMPolicy(nn.Module):
 
     @torch.no_grad()
     def reference_log_prob(self, batch: Batch) -> torch.Tensor:
-        return self._log_probs(self.reference, batch, False)[1]
+        with self.reference_switch():
+            return self._log_probs(self.reference, batch, False)[1]
 
     @torch.no_grad()
     def value_features(self, batch: Batch) -> torch.Tensor:
@@ -223,7 +238,7 @@ class LMPolicy(nn.Module):
 
     def values(self, batch: Batch) -> torch.Tensor:
         """(B, T) value-head outputs; only the head gets gradients (TRPO's critic regression)."""
-        return self.value_head(self.value_features(batch)).squeeze(-1)
+        return self.value_head(self.value_features(batch).float()).squeeze(-1)
 
     def rows(self, batch: Batch) -> Batch:
         return batch  # minibatches are cut from whole completions
@@ -233,18 +248,18 @@ class LMPolicy(nn.Module):
     def snapshot_actor(self, batch: Batch) -> torch.Tensor:
         """(B, T, V) log-probabilities over the vocabulary before the step."""
         hidden = self.hidden_states(self.model, batch)
-        head = self.model.get_output_embeddings()
-        return torch.cat([torch.log_softmax(head(hidden[:, s:s + self.chunk]).float() / self.temperature, -1)
+        logits_of = float32_head(self.model.get_output_embeddings())
+        return torch.cat([torch.log_softmax(logits_of(hidden[:, s:s + self.chunk]) / self.temperature, -1)
                           for s in range(0, hidden.shape[1], self.chunk)], 1)
 
     def log_prob_and_kl(self, batch: Batch, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log_prob (B, T) and the mean over completion tokens of KL(old || new), summed exactly
         over the vocabulary, from one forward pass."""
         hidden = self.hidden_states(self.model, batch)
-        head = self.model.get_output_embeddings()
+        logits_of = float32_head(self.model.get_output_embeddings())
         kls, log_probs = [], []
         for s in range(0, hidden.shape[1], self.chunk):
-            new = torch.log_softmax(head(hidden[:, s:s + self.chunk]).float() / self.temperature, -1)
+            new = torch.log_softmax(logits_of(hidden[:, s:s + self.chunk]) / self.temperature, -1)
             old_c = old[:, s:s + self.chunk]
             kls.append((old_c.exp() * (old_c - new)).sum(-1))                   # (B, c)
             log_probs.append(new.gather(-1, batch.actions[:, s:s + self.chunk].unsqueeze(-1)).squeeze(-1))

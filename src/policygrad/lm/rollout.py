@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from .. import config as config_mod
+from .. import placement as placement_mod
 from ..algos import ALGOS
 from ..batch import Batch
 from ..core.losses import KL_ESTIMATORS
-from . import models, tasks
+from . import adapters, models, tasks
 from .tasks import prompt_text
-from .policy import LMPolicy
+from .policy import LMPolicy, Reference
 
 
 class PromptCursor:
@@ -73,8 +74,8 @@ def shaped_rewards(score: torch.Tensor, batch: Batch, kl_coef: float, kl_estimat
     every token also carries -kl_coef * the KL estimate of that token (Ziegler et al. 2019)."""
     B, T = batch.mask.shape
     last = (batch.mask.sum(1).long() - 1).clamp(min=0)                        # (B,) last token
-    rewards = torch.zeros(B, T)                                               # (B, T)
-    rewards[torch.arange(B), last] = score
+    rewards = torch.zeros_like(batch.mask)                                    # (B, T)
+    rewards[torch.arange(B), last] = score.to(rewards.device)
     if kl_in == "reward" and kl_coef:
         estimate = KL_ESTIMATORS[kl_estimator](batch.ref_log_prob - batch.log_prob)  # (B, T)
         rewards = rewards - kl_coef * estimate * batch.mask
@@ -120,13 +121,9 @@ class LMWorkload:
         self.cfg, self.seed = cfg, seed
         self.task = tasks.load(cfg.task, set(config_mod.field_names()))
         self.task.rewards.configure(timeout=cfg.reward_timeout, retries=cfg.reward_retries)
-        base, tokenizer = models.load(cfg.model)
-        if model_path is not None:  # a trained policy; the reference stays the base model
-            trained, _ = models.load(str(model_path))
-            self.policy = LMPolicy(trained, tokenizer, cfg, with_reference=False)
-            self.policy.reference = base.eval().requires_grad_(False)
-        else:
-            self.policy = LMPolicy(base, tokenizer, cfg, with_reference=True)
+        self.placement = placement_mod.resolve(cfg)
+        self.adapted = None
+        self.policy = self._build_policy(model_path)
         if ALGOS[cfg.algo].double_backward:
             # torch's fused CPU attention kernels have no double backward; the eager path has
             self.policy.model.set_attn_implementation("eager")
@@ -135,6 +132,29 @@ class LMWorkload:
         self.moving_baseline = 0.0
         self.steps = 0
         self.signal_watch, self._warnings = NoSignalWatch(), []
+
+    def _build_policy(self, model_path: Optional[Path]) -> LMPolicy:
+        """The policy and its KL reference. Full fine-tuning: float32 weights to train and a frozen
+        copy of the starting model (in the compute dtype) as the reference; model_path, a trained
+        checkpoint's policy/ folder, is loaded to train or evaluate further, the reference staying
+        the base model. LoRA: the base model in the compute dtype with a float32 adapter (new, the
+        adapter= folder's, or model_path's trained one); the reference is the same model with the
+        adapter off or the starting adapter switched in."""
+        cfg, place = self.cfg, self.placement
+        if cfg.uses_lora:
+            base, tokenizer = models.load(cfg.model, place.frozen_dtype, place.device)
+            cuda = [place.device.index or 0] if place.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):  # a new adapter's A draws from the run's seed
+                torch.manual_seed(self.seed)
+                self.adapted = adapters.attach(base, cfg, trained=model_path)
+            reference = Reference(self.adapted.model, self.adapted.reference())
+            return LMPolicy(self.adapted.model, tokenizer, cfg, placement=place, reference=reference)
+        if model_path is None:
+            model, tokenizer = models.load(cfg.model, place.trainable_dtype, place.device)
+            return LMPolicy(model, tokenizer, cfg, placement=place)
+        trained, tokenizer = models.load(str(model_path), place.trainable_dtype, place.device)
+        base, _ = models.load(cfg.model, place.frozen_dtype, place.device)
+        return LMPolicy(trained, tokenizer, cfg, placement=place, reference=Reference(base.eval().requires_grad_(False)))
 
     # --- rollouts ---
     def sample(self, rows: list[dict], n: int, seed: int) -> tuple[Batch, list[str], np.ndarray]:
@@ -170,20 +190,21 @@ class LMWorkload:
         self.steps += 1
         generate_s = time.perf_counter() - start
         B, T = batch.mask.shape
+        device = batch.mask.device
         last = (batch.mask.sum(1).long() - 1).clamp(min=0)                        # (B,) last token
-        score = torch.as_tensor(task_reward, dtype=torch.float32)                # (B,)
+        score = torch.as_tensor(task_reward, dtype=torch.float32, device=device)  # (B,)
         if cfg.whiten_rewards:
             score = (score - score.mean()) / (score.std() + 1e-8)
         rewards = shaped_rewards(score, batch, self.kl.coef, cfg.kl_estimator, cfg.kl_in)  # (B, T)
-        terminated = torch.zeros(B, T)
+        terminated = torch.zeros_like(batch.mask)                                # (B, T)
         terminated[torch.arange(B), last] = 1.0
-        group = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.samples_per_prompt)
+        group = torch.arange(cfg.prompts_per_step, device=device).repeat_interleave(cfg.samples_per_prompt)
         values = next_values = None
         if self.policy.value_head is not None:
             with torch.no_grad():
                 values = self.policy.values(batch) * batch.mask                  # (B, T)
-            next_values = torch.cat([values[:, 1:], torch.zeros(B, 1)], 1)
-        baseline = torch.full((B,), self.moving_baseline)
+            next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
+        baseline = torch.full((B,), self.moving_baseline, device=device)
         batch = batch.replace(rewards=rewards, terminated=terminated, group=group, values=values,
                               next_values=next_values, baseline=baseline, kl_coef=self.kl.coef)
         self._last_scores = (rewards * batch.mask).sum(1)
@@ -242,7 +263,10 @@ class LMWorkload:
 
     def model_files(self) -> dict[str, dict[str, torch.Tensor]]:
         """The policy's weights as policy/model.safetensors, by reference (the trainer waits for the
-        write before it next changes them); tied weights once, as save_pretrained stores them."""
+        write before it next changes them); tied weights once, as save_pretrained stores them. With
+        LoRA, only the adapter: policy/adapter_model.safetensors (the base model is cfg.model)."""
+        if self.adapted is not None:
+            return {f"policy/{adapters.ADAPTER_WEIGHTS}": self.adapted.trainable_tensors()}
         seen, weights = set(), {}
         for name, t in self.policy.model.state_dict().items():
             key = (t.data_ptr(), tuple(t.shape))
@@ -256,6 +280,10 @@ class LMWorkload:
         transformers loads it: AutoModelForCausalLM.from_pretrained(folder / "policy")."""
         model, target = self.policy.model, folder / "policy"
         target.mkdir(parents=True, exist_ok=True)
+        if self.adapted is not None:  # PeftModel.from_pretrained(base, folder / "policy") loads it
+            self.adapted.write_config(target, str(models.resolve(self.cfg.model)))
+            self.policy.tokenizer.save_pretrained(target)
+            return
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(target)
         if model.generation_config is not None:
