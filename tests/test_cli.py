@@ -164,8 +164,9 @@ def test_lm_run_writes_metrics_samples_and_a_plain_transformers_model(lm_run):
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("train/reward_mean", "kl/to_reference", "time/step_s", "policy/clip_fraction",
                 "policy/approx_kl", "policy/entropy", "train/completion_length", "time/tokens_per_s",
-                "eval/reward_mean"):
+                "eval/reward_mean", "time/generate_s", "time/reward_s", "time/reference_s"):
         assert key in rows[-1], key
+    assert rows[-1]["time/generate_s"] + rows[-1]["time/reference_s"] <= rows[-1]["time/collect_s"]
     samples = sorted((lm_run / "samples").iterdir())
     assert samples and json.loads(samples[0].read_text().splitlines()[0]).keys() == {"prompt", "completion", "reward"}
     from transformers import AutoModelForCausalLM

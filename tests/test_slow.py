@@ -116,3 +116,42 @@ def test_ppo_learns_cartpole(tmp_path):
                                                                "total_steps": 60_000, "seed": 1})
     summary = train(cfg, tmp_path, progress=False)
     assert summary["final_eval_return_mean"] >= 400
+
+
+def test_a_lora_trpo_run_on_the_default_model_saves_an_adapter_peft_and_merge_load(tmp_path, monkeypatch):
+    """LoRA (rank 8, every linear layer of attention and MLP, tied embeddings untouched) with TRPO's
+    natural-gradient step over the adapter alone: KL 0 at the first step, the checkpoint's adapter
+    loads in PEFT on the base model and `merge` writes plain weights, both giving the policy's
+    log-probs on the last training batch."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from policygrad import checkpoint, cli
+    from policygrad.lm import models
+
+    out = tmp_path / "lora"
+    seen = watch_workload(monkeypatch)
+    try:
+        rc = cli.main(["train", "--algo", "trpo", "--task", "positive-review", "--steps", "2", "--out", str(out),
+                       "--no-progress", "prompts_per_step=2", "samples_per_prompt=2", "max_new_tokens=8",
+                       "eval_every=0", "--seed", "1", "lora_r=8", "fvp_fraction=0.5"])
+        assert rc == 0
+        assert cli.main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
+    finally:
+        torch.set_num_threads(1)
+    work, cfg = seen["work"], seen["work"].cfg
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert abs(rows[0]["kl/to_reference"]) < 1e-3 and rows[1]["trpo/accepted"] == 1.0
+    trainable = sum(p.numel() for p in work.policy.actor_parameters())
+    assert 0 < trainable < 0.05 * sum(p.numel() for p in work.policy.model.parameters())
+
+    batch = [s for s in seen["samples"] if s[0] == cfg.samples_per_prompt][-1][1]
+    with torch.no_grad():
+        policy_lp = work.policy.log_prob(batch)                                    # (B, T)
+    base = AutoModelForCausalLM.from_pretrained(models.resolve(cfg.model), dtype=torch.float32).eval()
+    adapted = PeftModel.from_pretrained(base, checkpoint.latest(out) / "policy").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    for model in (adapted, merged):
+        lp = plain_log_probs(model, batch, cfg.temperature)
+        chosen = lp.gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1) * batch.mask
+        torch.testing.assert_close(chosen, policy_lp, atol=2e-4, rtol=1e-4)

@@ -107,7 +107,7 @@ class Batch:
         n_groups = int(self.group.max()) + 1
         k = self.shape[0] // n_groups
         if k * n_groups != self.shape[0] or size % k or not torch.equal(
-                self.group, torch.arange(n_groups).repeat_interleave(k)):
+                self.group, torch.arange(n_groups, device=self.group.device).repeat_interleave(k)):
             return None
         groups = torch.randperm(n_groups, generator=generator)                 # (G,)
         return (groups[:, None] * k + torch.arange(k)).reshape(-1)             # (B,)

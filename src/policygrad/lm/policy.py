@@ -19,7 +19,7 @@ from torch import nn
 from ..batch import Batch
 from ..core.losses import batch_mean
 from ..placement import Placement
-from . import adapters
+from . import adapters, models
 from .generation import (Sampling, TransformersGenerator, cache_name, completion_mask, repeated_cache,
                          token_log_probs)
 
@@ -79,6 +79,7 @@ class LMPolicy(nn.Module):
         """reference: the KL reference; without one, with_reference makes a frozen copy of model."""
         super().__init__()
         self.placement = placement or Placement(torch.device("cpu"), torch.float32)
+        self.placement.configure_matmuls()
         self.model = model.eval()  # no dropout: sampling and learning see the same policy
         self.tokenizer = tokenizer
         if reference is None and with_reference:
@@ -278,3 +279,28 @@ class LMPolicy(nn.Module):
         """The LM at cfg.lr; the value head, if any, at its own cfg.value_lr."""
         groups = [(self.actor_parameters(), cfg.lr)]
         return groups + ([(self.critic_parameters(), cfg.value_lr)] if self.value_head is not None else [])
+
+
+def build_policy(cfg, placement: Placement, seed: int, model_path=None
+                 ) -> tuple[LMPolicy, Optional[adapters.Adapted]]:
+    """The policy and its KL reference (and, with LoRA, the adapter's handle). Full fine-tuning:
+    float32 weights to train and a frozen copy of the starting model (in the compute dtype) as the
+    reference; model_path, a trained checkpoint's policy/ folder, is loaded to train or evaluate
+    further, the reference staying the base model. LoRA: the base model in the compute dtype with a
+    float32 adapter (new, the adapter= folder's, or model_path's trained one); the reference is the
+    same model with the adapter off or the starting adapter switched in."""
+    if cfg.uses_lora:
+        base, tokenizer = models.load(cfg.model, placement.frozen_dtype, placement.device)
+        cuda = [placement.device.index or 0] if placement.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # a new adapter's A draws from the run's seed
+            torch.manual_seed(seed)
+            adapted = adapters.attach(base, cfg, trained=model_path)
+        reference = Reference(adapted.model, adapted.reference())
+        return LMPolicy(adapted.model, tokenizer, cfg, placement=placement, reference=reference), adapted
+    if model_path is None:
+        model, tokenizer = models.load(cfg.model, placement.trainable_dtype, placement.device)
+        return LMPolicy(model, tokenizer, cfg, placement=placement), None
+    trained, tokenizer = models.load(str(model_path), placement.trainable_dtype, placement.device)
+    base, _ = models.load(cfg.model, placement.frozen_dtype, placement.device)
+    reference = Reference(base.eval().requires_grad_(False))
+    return LMPolicy(trained, tokenizer, cfg, placement=placement, reference=reference), None

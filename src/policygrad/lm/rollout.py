@@ -21,7 +21,7 @@ from ..batch import Batch
 from ..core.losses import KL_ESTIMATORS
 from . import adapters, models, tasks
 from .tasks import prompt_text
-from .policy import LMPolicy, Reference
+from .policy import build_policy
 
 
 class PromptCursor:
@@ -75,7 +75,7 @@ def shaped_rewards(score: torch.Tensor, batch: Batch, kl_coef: float, kl_estimat
     B, T = batch.mask.shape
     last = (batch.mask.sum(1).long() - 1).clamp(min=0)                        # (B,) last token
     rewards = torch.zeros_like(batch.mask)                                    # (B, T)
-    rewards[torch.arange(B), last] = score.to(rewards.device)
+    rewards[torch.arange(B, device=rewards.device), last] = score.to(rewards.device)
     if kl_in == "reward" and kl_coef:
         estimate = KL_ESTIMATORS[kl_estimator](batch.ref_log_prob - batch.log_prob)  # (B, T)
         rewards = rewards - kl_coef * estimate * batch.mask
@@ -122,8 +122,7 @@ class LMWorkload:
         self.task = tasks.load(cfg.task, set(config_mod.field_names()))
         self.task.rewards.configure(timeout=cfg.reward_timeout, retries=cfg.reward_retries)
         self.placement = placement_mod.resolve(cfg)
-        self.adapted = None
-        self.policy = self._build_policy(model_path)
+        self.policy, self.adapted = build_policy(cfg, self.placement, seed, model_path)
         if ALGOS[cfg.algo].double_backward:
             # torch's fused CPU attention kernels have no double backward; the eager path has
             self.policy.model.set_attn_implementation("eager")
@@ -132,40 +131,24 @@ class LMWorkload:
         self.moving_baseline = 0.0
         self.steps = 0
         self.signal_watch, self._warnings = NoSignalWatch(), []
-
-    def _build_policy(self, model_path: Optional[Path]) -> LMPolicy:
-        """The policy and its KL reference. Full fine-tuning: float32 weights to train and a frozen
-        copy of the starting model (in the compute dtype) as the reference; model_path, a trained
-        checkpoint's policy/ folder, is loaded to train or evaluate further, the reference staying
-        the base model. LoRA: the base model in the compute dtype with a float32 adapter (new, the
-        adapter= folder's, or model_path's trained one); the reference is the same model with the
-        adapter off or the starting adapter switched in."""
-        cfg, place = self.cfg, self.placement
-        if cfg.uses_lora:
-            base, tokenizer = models.load(cfg.model, place.frozen_dtype, place.device)
-            cuda = [place.device.index or 0] if place.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda):  # a new adapter's A draws from the run's seed
-                torch.manual_seed(self.seed)
-                self.adapted = adapters.attach(base, cfg, trained=model_path)
-            reference = Reference(self.adapted.model, self.adapted.reference())
-            return LMPolicy(self.adapted.model, tokenizer, cfg, placement=place, reference=reference)
-        if model_path is None:
-            model, tokenizer = models.load(cfg.model, place.trainable_dtype, place.device)
-            return LMPolicy(model, tokenizer, cfg, placement=place)
-        trained, tokenizer = models.load(str(model_path), place.trainable_dtype, place.device)
-        base, _ = models.load(cfg.model, place.frozen_dtype, place.device)
-        return LMPolicy(trained, tokenizer, cfg, placement=place, reference=Reference(base.eval().requires_grad_(False)))
+        self.sample_times: dict[str, float] = {}
 
     # --- rollouts ---
     def sample(self, rows: list[dict], n: int, seed: int) -> tuple[Batch, list[str], np.ndarray]:
         """n completions per row: the batch (with ref log-probs), completions and task rewards."""
         texts = [self.policy.render(r) for r in rows for _ in range(n)]
         self._check_context(texts)
+        start = time.perf_counter()
         batch = self.policy.generate(texts, self.cfg, seed, samples_per_prompt=n)
+        generated = time.perf_counter()
         completions = self.policy.decode(batch.actions, batch.mask)
         expanded = [r for r in rows for _ in range(n)]
         rewards = self.task.rewards([prompt_text(r) for r in expanded], completions, extras_of(expanded))
+        scored = time.perf_counter()
         ref = self.policy.reference_log_prob(batch) if self.policy.reference is not None else batch.log_prob
+        # each phase on its own: sampling (under autocast with the old log-probs' pass), rewards, reference
+        self.sample_times = {"time/generate_s": generated - start, "time/reward_s": scored - generated,
+                             "time/reference_s": time.perf_counter() - scored}
         return batch.replace(ref_log_prob=ref), completions, rewards
 
     def _check_context(self, texts: list[str]) -> None:
@@ -188,7 +171,7 @@ class LMWorkload:
         batch, completions, task_reward = self.sample(rows, cfg.samples_per_prompt,
                                                       seed=self.seed * 1_000_003 + self.steps)
         self.steps += 1
-        generate_s = time.perf_counter() - start
+        generate_s = self.sample_times["time/generate_s"]
         B, T = batch.mask.shape
         device = batch.mask.device
         last = (batch.mask.sum(1).long() - 1).clamp(min=0)                        # (B,) last token
@@ -197,7 +180,7 @@ class LMWorkload:
             score = (score - score.mean()) / (score.std() + 1e-8)
         rewards = shaped_rewards(score, batch, self.kl.coef, cfg.kl_estimator, cfg.kl_in)  # (B, T)
         terminated = torch.zeros_like(batch.mask)                                # (B, T)
-        terminated[torch.arange(B), last] = 1.0
+        terminated[torch.arange(B, device=device), last] = 1.0
         group = torch.arange(cfg.prompts_per_step, device=device).repeat_interleave(cfg.samples_per_prompt)
         values = next_values = None
         if self.policy.value_head is not None:
@@ -215,7 +198,8 @@ class LMWorkload:
             "train/reward_mean": float(task_reward.mean()), "train/reward_std": float(task_reward.std()),
             "train/flat_group_share": flat_groups, "train/flat_batch": flat_batch,
             "kl/to_reference": float(kl_per_completion(batch).mean()), "kl/coef": self.kl.coef,
-            "train/completion_length": float(lengths.mean()), "time/generate_s": generate_s,
+            "train/completion_length": float(lengths.mean()), **self.sample_times,
+            "time/collect_s": time.perf_counter() - start,
             "time/tokens_per_s": float(lengths.sum()) / max(generate_s, 1e-9)}
 
     def after_update(self, batch: Batch, metrics: dict) -> dict:
