@@ -15,9 +15,9 @@ step; the floor, one batched generate of the same 16 completions plus one forwar
 them, every row in full (share_prompts=false); the same floor with the shared-prompt passes a step
 uses (so the gap to it is what a step adds: reference pass, rewards, optimiser); and TRL's
 GRPOTrainer on the same job (gradient checkpointing on, bf16 off); the same step with LoRA
-(rank 16) beside the full fine-tune's (step time and peak RSS); and our sampling against plain
-transformers `generate` of the same completions, forced to full length. The last line printed is
-one JSON object.
+(rank 16) and under bfloat16 autocast beside the full fine-tune's (step time and peak RSS); and
+our sampling against plain transformers `generate` of the same completions, forced to full
+length. The last line printed is one JSON object.
 """
 from __future__ import annotations
 
@@ -98,6 +98,12 @@ def worker_ours(steps: int, **overrides) -> dict:
 def worker_ours_lora(steps: int) -> dict:
     """The same step with LoRA adapters of rank 16 (the reference is the adapter switched off)."""
     return worker_ours(steps, lora_r=16)
+
+
+def worker_ours_bf16(steps: int) -> dict:
+    """The same step under bfloat16 autocast (dtype=bfloat16): fast where the CPU has AVX-512-BF16
+    or AMX, slow where bfloat16 is emulated."""
+    return worker_ours(steps, dtype="bfloat16")
 
 
 def worker_sampling(steps: int) -> dict:
@@ -213,7 +219,7 @@ def worker_trl(steps: int) -> dict:
 
 WORKERS = {"ours": worker_ours, "floor": worker_floor, "floor_shared": worker_floor_shared, "trl": worker_trl,
            "ours_checkpointing": worker_ours_checkpointing, "ours_lora": worker_ours_lora,
-           "sampling": worker_sampling}
+           "sampling": worker_sampling, "ours_bf16": worker_ours_bf16}
 
 
 def spawn(name: str, steps: int) -> dict:
@@ -225,10 +231,10 @@ def spawn(name: str, steps: int) -> dict:
 
 
 def speed(steps: int) -> dict:
-    names = ("ours", "ours_lora", "floor", "floor_shared", "trl", "sampling")
-    ours, lora, floor, shared, trl, sampling = (spawn(n, steps) for n in names)
-    result = {"ours": ours, "ours_lora": lora, "floor": floor, "floor_shared": shared, "trl": trl,
-              "sampling": sampling}
+    names = ("ours", "ours_lora", "ours_bf16", "floor", "floor_shared", "trl", "sampling")
+    ours, lora, bf16, floor, shared, trl, sampling = (spawn(n, steps) for n in names)
+    result = {"ours": ours, "ours_lora": lora, "ours_bf16": bf16, "floor": floor, "floor_shared": shared,
+              "trl": trl, "sampling": sampling}
     if "step_s" in ours and "step_s" in lora:
         result["lora_over_full_step"] = round(lora["step_s"] / ours["step_s"], 3)
         result["lora_over_full_peak_rss"] = round(lora["peak_rss_mb"] / ours["peak_rss_mb"], 3)

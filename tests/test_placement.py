@@ -176,3 +176,18 @@ def test_the_placement_of_a_float32_cpu_run_changes_nothing():
     assert not p.mixed and not p.needs_loss_scale
     with p.autocast():
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_eval_and_sample_take_a_device_and_refuse_an_absent_one(tiny_lm, task_file, tmp_path):
+    out = tmp_path / "run"
+    cli = [sys.executable, "-m", "policygrad.cli"]
+    r = subprocess.run([*cli, "train", "--algo", "reinforce", "--task", str(task_file), "--model", str(tiny_lm),
+                        "--steps", "1", "--out", str(out), "--no-progress", "eval_every=0", "prompts_per_step=2",
+                        "eval_prompts=2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*cli, "sample", str(out), "--prompt", "Hi", "--device", "cpu"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and '"completion"' in r.stdout, r.stderr
+    for command in (["eval", str(out)], ["sample", str(out), "--prompt", "Hi"]):
+        r = subprocess.run([*cli, *command, "--device", "cuda:1"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no CUDA GPU" in r.stderr, r.stderr

@@ -28,13 +28,10 @@ def merged_model(path: Path, cfg):
     folder = path / "policy"
     if not cfg.uses_lora:
         return models.load(str(folder))
-    from peft import PeftModel
-
     base, tokenizer = models.load(cfg.model, torch.float32, "cpu")
     if not (folder / adapters.ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"checkpoint '{path}' of a LoRA run has no adapter in {folder}")
-    adapted = PeftModel.from_pretrained(base, str(folder))
-    return adapted.merge_and_unload(), tokenizer
+    return adapters.merged(base, folder), tokenizer
 
 
 def base_dtype(cfg) -> torch.dtype:

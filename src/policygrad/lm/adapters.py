@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -84,17 +85,18 @@ def attach(model: nn.Module, cfg, trained: Optional[Path] = None) -> Adapted:
     from peft import PeftModel, get_peft_model
 
     start = trained if trained is not None else (Path(cfg.adapter) if cfg.adapter else None)
-    try:
-        if start is not None:
-            peft = PeftModel.from_pretrained(model, str(start), adapter_name=TRAINED, is_trainable=True)
-        else:
-            peft = get_peft_model(model, lora_config(cfg))
-    except ValueError as e:  # e.g. target modules not found
-        raise AdapterError(f"LoRA cannot be attached to model '{cfg.model}': {str(e).splitlines()[0]}") from None
     initial = cfg.adapter is not None and cfg.lora_reference == "initial"
-    if initial:
-        peft.load_adapter(cfg.adapter, adapter_name=REFERENCE, is_trainable=False)
-        peft.set_adapter(TRAINED)
+    with quiet_peft():
+        try:
+            if start is not None:
+                peft = PeftModel.from_pretrained(model, str(start), adapter_name=TRAINED, is_trainable=True)
+            else:
+                peft = get_peft_model(model, lora_config(cfg))
+        except ValueError as e:  # e.g. target modules not found
+            raise AdapterError(f"LoRA cannot be attached to model '{cfg.model}': {str(e).splitlines()[0]}") from None
+        if initial:
+            peft.load_adapter(cfg.adapter, adapter_name=REFERENCE, is_trainable=False)
+            peft.set_adapter(TRAINED)
     for p in peft.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -108,11 +110,21 @@ def set_dropout(model: nn.Module, training: bool) -> None:
             module.train(training)
 
 
-def merge(adapted: Adapted) -> nn.Module:
-    """The transformers model with the trained adapter added into its weights, adapters removed."""
-    if adapted.reference_is_initial:
-        adapted.peft.delete_adapter(REFERENCE)
-    return adapted.peft.merge_and_unload()
+def merged(base: nn.Module, folder: Path) -> nn.Module:
+    """`base` with the adapter in `folder` added into its weights (B @ A * alpha / r), PEFT's
+    layers removed: a plain transformers model."""
+    from peft import PeftModel
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT asks transformers 5.x a deprecated question whenever it wraps a model; not the user's
+    concern, so its FutureWarning is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 # --- checks before a run starts (nothing loaded but a config) ---
