@@ -54,11 +54,13 @@ def baseline(task: str) -> dict:
     return LMWorkload(cfg, cfg.seed).evaluate("test")
 
 
-def learning(algos: list[str], arithmetic: bool, seeds: list[int], lora_r: int = 0) -> list[dict]:
+def learning(algos: list[str], arithmetic: bool, seeds: list[int], lora_r: int = 0, dtype: str = "auto") -> list[dict]:
     """Each algorithm on positive-review over `seeds`: every seed's gain, their mean and the worst.
     Passing: the mean gain >= 0.3, the worst seed's >= 0.25 (one seed alone: >= 0.3), KL < 5.
     lora_r > 0: LoRA adapters of that rank instead of full fine-tuning (passing: every gain >= 0.25)."""
     lora = {"lora_r": lora_r} if lora_r else {}
+    if dtype != "auto":
+        lora["dtype"] = dtype
     results = []
     tasks = [("positive-review", a) for a in algos] + ([("arithmetic", "reinforce")] if arithmetic else [])
     bases = {}
@@ -75,9 +77,9 @@ def learning(algos: list[str], arithmetic: bool, seeds: list[int], lora_r: int =
                          "median_step_s": statistics.median(r["time/step_s"] for r in rows)})
             print(f"learning {task} {algo} seed {seed}: {runs[-1]}", file=sys.stderr)
         gains = [r["gain"] for r in runs]
-        need = (0.25 if lora else 0.3) if task == "positive-review" else 0.10
+        need = (0.25 if lora_r else 0.3) if task == "positive-review" else 0.10
         worst_need = 0.25 if len(runs) > 1 and task == "positive-review" else need
-        result = {"task": task, "algo": algo, "lora_r": lora_r, "steps": TASK_STEPS[task], "base_test_reward": bases[task],
+        result = {"task": task, "algo": algo, "lora_r": lora_r, "dtype": dtype, "steps": TASK_STEPS[task], "base_test_reward": bases[task],
                   "seeds": runs, "mean_gain": statistics.mean(gains), "worst_gain": min(gains),
                   "max_kl_to_reference": max(r["kl_to_reference"] for r in runs),
                   "ok": (statistics.mean(gains) >= need and min(gains) >= worst_need
@@ -261,6 +263,7 @@ def main() -> None:
     parser.add_argument("--arithmetic", action="store_true", help="also the arithmetic threshold")
     parser.add_argument("--steps", type=int, default=4, help="speed: timed steps per side")
     parser.add_argument("--lora", type=int, default=0, metavar="R", help="learning: LoRA adapters of rank R")
+    parser.add_argument("--dtype", default="auto", help="learning: the runs' dtype (e.g. bfloat16)")
     parser.add_argument("--worker", choices=tuple(WORKERS))
     args = parser.parse_args()
     if args.worker:
@@ -271,7 +274,7 @@ def main() -> None:
     out: dict = {"benchmark": "lm", "cpu": cpu_name()}
     if args.only in (None, "learning"):
         out["learning"] = learning(args.algos.split(","), args.arithmetic, [int(s) for s in args.seeds.split(",")],
-                                   args.lora)
+                                   args.lora, args.dtype)
     if args.only in (None, "speed"):
         out["speed"] = speed(args.steps)
     if args.only == "memory":
