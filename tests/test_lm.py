@@ -11,7 +11,8 @@ from policygrad.batch import Batch
 from policygrad.config import Config, resolve
 from policygrad.core import advantages
 from policygrad.lm import models, rewards, tasks
-from policygrad.lm.policy import chunked_log_probs, token_log_probs
+from policygrad.lm.generation import token_log_probs
+from policygrad.lm.policy import chunked_log_probs
 from policygrad.lm.rollout import LMWorkload, PromptCursor
 
 

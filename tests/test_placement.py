@@ -191,3 +191,17 @@ def test_eval_and_sample_take_a_device_and_refuse_an_absent_one(tiny_lm, task_fi
     for command in (["eval", str(out)], ["sample", str(out), "--prompt", "Hi"]):
         r = subprocess.run([*cli, *command, "--device", "cuda:1"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no CUDA GPU" in r.stderr, r.stderr
+
+
+def test_a_float16_runs_loss_scale_is_saved_and_restored(letters_task, tmp_path):
+    from policygrad.trainer import restore, save_run, RunState
+    cfg = letters_cfg(letters_task, "float16")
+    work, opts, _, _ = one_update(cfg)
+    opts.scaler.update(1234.0)  # a scale the fresh scaler would not have
+    generators = {"shuffle": torch.Generator().manual_seed(0)}
+    path = save_run(tmp_path, cfg, work, opts, RunState(update=1), generators)
+    fresh = LMWorkload(cfg, seed=0)
+    fresh_opts = ALGOS[cfg.algo].make_optimizers(fresh.policy, cfg)
+    assert fresh_opts.scaler.get_scale() != 1234.0
+    restore(path, cfg, fresh, fresh_opts, generators)
+    assert fresh_opts.scaler.get_scale() == 1234.0

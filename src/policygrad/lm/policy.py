@@ -20,8 +20,7 @@ from ..batch import Batch
 from ..core.losses import batch_mean
 from ..placement import Placement
 from . import adapters, models
-from .generation import (Sampling, TransformersGenerator, cache_name, completion_mask, repeated_cache,
-                         token_log_probs)
+from .generation import Sampling, TransformersGenerator, cache_name, completion_mask, repeated_cache
 
 
 def chunked_log_probs(hidden: torch.Tensor, head: nn.Module, tokens: torch.Tensor, temperature: float,
