@@ -59,7 +59,7 @@ class Placement:
     def configure_matmuls(self) -> None:
         """On a CUDA GPU under autocast, the float32 matmuls left (the LM head's logits, the value
         head) run on TF32 tensor cores: 10-bit-mantissa inputs, float32 accumulation and output.
-        In plain float32 they would take as long as all the bfloat16 layers together (a 152k
+        In plain float32 they would, by estimate, take about as long as all the bfloat16 layers (a 152k
         vocabulary's head is 15% of Qwen2.5-1.5B's FLOPs, at 1/15 of bfloat16's rate). A float32
         run, and every CPU run, keeps full float32 matmuls."""
         if self.device.type == "cuda" and self.mixed:
