@@ -227,6 +227,20 @@ CASES = {
     "plot bad format": (lambda r, m, o, c: ["plot", c, "--out", o / "c.xyz"], ".xyz"),
     "serve-reward without reward": (lambda r, m, o, c: ["serve-reward", "--port", 8123], "--task"),
     "serve-reward unknown reward": (lambda r, m, o, c: ["serve-reward", "--reward", "nope"], "unknown reward"),
+    # processes (checked before any process starts)
+    "--nproc beyond the batch": (lambda r, m, o, c: ["train", *CONTROL, "--out", o, "--nproc", 4],
+                                 "4 processes need at least 4 num_envs"),
+    "--nproc not dividing the batch": (lambda r, m, o, c: ["train", *CONTROL, "--out", o, "--nproc", 2, "num_envs=3"],
+                                       "num_envs=3 does not split evenly over 2 processes"),
+    "--nproc 0": (lambda r, m, o, c: ["train", *CONTROL, "--out", o, "--nproc", 0], "--nproc must be at least 1"),
+    "shard=fsdp on control": (lambda r, m, o, c: ["train", *CONTROL, "--out", o, "shard=fsdp"],
+                              "shard=fsdp splits a language model"),
+    "shard=fsdp in one process": (lambda r, m, o, c: [*lm_train(r, m), "--out", o, "shard=fsdp"],
+                                  "this run is one process"),
+    "shard=fsdp with TRPO": (lambda r, m, o, c: [*lm_train(r, m), "--out", o, "--algo", "trpo", "shard=fsdp",
+                                                 "--nproc", 2], "shard=fsdp with TRPO"),
+    "resume at another process count": (lambda r, m, o, c: ["train", "--resume", c, "--nproc", 2],
+                                        "written by 1 process(es)"),
 }
 
 

@@ -85,25 +85,28 @@ def lm_task(tmp_path_factory):
     return folder, model
 
 
-# full fine-tuning in float32; a LoRA adapter (reference: the adapter off) in bfloat16 autocast
-LM_VARIANTS = {"full": ([], "policy/model.safetensors"),
-               "lora-bf16": (["lora_r=4", "lr=0.01", "dtype=bfloat16"], "policy/adapter_model.safetensors")}
+# full fine-tuning in float32; a LoRA adapter (reference: the adapter off) in bfloat16 autocast;
+# full fine-tuning as 2 processes (torch.distributed, gloo), each with one of the step's 2 prompts
+LM_VARIANTS = {"full": ([], "policy/model.safetensors", []),
+               "lora-bf16": (["lora_r=4", "lr=0.01", "dtype=bfloat16"], "policy/adapter_model.safetensors", []),
+               "2-processes": ([], "policy/model.safetensors", ["--nproc", 2])}
 
 
 @pytest.mark.parametrize("variant", list(LM_VARIANTS))
 def test_lm_run_killed_three_times_ends_identical_to_uninterrupted(lm_task, tmp_path, variant):
     folder, model = lm_task
     steps = 10
-    extra, weights = LM_VARIANTS[variant]
+    extra, weights, launch = LM_VARIANTS[variant]
     # PPO with a value head, adaptive KL and minibatch shuffling: every piece of state a resume needs
     args = ["--algo", "ppo", "--task", folder / "task.yaml", "--model", model, "--steps", steps, "--seed", 3,
             "--no-progress", "checkpoint_every=2", "eval_every=3", "use_value_head=true", "adaptive_kl=true",
-            "batch_size=2", "n_epochs=2", *extra]
+            "batch_size=2", "n_epochs=2", *extra, *launch]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     r = subprocess.run(cli("train", "--out", straight, *args), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     log = interrupted_run(cli("train", "--out", broken, *args), broken, steps,
-                          [cli("train", "--resume", broken, "--no-progress"), cli("train", "--out", broken, *args)])
+                          [cli("train", "--resume", broken, "--no-progress", *launch),
+                           cli("train", "--out", broken, *args)])
     context = f"POLICYGRAD_KILL_SEED={KILL_SEED}: " + "; ".join(log)
     assert rows_without_timings(broken) == rows_without_timings(straight), context
     for name in (weights, "model.safetensors"):

@@ -30,8 +30,8 @@ def watch_workload(monkeypatch) -> dict:
     seen = {"samples": []}
     build = trainer.build_workload
 
-    def watched(cfg, seed, path=None):
-        work = seen["work"] = build(cfg, seed, path)
+    def watched(cfg, path=None):
+        work = seen["work"] = build(cfg, path)
         sample = work.sample
 
         def recorded(rows, n, seed):

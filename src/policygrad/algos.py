@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
+from . import dist
 from .batch import Batch
 from .core.losses import POLICY_LOSSES, batch_mean, kl_loss_per_token, value_loss
 from .core.trpo import trpo_step
@@ -48,6 +48,18 @@ class Progress:
     a checkpoint still being written from them, so the write overlaps rollout and backward pass."""
 
 
+class WeightedMetrics:
+    """A weighted sum of metric dicts: each micro-batch's metrics weighted by its share of the
+    global batch's valid steps, so that summed over ranks they are the whole batch's means."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+
+    def add(self, metrics: dict, weight: float) -> None:
+        for k, v in metrics.items():
+            self.sums[k] += weight * float(v)
+
+
 class MetricMean:
     """Averages metric dicts over an update's minibatches."""
 
@@ -77,37 +89,41 @@ def _scheduled(value: float, schedule: str, progress: Progress) -> float:
     return value * progress.remaining if schedule == "linear" else value
 
 
-def sync_gradients(params) -> None:
-    """Average gradients over ranks if a process group exists (nothing creates one yet: multi-process
-    training is issue #11, and TRPO's step does not call this); a no-op in one process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+def _global_valid(batch: Batch) -> torch.Tensor:
+    """() valid steps of the global batch: this rank's part and every other rank's (a stand-in
+    part, all mask 0, counts nothing)."""
+    return dist.total(batch.mask.sum()).clamp(min=1.0)
 
 
 def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batch: Batch,
                    loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]], cfg,
                    before_step: Callable[[], None], scaler: Optional[torch.amp.GradScaler] = None) -> dict:
     """One optimiser step on loss_fn over `batch`, accumulated over micro-batches of
-    cfg.micro_batch_size rows; each micro-batch's mean is weighted by its share of valid steps, so
-    the gradient equals that of one pass over the whole batch. With a (float16) scaler the backward
-    passes run on the scaled loss and the gradients are unscaled before clipping."""
+    cfg.micro_batch_size rows. Each micro-batch's mean is weighted by its share of the valid steps
+    of the global batch (this rank's part and the other ranks'), and the gradients are summed over
+    ranks, so the step equals that of one pass over the whole global batch in one process. With a
+    (float16) scaler the backward passes run on the scaled loss and the gradients are unscaled
+    before clipping."""
     for flat in flats:
         flat.zero_grad()
-    micro_batches, mean = batch.split_rows(cfg.micro_batch_size), MetricMean()
+    micro_batches, weighted = batch.split_rows(cfg.micro_batch_size), WeightedMetrics()
+    scale_loss = len(micro_batches) > 1 or dist.world() > 1
+    global_valid = _global_valid(batch) if scale_loss else batch.n_valid
     finite = True
     for micro in micro_batches:
         loss, metrics = loss_fn(micro)
-        if len(micro_batches) > 1:
-            loss = loss * (micro.n_valid / batch.n_valid)
+        weight = micro.mask.sum() / global_valid
+        if scale_loss:
+            loss = loss * weight
         finite = finite and bool(torch.isfinite(loss))
         (loss if scaler is None else scaler.scale(loss)).backward()
-        mean.add(metrics)
-    sync_gradients([flat.param for flat in flats])
+        weighted.add(metrics, float(weight))
+    dist.sum_gradients([flat.param.grad for flat in flats])
+    # one collective for the metrics and whether any rank's loss was not finite (all skip together)
+    metrics = dist.sum_floats({**weighted.sums, "update/nonfinite": 0.0 if finite else 1.0})
+    finite = metrics["update/nonfinite"] == 0.0
     if scaler is not None:
         scaler.unscale_(opt)
-    metrics = mean.result()
     metrics["policy/grad_norm"] = clip_grad_norm_(flats, cfg.max_grad_norm)
     if scaler is not None:
         # An overflowing float16 gradient is the scaler's to handle: it skips the step and lowers
@@ -188,7 +204,7 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
     rows, mean = policy.rows(batch), MetricMean()
     stopped_early = 0.0
     for _ in range(cfg.n_epochs):
-        for mb in rows.minibatches(cfg.batch_size, progress.generator):
+        for mb in rows.minibatches(cfg.batch_size, progress.generator, dist.rank(), dist.world()):
             metrics = _gradient_step(opts.main, opts.main_params, mb, loss_fn, cfg, progress.before_step,
                                      opts.scaler)
             mean.add(metrics)
@@ -202,20 +218,24 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
 
 # --- TRPO ---------------------------------------------------------------------------------------
 def _weighted(batch: Batch, size: int) -> list[tuple[float, Batch]]:
-    """Micro-batches of `size` rows, each with its share of the batch's valid steps as its weight:
-    the weighted sum of a mean over each micro-batch's valid steps is the whole batch's mean."""
-    return [(float(m.n_valid / batch.n_valid), m) for m in batch.split_rows(size)]
+    """Micro-batches of `size` rows, each with its share of the global batch's valid steps as its
+    weight: the weighted sum of a mean over each micro-batch's valid steps, summed over ranks, is
+    the whole batch's mean."""
+    global_valid = _global_valid(batch) if dist.world() > 1 else batch.n_valid
+    return [(float(m.mask.sum() / global_valid), m) for m in batch.split_rows(size)]
 
 
 def _fvp_rows(policy, batch: Batch, cfg, generator: torch.Generator) -> Batch:
     """The rows the Fisher-vector products see: a random cfg.fvp_fraction of the policy's rows
-    (completions of a language model, transitions of a control rollout), or the whole batch."""
+    (completions of a language model, transitions of a control rollout), or the whole batch. The
+    draw is over the global batch (every rank draws the same), each rank keeping its own rows."""
     if cfg.fvp_fraction >= 1.0:
         return batch
     rows = policy.rows(batch)
-    n_rows = rows.shape[0]
+    n_rows = rows.shape[0] * dist.world()
     n_sub = max(1, round(cfg.fvp_fraction * n_rows))
-    return rows.select_rows(torch.randperm(n_rows, generator=generator)[:n_sub])
+    chosen = torch.randperm(n_rows, generator=generator)[:n_sub]
+    return rows.select_rows(chosen) if dist.world() == 1 else rows.local_part(chosen, dist.rank())
 
 
 def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) -> dict:
@@ -233,16 +253,16 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
         fvp_micros = _weighted(fvp_batch, cfg.micro_batch_size)
         fvp_olds = [policy.snapshot_actor(m) for _, m in fvp_micros]
 
-    kl_metrics = MetricMean()  # of the gradient's pass, at the parameters before the step
+    kl_metrics = WeightedMetrics()  # of the gradient's pass, at the parameters before the step
 
-    def surrogate_of(log_prob: torch.Tensor, b: Batch, record: bool = False) -> torch.Tensor:
+    def surrogate_of(log_prob: torch.Tensor, b: Batch, weight: Optional[float] = None) -> torch.Tensor:
         ratio = torch.exp(log_prob - b.log_prob)                         # (B, T)
         kl_term, metrics = kl_loss(log_prob, b, cfg)
-        if record:
-            kl_metrics.add(metrics)
+        if weight is not None:
+            kl_metrics.add(metrics, weight)
         return -batch_mean(ratio * b.advantages, b) + kl_term
 
-    loss_pieces = [(w, lambda m=m: surrogate_of(policy.log_prob(m), m, record=True)) for w, m in micros]
+    loss_pieces = [(w, lambda m=m, w=w: surrogate_of(policy.log_prob(m), m, weight=w)) for w, m in micros]
     kl_pieces = [(w, lambda m=m, old=old: policy.kl(m, old)) for (w, m), old in zip(fvp_micros, fvp_olds)]
 
     @torch.no_grad()
@@ -256,15 +276,15 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
     progress.before_step()  # the line search below moves the parameters
     metrics = trpo_step(policy.actor_parameters(), loss_pieces, kl_pieces, loss_and_kl, max_kl=cfg.max_kl,
                         damping=cfg.cg_damping, cg_iters=cfg.cg_iters, line_search_steps=cfg.line_search_steps,
-                        shrink=cfg.line_search_shrink)
-    metrics.update(kl_metrics.result())
+                        shrink=cfg.line_search_shrink, **({"reduce": dist.total} if dist.world() > 1 else {}))
+    metrics.update(dist.sum_floats(kl_metrics.sums))
     if opts.value is None:  # critic-free (a sequence baseline)
         return metrics
     _set_lr(opts.value, progress, cfg, base=cfg.value_lr)
     rows, mean = policy.rows(batch), MetricMean()
     value_fn = lambda mb: (lambda v: (v, {"value/loss": v.item()}))(value_loss(policy.values(mb), mb))
     for _ in range(cfg.value_epochs):
-        for mb in rows.minibatches(cfg.batch_size, progress.generator):
+        for mb in rows.minibatches(cfg.batch_size, progress.generator, dist.rank(), dist.world()):
             mean.add(_gradient_step(opts.value, opts.value_params, mb, value_fn, cfg, progress.before_step))
     value_metrics = {k.replace("policy/grad_norm", "value/grad_norm"): v for k, v in mean.result().items()}
     nonfinite = max(metrics.get("update/nonfinite", 0.0), value_metrics.pop("update/nonfinite", 0.0))

@@ -98,10 +98,11 @@ class Batch:
         return [self.select_rows(torch.arange(s, min(s + size, self.shape[0])))
                 for s in range(0, self.shape[0], size)]
 
-    def _group_order(self, size: int, generator: torch.Generator) -> Optional[torch.Tensor]:
-        """A row order that shuffles whole groups (a language model's completions of one prompt,
-        stored in runs of k), when minibatches of `size` hold whole groups: then a minibatch keeps
-        a prompt's completions together and they share its forward pass. None otherwise."""
+    def _group_order(self, size: int, generator: torch.Generator, world: int = 1) -> Optional[torch.Tensor]:
+        """A row order of the global batch (this batch repeated over `world` ranks) that shuffles
+        whole groups (a language model's completions of one prompt, stored in runs of k), when
+        minibatches of `size` hold whole groups: then a minibatch keeps a prompt's completions
+        together and they share its forward pass. None otherwise."""
         if self.group is None:
             return None
         n_groups = int(self.group.max()) + 1
@@ -109,17 +110,35 @@ class Batch:
         if k * n_groups != self.shape[0] or size % k or not torch.equal(
                 self.group, torch.arange(n_groups, device=self.group.device).repeat_interleave(k)):
             return None
-        groups = torch.randperm(n_groups, generator=generator)                 # (G,)
+        groups = torch.randperm(n_groups * world, generator=generator)         # (G,)
         return (groups[:, None] * k + torch.arange(k)).reshape(-1)             # (B,)
 
-    def minibatches(self, size: int, generator: torch.Generator) -> Iterator["Batch"]:
+    def local_part(self, global_rows: torch.Tensor, rank: int = 0) -> "Batch":
+        """This rank's rows of a set of global row indices, when each rank holds an equal block of
+        the global batch in rank order. A rank holding none of them gets one stand-in row with an
+        all-zero mask: it weighs nothing, yet the rank still runs the passes every rank must run
+        together (gradient sums, FSDP's gathers)."""
+        n = self.shape[0]
+        mine = global_rows[(global_rows >= rank * n) & (global_rows < (rank + 1) * n)] - rank * n
+        if len(mine):
+            return self.select_rows(mine)
+        stand_in = self.select_rows(torch.zeros(1, dtype=torch.long))
+        return stand_in.replace(mask=torch.zeros_like(stand_in.mask))
+
+    def minibatches(self, size: int, generator: torch.Generator, rank: int = 0, world: int = 1
+                    ) -> Iterator["Batch"]:
         """Shuffled minibatches of at most `size` rows covering the batch once (whole groups where
-        the rows come in groups that fit)."""
-        if size >= self.shape[0]:  # one minibatch of everything: order does not change the gradient
+        the rows come in groups that fit). Over `world` ranks, each holding an equal block of the
+        global batch, every rank draws the same global order (the same generator state) and yields
+        its own rows of each global minibatch, so the ranks' parts together are exactly the
+        minibatch one process would draw."""
+        total = self.shape[0] * world
+        if size >= total:  # one minibatch of everything: order does not change the gradient
             yield self
             return
-        order = self._group_order(size, generator)
+        order = self._group_order(size, generator, world)
         if order is None:
-            order = torch.randperm(self.shape[0], generator=generator)
+            order = torch.randperm(total, generator=generator)
         for start in range(0, len(order), size):
-            yield self.select_rows(order[start:start + size])
+            chunk = order[start:start + size]
+            yield self.select_rows(chunk) if world == 1 else self.local_part(chunk, rank)

@@ -27,6 +27,10 @@ class UsageError(ValueError):
     """A wrong command line or an --out/run folder that does not fit."""
 
 
+class RankExit(Exception):
+    """A rank other than 0 stops because rank 0 met a user error it has already reported."""
+
+
 def user_errors() -> tuple[type, ...]:
     from .lm.models import ModelError
     from .lm.rewards import RewardError
@@ -67,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--wandb", action="store_true", default=None,
                        help="also log to Weights & Biases (offline unless WANDB_MODE is set)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="train as N processes on this machine (torch.distributed; the same as "
+                            "`torchrun --nproc-per-node N -m policygrad train ...`)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     ev = sub.add_parser("eval", help="evaluate a trained run, or an untrained model on a task")
     ev.add_argument("run", nargs="?", help="run folder written by `policygrad train`")
@@ -205,15 +212,87 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = config_mod.resolve(file_values, overrides, flags)
         out = Path(args.out)
     preflight(cfg)
-    from .trainer import is_complete, train
-    resume = prepare_out(out, config_mod.to_dict(cfg), args.overwrite)
-    if resume and is_complete(out):
-        print(f"policygrad: the run in '{out}' is already complete; nothing to do "
-              "(--overwrite trains it again)", file=sys.stderr)
+    from . import dist
+    launched = dist.launched()
+    world = check_processes(args, cfg, launched.world)
+    if args.nproc is not None and args.nproc > 1:  # this process launches the ranks
+        check_resume_world(out, cfg, args.overwrite, world)
+        return dist.spawn(args.argv_without_nproc, args.nproc)
+    from .trainer import train
+    dist.init(placement_device(cfg))
+    resume, complete = on_main(lambda: prepare_run(out, cfg, args.overwrite))
+    if complete:
+        if dist.is_main():
+            print(f"policygrad: the run in '{out}' is already complete; nothing to do "
+                  "(--overwrite trains it again)", file=sys.stderr)
         return 0
     summary = train(cfg, out, progress=not args.no_progress, resume=resume)
-    print(format_table(summary), file=sys.stderr)
+    if dist.is_main():
+        print(format_table(summary), file=sys.stderr)
     return 0
+
+
+def check_processes(args: argparse.Namespace, cfg, launched_world: int) -> int:
+    """The number of processes the run will have (--nproc, or torchrun's), checked against the
+    batch before any process starts."""
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise UsageError(f"--nproc must be at least 1; got {args.nproc}")
+        if launched_world > 1:
+            raise UsageError("--nproc starts its own processes, and this one was started by torchrun "
+                             f"(WORLD_SIZE={launched_world}): drop --nproc")
+    world = args.nproc if args.nproc is not None else launched_world
+    config_mod.check_world(cfg, world)
+    return world
+
+
+def check_resume_world(out: Path, cfg, overwrite: bool, world: int) -> None:
+    """Before launching: a run that will resume must resume at the process count that wrote it."""
+    from .trainer import check_resume_world as check
+
+    if overwrite or not (out / "config.yaml").is_file():
+        return
+    path = checkpoint.latest(out)
+    if path is not None and (path / "state.json").is_file():
+        try:
+            saved = json.loads((path / "state.json").read_text())
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            return  # the run itself reports a corrupt checkpoint
+        if saved.get("config") == config_mod.to_dict(cfg):
+            check(saved, path, world)
+
+
+def placement_device(cfg) -> str:
+    from . import placement
+    return placement.resolve(cfg).device.type
+
+
+def prepare_run(out: Path, cfg, overwrite: bool) -> tuple[bool, bool]:
+    """(whether to resume the run in out, whether it is already complete)."""
+    from .trainer import is_complete
+    resume = prepare_out(out, config_mod.to_dict(cfg), overwrite)
+    return resume, resume and is_complete(out)
+
+
+def on_main(fn):
+    """fn() run by rank 0 alone (it touches the run folder), its result handed to every rank; a
+    user error there is rank 0's to report, and the other ranks stop quietly."""
+    from . import dist
+
+    if dist.world() == 1:
+        return fn()
+    outcome, error = None, None
+    if dist.is_main():
+        try:
+            outcome = ("ok", fn())
+        except user_errors() as e:
+            outcome, error = ("error", None), e
+    outcome = dist.from_main(outcome)
+    if outcome[0] == "error":
+        if error is not None:
+            raise error
+        raise RankExit()
+    return outcome[1]
 
 
 def print_result(result: dict) -> None:
@@ -380,6 +459,27 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line a launched rank runs: this one without --nproc N."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
+
+
+def shared_errors() -> tuple[type, ...]:
+    """Errors every rank of a multi-process run meets alike (the config, the run folder, a
+    checkpoint, a collective decision to stop): only rank 0 prints them."""
+    from .lm.models import ModelError
+    from .trainer import TrainingError
+    return (ConfigError, UsageError, CheckpointError, TrainingError, EnvError, ModelError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may stand between options; argparse alone would stop at the first one.
@@ -391,13 +491,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if args.command == "train":
         args.overrides = [*args.overrides, *extra]
+        args.argv_without_nproc = without_nproc(list(sys.argv[1:] if argv is None else argv))
     commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "tasks": cmd_tasks,
                 "plot": cmd_plot, "serve-reward": cmd_serve_reward, "merge": cmd_merge}
+    from . import dist
+    rank = dist.launched().rank
     try:
         return commands[args.command](args)
-    except user_errors() as e:
-        print(f"policygrad: error: {e}", file=sys.stderr)
+    except RankExit:
         return 2
+    except user_errors() as e:
+        # every rank meets a wrong config, run folder or checkpoint the same way: rank 0 says it
+        if rank == 0 or not isinstance(e, shared_errors()):
+            print(f"policygrad: error: {'' if rank == 0 else f'rank {rank}: '}{e}", file=sys.stderr)
+        return 2
+    except dist.PeerLost as e:
+        print(f"policygrad: error: rank {rank}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("policygrad: interrupted", file=sys.stderr)
         return 130

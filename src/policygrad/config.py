@@ -205,8 +205,16 @@ class Config:
     """Episodes per periodic evaluation (deterministic actions)."""
     stop_at_return: Optional[float] = None
     """Stop early once the mean return of the last 20 training episodes reaches this (None: never)."""
-    torch_threads: int = 1
-    """Torch intra-op threads; small MLPs run fastest on one."""
+    torch_threads: Optional[int] = None
+    """Torch intra-op threads per process; None: one for control (small MLPs run fastest on one),
+    and for a language model the machine's cores shared out among the processes on it."""
+
+    # --- processes ---
+    shard: str = "ddp"
+    """How a run launched as several processes (torchrun, or `train --nproc N`) shares the model:
+    ddp (every rank holds the whole model; gradients are summed over ranks) | fsdp (language
+    models: each transformer block's weights, gradients and optimiser state are split over the
+    ranks with torch's fully_shard, for models that do not fit one device)."""
     wandb: bool = False
     """Also log to Weights & Biases (offline unless WANDB_MODE says otherwise; `wandb sync` later)."""
 
@@ -264,13 +272,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kl_in": ("reward", "loss"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "lora_reference": ("initial", "base"),
+    "shard": ("ddp", "fsdp"),
 }
 POSITIVE = ("total_steps", "num_envs", "n_steps", "n_epochs", "batch_size", "cg_iters",
-            "line_search_steps", "value_epochs", "eval_episodes", "torch_threads", "lr", "value_lr",
+            "line_search_steps", "value_epochs", "eval_episodes", "lr", "value_lr",
             "max_kl", "clip_eps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
             "temperature", "logprob_chunk", "eval_prompts", "kl_horizon", "keep_checkpoints", "lora_alpha",
             "max_bad_updates", "reward_timeout", "kl_target", "clip_obs")
-POSITIVE_WHEN_SET = ("clip_value_eps", "target_kl")
+POSITIVE_WHEN_SET = ("clip_value_eps", "target_kl", "torch_threads")
 NON_NEGATIVE = ("seed", "eval_every", "checkpoint_every", "micro_batch_size", "top_k", "kl_coef", "ent_coef", "lora_r",
                 "vf_coef", "cg_damping", "max_grad_norm", "reward_retries")
 UNIT_INTERVAL = ("gamma", "gae_lambda", "line_search_shrink", "top_p", "fvp_fraction", "lora_dropout")
@@ -336,6 +345,9 @@ IGNORED: list[tuple[tuple[str, ...], Check, str]] = [
 ]
 # Combinations no run can use, whoever set them: (when the config is refused, why and what would be right).
 CONFLICTS: list[tuple[Check, str]] = [
+    (lambda c: c.shard == "fsdp" and not c.is_lm,
+     "shard=fsdp splits a language model's transformer blocks over the processes; a control run's "
+     "MLP (env {env}) is small enough to replicate: use shard=ddp"),
     (lambda c: c.advantage == "sequence" and not c.is_lm,
      "advantage=sequence scores whole completions of a language model; this is a control run "
      "(env {env}): use advantage=gae or mc, or give a task"),
@@ -381,6 +393,28 @@ CONFLICTS: list[tuple[Check, str]] = [
      "use the full one (a biased update): train with top_p=1.0 top_k=0; `policygrad sample` accepts "
      "--top-p and --top-k"),
 ]
+
+
+def check_world(cfg: Config, world: int) -> None:
+    """The run fits `world` processes: the global batch splits evenly over them (each rank takes
+    whole prompts or whole environments), and sharding applies. One line, before any rank trains."""
+    if world == 1:
+        if cfg.shard == "fsdp":
+            raise ConfigError("shard=fsdp splits a model over the processes of a launch; this run is one "
+                              "process: launch it with --nproc N (or torchrun), or drop shard")
+        return
+    what, count = ("prompts_per_step", cfg.prompts_per_step) if cfg.is_lm else ("num_envs", cfg.num_envs)
+    if world > count:
+        raise ConfigError(f"{world} processes need at least {world} {what} (each rank takes whole "
+                          f"{'prompts' if cfg.is_lm else 'environments'}); got {what}={count}: raise {what} "
+                          f"or use fewer processes")
+    if count % world:
+        raise ConfigError(f"{what}={count} does not split evenly over {world} processes: use a multiple of "
+                          f"{world} (the global batch is the same whatever the number of processes)")
+    if cfg.shard == "fsdp" and cfg.algo == "trpo":
+        raise ConfigError("shard=fsdp with TRPO: its Fisher-vector products differentiate twice through "
+                          "the model, which fully_shard's gradient hooks do not support: use shard=ddp "
+                          "(or LoRA, whose adapters ddp replicates cheaply)")
 
 
 def field_names() -> list[str]:
@@ -529,7 +563,7 @@ def check_combinations(cfg: Config, user: Collection[str] = ()) -> None:
 LM_DEFAULTS: dict[str, Any] = {
     "gamma": 1.0, "gae_lambda": 0.95, "lr": 1e-5, "value_lr": 1e-4, "advantage": "sequence",
     "max_grad_norm": 1.0, "eval_every": 10, "n_epochs": 1, "batch_size": 16, "cg_iters": 10,
-    "cg_damping": 0.1, "torch_threads": 2, "normalize_advantages": True,
+    "cg_damping": 0.1, "normalize_advantages": True,
 }
 LM_ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "reinforce": {"lr": 3e-5},

@@ -2,8 +2,8 @@
 
 A workload (control/rollout.py: Gymnasium; lm/rollout.py: a text task and a language model)
 supplies the policy, rollouts, evaluation and what to save; everything else is here and the same.
-Multi-process training is not supported yet (nothing initialises torch.distributed; issue #11):
-the rank/world lookups below are where it will plug in, and in one process they are rank 0 of 1.
+Over several processes (dist.py) every rank runs this same loop on its block of the global batch;
+rank 0 logs and writes checkpoints, which hold every rank's RNG and data state.
 """
 from __future__ import annotations
 
@@ -14,37 +14,28 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import yaml
 
-from . import checkpoint, placement
+from . import checkpoint, dist, placement
 from . import config as config_mod
 from .algos import ALGOS, Optimizers, Progress
 from .config import Config, to_dict
 from .core import advantages
 
 
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    return seed + 10_007 * rank
-
-
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. updates keep going non-finite); shown to the user as one line."""
 
 
-def build_workload(cfg: Config, seed: int, path: Optional[Path] = None):
-    """The run's workload, fresh or (path: a checkpoint folder) with a trained language model."""
+def build_workload(cfg: Config, path: Optional[Path] = None):
+    """The run's workload (this rank's share of it), fresh or (path: a checkpoint folder) with a
+    trained language model. Weights start from cfg.seed on every rank; sampling and environments
+    draw from each rank's own seed stream."""
     if cfg.is_lm:
         from .lm.rollout import LMWorkload
-        return LMWorkload(cfg, seed, model_path=None if path is None else path / "policy")
+        return LMWorkload(cfg, cfg.seed, model_path=None if path is None else path / "policy")
     from .control.rollout import ControlWorkload
-    return ControlWorkload(cfg, seed)
+    return ControlWorkload(cfg, cfg.seed)
 
 
 @dataclass
@@ -104,19 +95,44 @@ def checkpoint_name(state: RunState) -> str:
 
 def save_run(out_dir: Path, cfg: Config, work, opts: Optimizers, state: RunState,
              generators: dict[str, torch.Generator], writer: Optional[checkpoint.CheckpointWriter] = None) -> Path:
-    """Checkpoint the run; with a background writer, writer.wait() must come before the next update."""
+    """Checkpoint the run (every rank calls it: each hands rank 0 its RNG and data state, which
+    rank 0 writes); with a background writer, writer.wait() must come before the next update."""
+    per_rank = dist.gather_objects({"rng": checkpoint.rng_state(generators), "workload": work.state()})
+    if not dist.is_main():
+        return out_dir / "checkpoints" / checkpoint_name(state)
     checkpoint.save(out_dir, checkpoint_name(state), work.tensors(), opts.named(),
-                    {"config": to_dict(cfg), "run": dict(state.__dict__), "workload": work.state(),
-                     "rng": checkpoint.rng_state(generators),
+                    {"config": to_dict(cfg), "run": dict(state.__dict__), "world": len(per_rank),
+                     "workload": per_rank[0]["workload"], "rng": per_rank[0]["rng"],
+                     "other_ranks": per_rank[1:],
                      "loss_scale": opts.scaler.state_dict() if opts.scaler is not None else None},
                     extra_files=work.model_files(), write_small=work.write_model_config,
                     keep=cfg.keep_checkpoints, protect=state.best_checkpoint, writer=writer)
     return out_dir / "checkpoints" / checkpoint_name(state)
 
 
+def saved_world(saved: dict) -> int:
+    """How many processes wrote a checkpoint's state (older checkpoints: one)."""
+    return int(saved.get("world", 1))
+
+
+def check_resume_world(saved: dict, path: Path, world: int) -> None:
+    """A checkpoint resumes at the number of processes that wrote it: each rank's data cursor,
+    environments and RNG streams are its own."""
+    if saved_world(saved) != world:
+        raise checkpoint.CheckpointError(
+            f"checkpoint '{path}' was written by {saved_world(saved)} process(es) and this run has {world}: "
+            f"resume it with --nproc {saved_world(saved)} (or that many torchrun processes)")
+
+
+def rank_part(saved: dict, rank: int) -> dict:
+    """One rank's RNG and data state in a checkpoint's state.json."""
+    return saved if rank == 0 else saved["other_ranks"][rank - 1]
+
+
 def restore(path: Path, cfg: Config, work, opts: Optimizers, generators: dict[str, torch.Generator]) -> RunState:
     """Load checkpoint `path` into a freshly built workload and optimisers; the run's counters."""
     tensors, opt_tensors, saved = checkpoint.load(path)
+    check_resume_world(saved, path, dist.world())
     part = "weights"
     try:
         work.policy.load_state_dict(tensors, strict=not cfg.is_lm)
@@ -128,8 +144,9 @@ def restore(path: Path, cfg: Config, work, opts: Optimizers, generators: dict[st
             opts.scaler.load_state_dict(saved["loss_scale"])
         part = "run state"
         state = RunState(**saved["run"])
-        work.load_state(saved["workload"], state.update)
-        checkpoint.set_rng_state(saved["rng"], generators)
+        mine = rank_part(saved, dist.rank())
+        work.load_state(mine["workload"], state.update)
+        checkpoint.set_rng_state(mine["rng"], generators)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         raise checkpoint.CheckpointError(
             f"checkpoint '{path}' cannot be resumed: its {part} does not fit this run "
@@ -139,16 +156,16 @@ def restore(path: Path, cfg: Config, work, opts: Optimizers, generators: dict[st
 
 def run_update(cfg: Config, work, algo, opts: Optimizers, state: RunState, generators: dict,
                logger, writer: checkpoint.CheckpointWriter, out_dir: Path, start: float) -> None:
-    """One iteration of the loop, its phases numbered."""
-    rank, world = rank_and_world()
+    """One iteration of the loop, its phases numbered; every rank runs it on its part of the batch."""
     step_start = time.perf_counter()
+    dist.take_collective_s()
     # 1. collect experience with the current policy (while the last checkpoint is still being written)
     batch, collect_metrics = work.collect()
     remaining = 1.0 - state.update / cfg.total_updates
     state.update += 1
-    state.env_steps += cfg.rollout_size * world
+    state.env_steps += cfg.rollout_size
     # 2. advantages and value targets
-    batch = advantages.compute(batch, cfg)
+    batch = advantages.compute(batch, cfg, reduce=dist.total)
     # 3. update the policy (and critic); a non-finite step is skipped, not taken. A checkpoint
     #    still being written reads the weights and optimiser state: the first step waits for it.
     metrics = algo.update(work.policy, opts, batch, cfg,
@@ -156,47 +173,51 @@ def run_update(cfg: Config, work, algo, opts: Optimizers, state: RunState, gener
     metrics.update(work.after_update(batch, metrics))
     note_bad_update(state, metrics, cfg, out_dir)
     step_s = time.perf_counter() - step_start
-    # 4. evaluate on held-out data or environments
-    eval_metrics = work.evaluate("validation", out_dir) if evaluation_due(cfg, state) and rank == 0 else {}
-    # 5. log
+    # 4. evaluate on held-out data or environments (every rank gets the same numbers)
+    eval_metrics = work.evaluate("validation", out_dir) if evaluation_due(cfg, state) else {}
+    # 5. log (rank 0); the metrics are the global batch's
     row = {"update": state.update, "step": state.update, "env_steps": state.env_steps,
            "time/elapsed_s": time.perf_counter() - start, "time/step_s": step_s,
            "time/checkpoint_wait_s": writer.take_waited_s(),
+           **({"time/collective_s": dist.take_collective_s()} if dist.world() > 1 else {}),
            "update/skipped_total": state.skipped_updates, **collect_metrics, **metrics, **eval_metrics}
-    per_update = 1 if cfg.is_lm else cfg.rollout_size * world
+    per_update = 1 if cfg.is_lm else cfg.rollout_size
     logger.log(state.env_steps, row, per_update, headline=work.headline)
     for message in work.take_warnings():
         logger.warn(message)
-    # 6. checkpoint: periodically, and whenever validation reaches a new best
+    # 6. checkpoint: periodically, and whenever validation reaches a new best (all ranks agree:
+    #    they share the evaluation's numbers)
     new_best = note_best(state, eval_metrics, work.eval_headline)
-    if rank == 0 and (new_best or checkpoint_due(cfg, state)):
+    if new_best or checkpoint_due(cfg, state):
         save_run(out_dir, cfg, work, opts, state, generators, writer)
 
 
 def train(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False) -> dict:
     """Train cfg.algo on cfg.env or cfg.task; write metrics and checkpoints into out_dir.
 
-    resume: continue from out_dir's newest checkpoint (metrics.jsonl is cut back to it)."""
-    rank, world = rank_and_world()
-    seed = rank_seed(cfg.seed, rank)
-    torch.set_num_threads(cfg.torch_threads)
+    resume: continue from out_dir's newest checkpoint (metrics.jsonl is cut back to it).
+    Under torchrun (or --nproc) every rank calls this; out_dir must be a folder they all see."""
+    ranks = dist.init(placement.resolve(cfg).device.type)
+    config_mod.check_world(cfg, ranks.world)
+    torch.set_num_threads(dist.threads_per_rank(cfg.torch_threads, control=not cfg.is_lm))
     path = checkpoint.latest(out_dir) if resume else None
-    if rank == 0:
+    if ranks.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if path is not None:
-        checkpoint.load(path)  # a corrupt checkpoint fails here, before minutes of model loading
-    work = build_workload(cfg, seed, path)
+    if path is not None:  # a corrupt or misfit checkpoint fails here, before minutes of model loading
+        check_resume_world(checkpoint.load(path)[2], path, ranks.world)
+    work = build_workload(cfg, path)
     algo = ALGOS[cfg.algo]
     opts = algo.make_optimizers(work.policy, cfg)
-    generators = {"shuffle": torch.Generator().manual_seed(seed + 1)}
+    # the same on every rank: minibatches and TRPO's sub-sample are drawn over the global batch
+    generators = {"shuffle": torch.Generator().manual_seed(cfg.seed + 1)}
     state = restore(path, cfg, work, opts, generators) if path is not None else RunState()
-    if rank == 0:
+    if ranks.rank == 0:
         checkpoint.cut_metrics(out_dir / "metrics.jsonl", state.update)
     from .log import RunLogger  # tensorboard's import is slow: after the run's own set-up errors
     # the bar counts training steps for language models, environment steps for control
-    per_update = 1 if cfg.is_lm else cfg.rollout_size * world
-    logger = RunLogger(out_dir, cfg.total_updates * per_update, "step", enabled=rank == 0, progress=progress,
+    per_update = 1 if cfg.is_lm else cfg.rollout_size
+    logger = RunLogger(out_dir, cfg.total_updates * per_update, "step", enabled=ranks.rank == 0, progress=progress,
                        done=state.update * per_update, purge_step=state.env_steps + 1 if path else None,
                        wandb_config=to_dict(cfg) if cfg.wandb else None)
     writer = checkpoint.CheckpointWriter()
@@ -208,11 +229,10 @@ def train(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = Fals
                 break
         # 7. final evaluation and checkpoint
         state.finished = True
-        final = work.evaluate("test", out_dir) if rank == 0 else {}
-        if rank == 0:
-            save_run(out_dir, cfg, work, opts, state, generators, writer)
-            writer.wait()
-            logger.log_final(state.env_steps, final)
+        final = work.evaluate("test", out_dir)
+        save_run(out_dir, cfg, work, opts, state, generators, writer)
+        writer.wait()
+        logger.log_final(state.env_steps, final)
         flat = logger.run_mean("train/flat_group_share")  # batches that gave nothing to learn from
     finally:
         writer.wait()  # a checkpoint being written is finished, whatever stopped the run
@@ -250,7 +270,7 @@ def load_workload(path: Path, device: Optional[str] = None):
     if device is not None:
         cfg = dataclasses.replace(cfg, device=device)
         placement.resolve(cfg)  # one line if this machine lacks it
-    work = build_workload(cfg, cfg.seed, path)
+    work = build_workload(cfg, path)
     try:
         work.policy.load_state_dict(tensors, strict=not cfg.is_lm)
     except RuntimeError:

@@ -169,13 +169,16 @@ class ControlPolicy(nn.Module):
         return [(list(self.parameters()), cfg.lr)]
 
     # --- observations ---
-    def normalize(self, obs: np.ndarray, update: bool) -> np.ndarray:
-        """Flatten and (if enabled) normalise raw observations (N, *shape) -> (N, obs_dim) float32."""
+    def normalize(self, obs: np.ndarray, update: bool, pooled: Optional[np.ndarray] = None) -> np.ndarray:
+        """Flatten and (if enabled) normalise raw observations (N, *shape) -> (N, obs_dim) float32.
+        update: first fold `pooled` (every rank's observations of this step; default obs) into the
+        running statistics, so that all ranks keep the same normaliser."""
         obs = np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
         if self.obs_norm is None:
             return obs
         if update:
-            self.obs_norm.update(obs)
+            pooled = obs if pooled is None else np.asarray(pooled, dtype=np.float32).reshape(len(pooled), -1)
+            self.obs_norm.update(pooled)
         mean, std = self.obs_norm.mean.numpy(), np.sqrt(self.obs_norm.var.numpy() + 1e-8)
         return np.clip((obs - mean) / std, -self.clip_obs, self.clip_obs).astype(np.float32)
 

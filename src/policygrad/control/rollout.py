@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
 
+from .. import dist
 from ..batch import Batch
 from .policy import ControlPolicy
 
@@ -65,7 +66,7 @@ class Collector:
         if policy.return_norm is None:
             return rewards
         self.discounted_return = self.discounted_return * self.gamma + rewards
-        policy.return_norm.update(self.discounted_return)
+        policy.return_norm.update(dist.gather_rows(self.discounted_return))  # the same on every rank
         self.discounted_return[done] = 0.0
         scale = float(np.sqrt(policy.return_norm.var.item() + 1e-8))
         return np.clip(rewards / scale, -10.0, 10.0)
@@ -78,7 +79,8 @@ class Collector:
         rewards, terminated, truncated = (np.zeros((T, N), np.float32) for _ in range(3))
         final_values = np.zeros((T, N), np.float32)
         for t in range(T):
-            obs = policy.normalize(self.obs, update=True)               # (N, obs_dim)
+            pooled = dist.gather_rows(self.obs) if policy.obs_norm is not None else None
+            obs = policy.normalize(self.obs, update=True, pooled=pooled)  # (N, obs_dim)
             actions, log_prob, values = actor.act(obs, self.rng)
             self.obs, reward, term, trunc, info = self.envs.step(policy.to_env_actions(actions))
             done = term | trunc
@@ -145,22 +147,42 @@ class ControlWorkload:
     """What the trainer needs from a Gymnasium run: rollouts, evaluation, tensors to save.
 
     On resume the environments start fresh episodes; counters, normalisers and optimiser continue.
+    Over several ranks (dist.py) each steps its block of the num_envs environments, seeded from its
+    own stream, and the statistics it reports are every rank's.
     """
     headline = "train/episode_return_mean"
     eval_headline = "eval/return_mean"
 
     def __init__(self, cfg, seed: int):
-        self.cfg, self.seed = cfg, seed
+        """seed: of the weights' initialisation, the same on every rank; environments and action
+        sampling draw from this rank's own stream (dist.rank_seed)."""
+        self.cfg, self.seed = cfg, dist.rank_seed(seed, dist.rank())
         self.policy = build_policy(cfg, seed)
-        self.collector = Collector(make_envs(cfg.env, cfg.num_envs, cfg.vectorization), seed, cfg.gamma)
+        lo, hi = dist.share(cfg.num_envs)
+        self.collector = Collector(make_envs(cfg.env, hi - lo, cfg.vectorization), self.seed, cfg.gamma)
+
+    def _recent(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Every rank's recent episode returns and lengths, and its episode count, summed."""
+        c = self.collector
+        parts = dist.gather_objects((list(c.recent_returns), list(c.recent_lengths), c.episodes))
+        returns = np.asarray([x for p in parts for x in p[0]], dtype=np.float64)
+        lengths = np.asarray([x for p in parts for x in p[1]], dtype=np.float64)
+        return returns, lengths, sum(p[2] for p in parts)
 
     def collect(self) -> tuple[Batch, dict]:
         batch = self.collector.collect(self.policy, self.cfg.n_steps)
-        returns = self.collector.recent_returns
+        returns, lengths, episodes = self._recent()
+        self._stop = self._reached(returns)
         return batch, {
-            "train/episode_return_mean": float(np.mean(returns)) if returns else None,
-            "train/episode_length_mean": float(np.mean(self.collector.recent_lengths)) if returns else None,
-            "train/episodes": self.collector.episodes}
+            "train/episode_return_mean": float(np.mean(returns)) if len(returns) else None,
+            "train/episode_length_mean": float(np.mean(lengths)) if len(returns) else None,
+            "train/episodes": episodes}
+
+    def _reached(self, returns: np.ndarray) -> bool:
+        """Every rank's last 20 training episodes (each rank's window full) average stop_at_return."""
+        full = len(returns) == self.collector.recent_returns.maxlen * dist.world()
+        return (self.cfg.stop_at_return is not None and full
+                and float(np.mean(returns)) >= self.cfg.stop_at_return)
 
     def after_update(self, batch: Batch, metrics: dict) -> dict:
         return {}
@@ -170,14 +192,17 @@ class ControlWorkload:
         return []
 
     def stop_early(self) -> bool:
-        returns = self.collector.recent_returns
-        return (self.cfg.stop_at_return is not None and len(returns) == returns.maxlen
-                and float(np.mean(returns)) >= self.cfg.stop_at_return)
+        """Decided on numbers every rank shares (collect's gathered returns): all ranks stop together."""
+        return getattr(self, "_stop", False)
 
     def evaluate(self, split: str, out_dir=None) -> dict:
-        """Deterministic episodes on separate environments (control has no data splits)."""
-        returns = evaluate(self.policy, self.cfg.env, self.cfg.eval_episodes, seed=self.cfg.seed + 1_000_003)
-        return {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std())}
+        """Deterministic episodes on separate environments (control has no data splits); rank 0
+        plays them and every rank gets its numbers."""
+        result = None
+        if dist.is_main():
+            returns = evaluate(self.policy, self.cfg.env, self.cfg.eval_episodes, seed=self.cfg.seed + 1_000_003)
+            result = {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std())}
+        return dist.from_main(result)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Weights and normalisers, copied: the normalisers move while the next rollout is collected,

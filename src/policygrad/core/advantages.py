@@ -51,11 +51,21 @@ def discounted_returns(rewards: torch.Tensor, terminated: torch.Tensor, truncate
     return returns
 
 
-def normalize(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Whiten x over its valid (mask = 1) entries; padding stays 0."""
-    n = mask.sum()
-    mean = (x * mask).sum() / n                                          # ()
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)        # () unbiased
+def _alone(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over data-parallel workers that each hold part of the batch (the identity in one
+process), so that batch statistics are the global batch's."""
+
+
+def normalize(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, reduce: Reduce = _alone) -> torch.Tensor:
+    """Whiten x over its valid (mask = 1) entries (over every worker's part, with reduce);
+    padding stays 0."""
+    n = reduce(mask.sum())
+    mean = reduce((x * mask).sum()) / n                                  # ()
+    var = reduce((((x - mean) * mask) ** 2).sum()) / (n - 1).clamp(min=1)  # () unbiased
     return (x - mean) / (var.sqrt() + eps) * mask                        # (B, T)
 
 
@@ -129,10 +139,12 @@ ADVANTAGES: dict[str, Callable[[Batch, object], tuple[torch.Tensor, torch.Tensor
 }
 
 
-def compute(batch: Batch, cfg) -> Batch:
-    """The batch with advantages (whitened if cfg.normalize_advantages) and returns filled in."""
+def compute(batch: Batch, cfg, reduce: Reduce = _alone) -> Batch:
+    """The batch with advantages (whitened if cfg.normalize_advantages, with the moments of every
+    worker's part when reduce sums over them) and returns filled in. The estimators themselves
+    need no other worker's rows: a worker holds whole episodes and whole prompt groups."""
     advantages, returns = ADVANTAGES[cfg.advantage](batch, cfg)
     advantages = advantages * batch.mask
     if cfg.normalize_advantages:
-        advantages = normalize(advantages, batch.mask)
+        advantages = normalize(advantages, batch.mask, reduce=reduce)
     return batch.replace(advantages=advantages, returns=returns)

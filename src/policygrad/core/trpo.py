@@ -57,6 +57,15 @@ def fisher_vector_product(kl_fn: Callable[[], torch.Tensor], params: Sequence[to
 WeightedFn = tuple[float, Callable[[], torch.Tensor]]
 """A piece of a loss or KL (one micro-batch) and its weight, its share of the batch's valid steps."""
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over data-parallel workers that each hold part of the batch (the identity in one
+process): every sum the solver takes over the batch goes through it, so all workers compute the
+same direction, step and line-search decision."""
+
+
+def _alone(x: torch.Tensor) -> torch.Tensor:
+    return x
+
 
 def accumulated_fisher_vector_product(kl_pieces: Sequence[WeightedFn], params: Sequence[torch.Tensor],
                                       damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -78,16 +87,19 @@ def accumulated_fisher_vector_product(kl_pieces: Sequence[WeightedFn], params: S
     return product
 
 
-def accumulated_gradient(loss_pieces: Sequence[WeightedFn], params: Sequence[torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def accumulated_gradient(loss_pieces: Sequence[WeightedFn], params: Sequence[torch.Tensor],
+                         reduce: Reduce = _alone) -> tuple[torch.Tensor, torch.Tensor]:
     """The weighted sum of the pieces' losses (detached) and its flat gradient, one piece's graph
-    at a time."""
+    at a time, summed over workers (one collective for both)."""
     total, grad = torch.zeros(()), torch.zeros(())
     for weight, loss_fn in loss_pieces:
         loss = weight * loss_fn()
         grad = grad + flat_grad(loss, params)                           # (P,)
         total = total + loss.detach()
-    return total, grad
+    if reduce is _alone:
+        return total, grad
+    both = reduce(torch.cat([grad.reshape(-1), total.reshape(1).to(grad)]))  # (P + 1,)
+    return both[-1], both[:-1]
 
 
 @torch.no_grad()
@@ -101,14 +113,14 @@ def set_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
 
 def line_search(params: Sequence[torch.Tensor], old_flat: torch.Tensor, full_step: torch.Tensor,
                 loss_and_kl_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-                old_loss: float, max_kl: float, steps: int, shrink: float) -> dict:
+                old_loss: float, max_kl: float, steps: int, shrink: float, reduce: Reduce = _alone) -> dict:
     """Backtrack along full_step; accept the first step that lowers the loss and keeps
     KL <= max_kl. If none does, the parameters are restored to old_flat."""
     fraction = 1.0
     for i in range(steps):
         set_flat(params, old_flat + fraction * full_step)
         with torch.no_grad():
-            loss, kl = (x.item() for x in loss_and_kl_fn())
+            loss, kl = reduce(torch.stack([x.reshape(()) for x in loss_and_kl_fn()])).tolist()
         if kl <= max_kl and loss < old_loss:
             return {"trpo/accepted": 1.0, "trpo/backtracks": float(i), "trpo/step_fraction": fraction,
                     "trpo/kl": kl, "trpo/improvement": old_loss - loss}
@@ -121,21 +133,26 @@ def line_search(params: Sequence[torch.Tensor], old_flat: torch.Tensor, full_ste
 def trpo_step(params: Sequence[torch.Tensor], loss_pieces: Sequence[WeightedFn],
               fvp_kl_pieces: Sequence[WeightedFn], loss_and_kl_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]],
               max_kl: float, damping: float = 0.1, cg_iters: int = 10, line_search_steps: int = 10,
-              shrink: float = 0.8) -> dict:
+              shrink: float = 0.8, reduce: Reduce = _alone) -> dict:
     """One natural-gradient step of params inside the trust region KL(old || new) <= max_kl.
 
     loss_pieces: the surrogate loss to minimise as weighted pieces (micro-batches; one piece for the
     whole batch). fvp_kl_pieces: the mean KL(old || new) whose Hessian gives the Fisher-vector
     products, likewise (e.g. on a sub-sample of the batch, which is cheaper and, per the TRPO paper,
     nearly as good). loss_and_kl_fn: the loss and KL on the whole batch for the line search, no
-    gradient needed.
+    gradient needed. reduce: the sum over data-parallel workers (see Reduce), where each holds
+    part of the batch and the pieces' weights are shares of the global batch.
     """
     params = list(params)
-    loss, grad = accumulated_gradient(loss_pieces, params)              # (), (P,)
+    loss, grad = accumulated_gradient(loss_pieces, params, reduce)      # (), (P,)
     if not (torch.isfinite(loss) and torch.isfinite(grad).all()):
         return {"trpo/accepted": 0.0, "trpo/backtracks": 0.0, "trpo/step_fraction": 0.0, "trpo/kl": 0.0,
                 "trpo/improvement": 0.0, "trpo/grad_norm": float("nan"), "update/nonfinite": 1.0}
-    fvp = accumulated_fisher_vector_product(fvp_kl_pieces, params, damping)
+    if reduce is _alone:
+        fvp = accumulated_fisher_vector_product(fvp_kl_pieces, params, damping)
+    else:  # each worker's product of its own pieces, summed over workers; damping once
+        local = accumulated_fisher_vector_product(fvp_kl_pieces, params, 0.0)
+        fvp = lambda v: reduce(local(v)) + damping * v                  # (P,)
     direction, f_direction = conjugate_gradient(fvp, -grad, iters=cg_iters)  # (P,) ~ -F^-1 g, F of it
     # Scale so that the quadratic model of the KL, 0.5 s^T F s, equals max_kl.
     quad = 0.5 * (direction @ f_direction)
@@ -145,6 +162,6 @@ def trpo_step(params: Sequence[torch.Tensor], loss_pieces: Sequence[WeightedFn],
     full_step = direction * torch.sqrt(max_kl / quad)                   # (P,)
     old_flat = parameters_to_vector(params).detach()                    # (P,)
     metrics = line_search(params, old_flat, full_step, loss_and_kl_fn, loss.item(), max_kl,
-                          line_search_steps, shrink)
+                          line_search_steps, shrink, reduce)
     metrics["trpo/grad_norm"] = grad.norm().item()
     return metrics

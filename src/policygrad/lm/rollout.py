@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import config as config_mod
+from .. import dist
 from .. import placement as placement_mod
 from ..algos import ALGOS
 from ..batch import Batch
@@ -118,7 +119,10 @@ class LMWorkload:
     eval_headline = "eval/reward_mean"
 
     def __init__(self, cfg, seed: int, model_path: Optional[Path] = None):
-        self.cfg, self.seed = cfg, seed
+        """seed: of the weights' initialisation and the prompt order, the same on every rank;
+        sampling draws from this rank's own stream (dist.rank_seed). Over several ranks (dist.py)
+        this one takes its block of each step's prompts."""
+        self.cfg, self.init_seed, self.seed = cfg, seed, dist.rank_seed(seed, dist.rank())
         self.task = tasks.load(cfg.task, set(config_mod.field_names()))
         self.task.rewards.configure(timeout=cfg.reward_timeout, retries=cfg.reward_retries)
         self.placement = placement_mod.resolve(cfg)
@@ -164,10 +168,14 @@ class LMWorkload:
                                   "max_new_tokens")
 
     def collect(self) -> tuple[Batch, dict]:
+        """This rank's block of the step's prompts, sampled and scored; the statistics (reward
+        whitening, metrics, the KL controller's and moving baseline's inputs) are the global
+        batch's, computed from every rank's rows exactly as one process computes them."""
         cfg = self.cfg
         start = time.perf_counter()
-        row_ids = self.cursor.take(cfg.prompts_per_step)
-        rows = [self.task.rows("train")[i] for i in row_ids]
+        row_ids = self.cursor.take(cfg.prompts_per_step)  # the global step's prompts, on every rank
+        lo, hi = dist.share(cfg.prompts_per_step)
+        rows = [self.task.rows("train")[i] for i in row_ids[lo:hi]]
         batch, completions, task_reward = self.sample(rows, cfg.samples_per_prompt,
                                                       seed=self.seed * 1_000_003 + self.steps)
         self.steps += 1
@@ -176,12 +184,14 @@ class LMWorkload:
         device = batch.mask.device
         last = (batch.mask.sum(1).long() - 1).clamp(min=0)                        # (B,) last token
         score = torch.as_tensor(task_reward, dtype=torch.float32, device=device)  # (B,)
+        all_reward = dist.gather_rows(np.asarray(task_reward, dtype=np.float64))  # (B_global,)
         if cfg.whiten_rewards:
-            score = (score - score.mean()) / (score.std() + 1e-8)
+            pooled = torch.as_tensor(all_reward, dtype=torch.float32, device=device)  # (B_global,)
+            score = (score - pooled.mean()) / (pooled.std() + 1e-8)
         rewards = shaped_rewards(score, batch, self.kl.coef, cfg.kl_estimator, cfg.kl_in)  # (B, T)
         terminated = torch.zeros_like(batch.mask)                                # (B, T)
         terminated[torch.arange(B, device=device), last] = 1.0
-        group = torch.arange(cfg.prompts_per_step, device=device).repeat_interleave(cfg.samples_per_prompt)
+        group = torch.arange(hi - lo, device=device).repeat_interleave(cfg.samples_per_prompt)
         values = next_values = None
         if self.policy.value_head is not None:
             with torch.no_grad():
@@ -190,20 +200,23 @@ class LMWorkload:
         baseline = torch.full((B,), self.moving_baseline, device=device)
         batch = batch.replace(rewards=rewards, terminated=terminated, group=group, values=values,
                               next_values=next_values, baseline=baseline, kl_coef=self.kl.coef)
-        self._last_scores = (rewards * batch.mask).sum(1)
-        lengths = batch.mask.sum(1)
-        flat_groups, flat_batch = no_signal(task_reward, cfg.samples_per_prompt)
+        per_row = torch.stack([(rewards * batch.mask).sum(1), kl_per_completion(batch),
+                               batch.mask.sum(1)], 1)                             # (B, 3)
+        scores, kls, lengths = torch.from_numpy(dist.gather_rows(per_row.float().cpu().numpy())).unbind(1)
+        self._last_scores, self._last_kl = scores, kls                            # (B_global,) each
+        flat_groups, flat_batch = no_signal(all_reward, cfg.samples_per_prompt)
         self._warnings.extend(filter(None, [self.signal_watch.add(flat_groups)]))
         return batch, {
-            "train/reward_mean": float(task_reward.mean()), "train/reward_std": float(task_reward.std()),
+            "train/reward_mean": float(all_reward.mean()), "train/reward_std": float(all_reward.std()),
             "train/flat_group_share": flat_groups, "train/flat_batch": flat_batch,
-            "kl/to_reference": float(kl_per_completion(batch).mean()), "kl/coef": self.kl.coef,
+            "kl/to_reference": float(kls.mean()), "kl/coef": self.kl.coef,
             "train/completion_length": float(lengths.mean()), **self.sample_times,
             "time/collect_s": time.perf_counter() - start,
+            # every rank's tokens over this rank's generation time: ranks generate side by side
             "time/tokens_per_s": float(lengths.sum()) / max(generate_s, 1e-9)}
 
     def after_update(self, batch: Batch, metrics: dict) -> dict:
-        self.kl.update(float(kl_per_completion(batch).mean()), batch.shape[0])
+        self.kl.update(float(self._last_kl.mean()), len(self._last_kl))
         self.moving_baseline = 0.9 * self.moving_baseline + 0.1 * float(self._last_scores.mean())
         return {}
 
@@ -217,19 +230,25 @@ class LMWorkload:
 
     # --- evaluation ---
     def evaluate(self, split: str, out_dir: Optional[Path] = None) -> dict:
-        """One sampled completion per held-out prompt (a fixed seed): reward, KL to the reference."""
+        """One sampled completion per held-out prompt (a fixed seed per chunk of prompts):
+        reward, KL to the reference. Over several ranks each samples every world-th chunk, with
+        that chunk's own seed, and all ranks get every result: the numbers are a single process's."""
         rows = self.task.rows(split)
         if split == "validation":
             rows = rows[:self.cfg.eval_prompts]
-        rewards, kls, samples = [], [], []
-        for start in range(0, len(rows), self.cfg.completions_per_step):
-            chunk = rows[start:start + self.cfg.completions_per_step]
+        size = self.cfg.completions_per_step
+        mine = []
+        for start in range(0, len(rows), size)[dist.rank()::dist.world()]:
+            chunk = rows[start:start + size]
             batch, completions, reward = self.sample(chunk, 1, seed=10_000_019 + start)
-            rewards.extend(reward.tolist())
-            kls.extend(kl_per_completion(batch).tolist())
-            samples.extend({"prompt": prompt_text(r), "completion": c, "reward": float(x)}
-                           for r, c, x in zip(chunk, completions, reward))
-        if out_dir is not None:
+            mine.append((start, reward.tolist(), kl_per_completion(batch).tolist(),
+                         [{"prompt": prompt_text(r), "completion": c, "reward": float(x)}
+                          for r, c, x in zip(chunk, completions, reward)]))
+        chunks = sorted((c for part in dist.gather_objects(mine) for c in part), key=lambda c: c[0])
+        rewards = [x for c in chunks for x in c[1]]
+        kls = [x for c in chunks for x in c[2]]
+        samples = [x for c in chunks for x in c[3]]
+        if out_dir is not None and dist.is_main():
             folder = out_dir / "samples"
             folder.mkdir(exist_ok=True)
             with open(folder / f"{split}-step{self.steps:05d}.jsonl", "w", encoding="utf-8") as f:
@@ -283,7 +302,7 @@ class LMWorkload:
 
     def load_state(self, state: dict, update: int) -> None:
         cursor = state["cursor"]
-        self.cursor = PromptCursor(self.cursor.n_rows, self.seed, int(cursor["epoch"]), int(cursor["position"]))
+        self.cursor = PromptCursor(self.cursor.n_rows, self.init_seed, int(cursor["epoch"]), int(cursor["position"]))
         self.kl.coef = float(state["kl_coef"])
         self.moving_baseline = float(state["moving_baseline"])
         self.steps = int(state["steps"])

@@ -1,0 +1,144 @@
+"""What tests/test_dist.py runs in spawned ranks (gloo, CPU), and the single-process twins it
+compares them with: one update of every algorithm on a fixed global batch."""
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from policygrad import config as config_mod
+from policygrad import dist
+from policygrad.algos import ALGOS, Progress
+from policygrad.batch import Batch
+from policygrad.core import advantages
+
+LM_OVERRIDES = {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 6, "eval_every": 0, "lr": 1e-3}
+CASES = {
+    # language models: rows are completions; each rank holds whole prompt groups
+    "lm-reinforce": ("reinforce", {"micro_batch_size": 2}),
+    "lm-ppo": ("ppo", {"use_value_head": True, "batch_size": 4, "n_epochs": 2, "kl_in": "loss",
+                       "kl_estimator": "k3"}),
+    "lm-trpo": ("trpo", {"fvp_fraction": 0.5, "micro_batch_size": 2}),
+    # control: rows are environments, minibatches are drawn from transitions
+    "ctl-reinforce": ("reinforce", {}),
+    "ctl-ppo": ("ppo", {"batch_size": 16, "n_epochs": 2}),
+    # 5 conjugate-gradient steps: by 15 the residual reaches CG's stopping tolerance, and whether it
+    # stops one step earlier or later then hangs on rounding (a 1e-3 change of the step)
+    "ctl-trpo": ("trpo", {"fvp_fraction": 0.5, "batch_size": 16, "value_epochs": 2, "cg_iters": 5}),
+}
+
+
+def case_config(name: str, lm_paths: tuple[str, str]):
+    algo, extra = CASES[name]
+    if name.startswith("lm-"):
+        model, task = lm_paths
+        return config_mod.resolve({}, {**LM_OVERRIDES, **extra}, {"algo": algo, "task": task, "model": model})
+    return config_mod.resolve({}, {"num_envs": 4, "n_steps": 16, "normalize_obs": True, **extra},
+                              {"algo": algo, "env": "CartPole-v1"})
+
+
+def workload(cfg):
+    """The run's workload; a control policy in float64, so that its comparisons are exact to
+    rounding (a language model's float32 head keeps it in float32)."""
+    from policygrad.trainer import build_workload
+    work = build_workload(cfg)
+    if not cfg.is_lm:
+        work.policy.double()
+    return work
+
+
+def in_float64(batch: Batch) -> Batch:
+    return batch._map(lambda x: x.double() if x.is_floating_point() else x)
+
+
+def save_batch(batch: Batch, path: Path) -> None:
+    fields = {k: v for k, v in batch.__dict__.items() if torch.is_tensor(v) and k != "n_valid"}
+    save_file({k: v.contiguous() for k, v in fields.items()}, str(path), metadata={"kl_coef": str(batch.kl_coef)})
+
+
+def load_batch(path: Path) -> Batch:
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        kl_coef = float(f.metadata()["kl_coef"])
+    return Batch(**load_file(str(path)), kl_coef=kl_coef)
+
+
+def block(batch: Batch, rank: int, world: int) -> Batch:
+    """Rank `rank`'s block of a global batch, as the rank would have collected it."""
+    n = batch.shape[0] // world
+    part = batch.select_rows(torch.arange(rank * n, (rank + 1) * n))
+    return part if part.group is None else part.replace(group=part.group - part.group.min())
+
+
+def one_update(cfg, policy, batch: Batch) -> dict:
+    """Advantages (whitened with global moments), then one update of cfg.algo."""
+    algo = ALGOS[cfg.algo]
+    opts = algo.make_optimizers(policy, cfg)
+    batch = advantages.compute(batch, cfg, reduce=dist.total)
+    return algo.update(policy, opts, batch, cfg, Progress(1.0, torch.Generator().manual_seed(cfg.seed + 1)))
+
+
+def weights(policy) -> dict[str, torch.Tensor]:
+    """The trainable parameters (normalisers and a frozen reference do not take updates)."""
+    return {k: v.detach().clone().contiguous() for k, v in policy.named_parameters() if v.requires_grad}
+
+
+def join(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init("cpu", timeout_s=120)
+
+
+def equivalence_worker(rank: int, world: int, port: int, folder: str, lm_paths: tuple[str, str]) -> None:
+    """Each case: this rank's block of the saved global batch, one update; weights and metrics out."""
+    join(rank, world, port)
+    folder = Path(folder)
+    for name in CASES:
+        cfg = case_config(name, lm_paths)
+        work = workload(cfg)
+        batch = block(load_batch(folder / f"{name}.batch"), rank, world)
+        metrics = one_update(cfg, work.policy, batch if cfg.is_lm else in_float64(batch))
+        save_file(weights(work.policy), str(folder / f"{name}.rank{rank}.safetensors"))
+        (folder / f"{name}.rank{rank}.json").write_text(json.dumps(metrics))
+    dist.shutdown()
+
+
+def early_stop_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """Ranks whose own data would decide differently: rank 1's half of every rollout is scaled to
+    push its approximate KL far past target_kl while rank 0's stays small. A rank deciding alone
+    would leave the other in the next minibatch's all-reduce for ever."""
+    join(rank, world, port)
+    cfg = config_mod.resolve({}, {"num_envs": 4, "n_steps": 32, "batch_size": 32, "n_epochs": 8,
+                                  "target_kl": 0.001, "lr": 0.05}, {"algo": "ppo", "env": "CartPole-v1"})
+    from policygrad.trainer import build_workload
+    work = build_workload(cfg)
+    algo = ALGOS[cfg.algo]
+    opts = algo.make_optimizers(work.policy, cfg)
+    stops = []
+    for step in range(3):
+        batch, _ = work.collect()
+        if rank == 1:  # a wildly off-policy block: its ratios move fast
+            batch = batch.replace(log_prob=batch.log_prob - 3.0)
+        batch = advantages.compute(batch, cfg, reduce=dist.total)
+        metrics = algo.update(work.policy, opts, batch, cfg, Progress(1.0, torch.Generator().manual_seed(step)))
+        stops.append(metrics["policy/early_stop"])
+    (Path(folder) / f"stops.rank{rank}.json").write_text(json.dumps(stops))
+    save_file(weights(work.policy), str(Path(folder) / f"early.rank{rank}.safetensors"))
+    dist.shutdown()
+
+
+def run_ranks(fn, args: tuple, world: int = 2, timeout_s: float = 180.0) -> None:
+    """Start `world` spawned ranks of fn(rank, world, port, *args); fail (not hang) past timeout_s."""
+    import torch.multiprocessing as mp
+
+    port = dist.free_port()
+    context = mp.start_processes(fn, args=(world, port, *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.time() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.time() > deadline:
+            for p in context.processes:
+                p.kill()
+            raise AssertionError(f"{fn.__name__} did not finish within {timeout_s} s: the ranks hang")
