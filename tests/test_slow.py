@@ -155,3 +155,20 @@ def test_a_lora_trpo_run_on_the_default_model_saves_an_adapter_peft_and_merge_lo
         lp = plain_log_probs(model, batch, cfg.temperature)
         chosen = lp.gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1) * batch.mask
         torch.testing.assert_close(chosen, policy_lp, atol=2e-4, rtol=1e-4)
+
+
+def test_ppo_learns_cartpole_as_two_processes(tmp_path):
+    """The same run as test_ppo_learns_cartpole launched as 2 processes (4 environments each, the
+    same global batch): it reaches the same threshold within the same environment steps."""
+    import json
+    import subprocess
+    import sys
+    args = ["--algo", "ppo", "--env", "CartPole-v1", "--total-steps", "60000", "--seed", "1", "--no-progress",
+            "--nproc", "2", "--out", str(tmp_path / "run"), "eval_episodes=10", "eval_every=0"]
+    r = subprocess.run([sys.executable, "-m", "policygrad", "train", *args], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    final = json.loads((tmp_path / "run" / "final_eval.json").read_text())
+    assert final["eval/return_mean"] >= 400
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["env_steps"] == 60_000 - 60_000 % 256
