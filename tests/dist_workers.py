@@ -21,6 +21,11 @@ CASES = {
     "lm-ppo": ("ppo", {"use_value_head": True, "batch_size": 4, "n_epochs": 2, "kl_in": "loss",
                        "kl_estimator": "k3"}),
     "lm-trpo": ("trpo", {"fvp_fraction": 0.5, "micro_batch_size": 2}),
+    # FSDP2: each rank holds half of every weight, gradient and Adam moment (its training passes run
+    # every row in full: share_prompts=false makes the single-process twin do the same sums)
+    "lm-fsdp-reinforce": ("reinforce", {"shard": "fsdp", "micro_batch_size": 1, "share_prompts": False}),
+    "lm-fsdp-ppo": ("ppo", {"shard": "fsdp", "use_value_head": True, "batch_size": 4, "n_epochs": 2,
+                            "share_prompts": False}),
     # control: rows are environments, minibatches are drawn from transitions
     "ctl-reinforce": ("reinforce", {}),
     "ctl-ppo": ("ppo", {"batch_size": 16, "n_epochs": 2}),
@@ -65,6 +70,16 @@ def load_batch(path: Path) -> Batch:
     return Batch(**load_file(str(path)), kl_coef=kl_coef)
 
 
+def vary_lengths(batch: Batch) -> Batch:
+    """The batch with completions cut to different lengths (a tiny random model seldom samples
+    EOS): the ranks then hold different numbers of valid tokens, which is what per-token weighting
+    across ranks must get right (a mean of the ranks' means would not)."""
+    B, T = batch.shape
+    keep = torch.tensor([1 + i * (T - 1) // (B - 1) for i in range(B)])      # (B,) short to long
+    mask = (torch.arange(T)[None, :] < keep[:, None]).float() * batch.mask    # (B, T)
+    return batch.replace(mask=mask, log_prob=batch.log_prob * mask, ref_log_prob=batch.ref_log_prob * mask)
+
+
 def block(batch: Batch, rank: int, world: int) -> Batch:
     """Rank `rank`'s block of a global batch, as the rank would have collected it."""
     n = batch.shape[0] // world
@@ -81,7 +96,13 @@ def one_update(cfg, policy, batch: Batch) -> dict:
 
 
 def weights(policy) -> dict[str, torch.Tensor]:
-    """The trainable parameters (normalisers and a frozen reference do not take updates)."""
+    """The trainable parameters (normalisers and a frozen reference do not take updates); of a
+    sharded model, gathered whole (on rank 0; a collective)."""
+    if getattr(policy, "sharded", False):
+        whole = {f"model.{k}": v for k, v in dist.full_state_dict(policy.model).items()}
+        head = {} if policy.value_head is None else {f"value_head.{k}": v.detach().clone()
+                                                     for k, v in policy.value_head.state_dict().items()}
+        return {**whole, **head} if dist.is_main() else {}
     return {k: v.detach().clone().contiguous() for k, v in policy.named_parameters() if v.requires_grad}
 
 

@@ -40,7 +40,7 @@ def equivalence(tmp_path_factory, tiny_lm, task_file):
         cfg = w.case_config(name, lm_paths)
         work = w.workload(cfg)
         batch, _ = work.collect()
-        w.save_batch(batch, folder / f"{name}.batch")
+        w.save_batch(w.vary_lengths(batch) if cfg.is_lm else batch, folder / f"{name}.batch")
         before = w.weights(work.policy)
         whole = w.load_batch(folder / f"{name}.batch")
         metrics = w.one_update(cfg, work.policy, whole if cfg.is_lm else w.in_float64(whole))
@@ -55,16 +55,23 @@ def test_update_split_over_two_ranks_equals_the_single_process_update(equivalenc
     whole batch, both ranks hold the same weights bit for bit, and the logged metrics are the whole
     batch's. Sums run in another order, and cancelling sums, Adam's first step (g / (|g| + eps))
     and TRPO's conjugate gradient amplify that rounding: control runs in float64 and agrees within
-    1e-6 of the update's size, a language model in float32 within 1e-4 of it."""
+    1e-6 of the update's size, a language model in float32 within 1e-3 of it. (Weighting each rank's
+    mean alike instead of by its valid tokens misses by more than the whole update on every lm case:
+    checked by hand.)"""
     folder, single = equivalence
     before, after, metrics = single[name]
     ranks = [load_file(str(folder / f"{name}.rank{r}.safetensors")) for r in range(2)]
     moved = max((after[k] - before[k]).abs().max().item() for k in after)
     assert moved > 1e-4, f"{name}: the single-process update barely moved the weights"
-    tolerance = (1e-4 if name.startswith("lm-") else 1e-6) * moved
+    tolerance = (1e-3 if name.startswith("lm-") else 1e-6) * moved
+    sharded = "fsdp" in name  # the whole weights are gathered onto rank 0 only
+    assert set(ranks[0]) >= set(after), f"{name}: missing weights"
     for k in after:
-        assert torch.equal(ranks[0][k], ranks[1][k]), f"{name}: ranks disagree on {k}"
-        assert (ranks[0][k] - after[k]).abs().max().item() <= tolerance, f"{name}: {k} differs"
+        if not sharded:
+            assert torch.equal(ranks[0][k], ranks[1][k]), f"{name}: ranks disagree on {k}"
+        # plus a few float32 ulps of the weight itself (a norm weight of 1 moved by lr lands there)
+        close = (ranks[0][k] - after[k]).abs() <= tolerance + 3e-7 * after[k].abs()
+        assert close.all(), f"{name}: {k} differs by {(ranks[0][k] - after[k]).abs().max().item():.3g}"
     split = json.loads((folder / f"{name}.rank0.json").read_text())
     for key, value in metrics.items():
         if key.startswith(("policy/", "value/", "trpo/", "kl/")):

@@ -86,10 +86,12 @@ def lm_task(tmp_path_factory):
 
 
 # full fine-tuning in float32; a LoRA adapter (reference: the adapter off) in bfloat16 autocast;
-# full fine-tuning as 2 processes (torch.distributed, gloo), each with one of the step's 2 prompts
+# full fine-tuning as 2 processes (torch.distributed, gloo), each with one of the step's 2 prompts,
+# replicated (ddp) or with weights, gradients and Adam moments split between them (fsdp)
 LM_VARIANTS = {"full": ([], "policy/model.safetensors", []),
                "lora-bf16": (["lora_r=4", "lr=0.01", "dtype=bfloat16"], "policy/adapter_model.safetensors", []),
-               "2-processes": ([], "policy/model.safetensors", ["--nproc", 2])}
+               "2-processes": ([], "policy/model.safetensors", ["--nproc", 2]),
+               "2-processes-fsdp": (["shard=fsdp"], "policy/model.safetensors", ["--nproc", 2])}
 
 
 @pytest.mark.parametrize("variant", list(LM_VARIANTS))

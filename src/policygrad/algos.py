@@ -37,6 +37,11 @@ class Optimizers:
     def named(self) -> dict[str, torch.optim.Optimizer]:
         return {k: v for k, v in (("main", self.main), ("value", self.value)) if v is not None}
 
+    @property
+    def sharded(self) -> bool:
+        """Some of the state is split over the ranks (FSDP): each rank saves its own shard."""
+        return any(isinstance(f, dist.ShardedParameters) for f in [*self.main_params, *self.value_params])
+
 
 @dataclass
 class Progress:
@@ -107,6 +112,8 @@ def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batc
     for flat in flats:
         flat.zero_grad()
     micro_batches, weighted = batch.split_rows(cfg.micro_batch_size), WeightedMetrics()
+    if any(flat.lockstep for flat in flats):  # sharded weights: every rank runs as many passes
+        micro_batches += [batch.stand_in()] * (dist.most(len(micro_batches)) - len(micro_batches))
     scale_loss = len(micro_batches) > 1 or dist.world() > 1
     global_valid = _global_valid(batch) if scale_loss else batch.n_valid
     finite = True
@@ -118,7 +125,8 @@ def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batc
         finite = finite and bool(torch.isfinite(loss))
         (loss if scaler is None else scaler.scale(loss)).backward()
         weighted.add(metrics, float(weight))
-    dist.sum_gradients([flat.param.grad for flat in flats])
+    for flat in flats:
+        flat.sum_over_ranks()
     # one collective for the metrics and whether any rank's loss was not finite (all skip together)
     metrics = dist.sum_floats({**weighted.sums, "update/nonfinite": 0.0 if finite else 1.0})
     finite = metrics["update/nonfinite"] == 0.0
@@ -301,8 +309,11 @@ class Algo:
 
 
 def _adam(groups: list[tuple[list, float]]) -> tuple[torch.optim.Optimizer, list[FlatParameters]]:
-    flats = [FlatParameters(params) for params, _ in groups]
-    opt = torch.optim.Adam([{"params": [f.param], "lr": lr} for f, (_, lr) in zip(flats, groups)],
+    """Adam over parameter groups, each in one flat buffer, or (weights fully_shard splits over the
+    ranks) as FSDP's sharded parameters in a group of their own."""
+    flats = [dist.ShardedParameters(params) if any(dist.is_sharded(p) for p in params) else FlatParameters(params)
+             for params, _ in groups]
+    opt = torch.optim.Adam([{"params": f.optimizer_params, "lr": lr} for f, (_, lr) in zip(flats, groups)],
                            eps=1e-5, fused=True)
     keep_adam_moments_adjacent(opt)
     return opt, flats

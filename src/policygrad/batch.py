@@ -120,10 +120,12 @@ class Batch:
         together (gradient sums, FSDP's gathers)."""
         n = self.shape[0]
         mine = global_rows[(global_rows >= rank * n) & (global_rows < (rank + 1) * n)] - rank * n
-        if len(mine):
-            return self.select_rows(mine)
-        stand_in = self.select_rows(torch.zeros(1, dtype=torch.long))
-        return stand_in.replace(mask=torch.zeros_like(stand_in.mask))
+        return self.select_rows(mine) if len(mine) else self.stand_in()
+
+    def stand_in(self) -> "Batch":
+        """One row of this batch with an all-zero mask: a pass over it weighs nothing."""
+        row = self.select_rows(torch.zeros(1, dtype=torch.long))
+        return row.replace(mask=torch.zeros_like(row.mask))
 
     def minibatches(self, size: int, generator: torch.Generator, rank: int = 0, world: int = 1
                     ) -> Iterator["Batch"]:

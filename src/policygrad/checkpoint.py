@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from . import dist
 from .tensorfile import write_safetensors
 
 
@@ -41,13 +42,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state_dict into tensors (for safetensors) and JSON-able rest. The tensors
-    are the live state, not copies (see CheckpointWriter)."""
+    are the live state, not copies (see CheckpointWriter); of state sharded over ranks (FSDP), this
+    rank's shard."""
     state = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, entry in state["state"].items():
         for name, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value.detach()
+                tensors[f"{idx}.{name}"] = dist.local(value).detach()
             else:
                 scalars[f"{idx}.{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -59,8 +61,11 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
     # state, so pages not yet written by a step would follow the file when a later checkpoint
     # overwrites it in place (a pruned checkpoint becomes the spare)
     tensors = {k: v.clone() for k, v in tensors.items()}
+    params = [p for group in opt.param_groups for p in group["params"]]  # state_dict's numbering
     for key, value in [*tensors.items(), *rest["scalars"].items()]:
         idx, name = key.split(".", 1)
+        if torch.is_tensor(value):  # a rank's shard becomes the sharded tensor its parameter is
+            value = dist.shaped_like(value, params[int(idx)])
         state.setdefault(int(idx), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
 
@@ -178,16 +183,20 @@ def save(out_dir: Path, name: str, tensors: dict[str, torch.Tensor],
          optimizers: dict[str, torch.optim.Optimizer], state: dict,
          extra_files: Optional[dict[str, dict[str, torch.Tensor]]] = None,
          write_small: Optional[Callable[[Path], None]] = None, keep: int = 2, protect: Optional[str] = None,
-         writer: Optional[CheckpointWriter] = None) -> None:
+         writer: Optional[CheckpointWriter] = None, rank_shards: Optional[list[dict[str, torch.Tensor]]] = None
+         ) -> None:
     """Checkpoint `name` of a run: model.safetensors (the policy's own tensors), optimizer.safetensors,
     state.json (state plus the optimisers' JSON-able parts) and extra_files (e.g. a language model's
     `policy/model.safetensors`). With a background `writer`, call writer.wait() before changing any
-    of the tensors; without one, the checkpoint is whole when save returns."""
+    of the tensors; without one, the checkpoint is whole when save returns. rank_shards: optimiser
+    state sharded over ranks (FSDP): ranks 1.. 's shards, stored beside rank 0's as rank{r}/KEY."""
     opt_tensors, opt_rest = {}, {}
     for key, opt in optimizers.items():
         flat, rest = optimizer_to_flat(opt)
         opt_tensors.update({f"{key}.{k}": v for k, v in flat.items()})
         opt_rest[key] = rest
+    for r, shard in enumerate(rank_shards or [], start=1):
+        opt_tensors.update({f"rank{r}/{k}": v for k, v in shard.items()})
     files = {"model.safetensors": tensors, "optimizer.safetensors": opt_tensors, **(extra_files or {})}
     writer = writer or CheckpointWriter(background=False)
     writer.save(out_dir, name, files, {**state, "optimizers": opt_rest}, write_small, keep, protect)
@@ -257,8 +266,9 @@ def cut_metrics(metrics_file: Path, last_update: int) -> int:
     return len(kept)
 
 
-def split_optimizer_tensors(tensors: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
-    prefix = f"{key}."
+def split_optimizer_tensors(tensors: dict[str, torch.Tensor], key: str, rank: int = 0) -> dict[str, torch.Tensor]:
+    """Optimiser `key`'s tensors (rank: a rank's shard where the state is sharded over ranks)."""
+    prefix = f"{key}." if rank == 0 or not any(k.startswith(f"rank{rank}/") for k in tensors) else f"rank{rank}/{key}."
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 

@@ -411,6 +411,9 @@ def check_world(cfg: Config, world: int) -> None:
     if count % world:
         raise ConfigError(f"{what}={count} does not split evenly over {world} processes: use a multiple of "
                           f"{world} (the global batch is the same whatever the number of processes)")
+    if cfg.shard == "fsdp" and cfg.uses_lora:
+        raise ConfigError("shard=fsdp with LoRA: the adapters are small enough to replicate, and ddp sums their "
+                          "gradients over the ranks: use shard=ddp")
     if cfg.shard == "fsdp" and cfg.algo == "trpo":
         raise ConfigError("shard=fsdp with TRPO: its Fisher-vector products differentiate twice through "
                           "the model, which fully_shard's gradient hooks do not support: use shard=ddp "

@@ -276,3 +276,151 @@ def spawn(argv: list[str], nproc: int) -> int:
                 p.kill()
                 p.wait()
     return code or next((p.returncode for p in procs if p.returncode), 0)
+
+
+# --- FSDP2: a language model's weights, gradients and optimiser state split over the ranks ------
+class HiddenPasses(torch.nn.Module):
+    """The root FSDP unit around a causal LM: it holds every weight, and its forward is the base
+    model's (hidden states; the policy takes log-probabilities from the LM head in chunks)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs):
+        return self.model.base_model(**kwargs)
+
+
+def fsdp_shard(model: torch.nn.Module) -> HiddenPasses:
+    """torch's fully_shard on each transformer block (the classes transformers names in
+    `_no_split_modules`), then on the rest (embeddings, final norm, LM head) as the root unit;
+    forward passes go through the returned root. Gradients are summed over ranks, not averaged
+    (see the module docstring). The root stays gathered after a forward until the backward: the
+    policy reads the LM head's weight after the forward."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise RuntimeError(f"shard=fsdp: {type(model).__name__} names no transformer block class "
+                           "(_no_split_modules) to shard")
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=True)
+        block._pg_reshard_after_forward = True
+    root = HiddenPasses(model)
+    fully_shard(root, reshard_after_forward=False)
+    root._pg_reshard_after_forward = False
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            # gloo has no pre-multiplied sum: force a plain sum, divided by 1
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    # FSDP makes the first unit that runs a forward the root; sampling calls the blocks through the
+    # model's own forward, so one token goes through the root first (every rank: a collective)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        root(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+    root.reshard()  # the model's parameters are the sharded ones again (what an optimiser must hold)
+    return root
+
+
+def _fsdp_modules(models: Sequence[torch.nn.Module]) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for model in models for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+class gathered:
+    """Within it, sharded models hold their whole weights and forward passes run no collectives:
+    each rank may then generate as many tokens (as many forward passes) as its own sequences need.
+    Entering and leaving are collectives (every rank, in the same order); outside FSDP a no-op."""
+
+    def __init__(self, *models: Optional[torch.nn.Module]):
+        self.modules = _fsdp_modules([m for m in models if m is not None])
+
+    def __enter__(self):
+        for m in self.modules:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in self.modules:
+            m.unshard()
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.reshard()
+        for m in self.modules:
+            m.set_reshard_after_forward(m._pg_reshard_after_forward, recurse=False)
+        return False
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (a DTensor), or t itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def shaped_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A rank's shard of an optimiser moment, made the sharded tensor its parameter is again."""
+    if not is_sharded(param) or t.dim() == 0:
+        return t
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole, unsharded weights on rank 0's CPU ({} on the others); a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class ShardedParameters:
+    """Parameters fully_shard splits over the ranks, as algos.py steps them (the twin of
+    flat.FlatParameters): FSDP's reduce-scatter has already summed each gradient shard over the
+    ranks, so the norm for clipping sums the shards' squares over the ranks."""
+    lockstep = True
+    """Every rank must run the same number of forward and backward passes (each gathers weights)."""
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
+        plain = [tuple(p.shape) for p in self.params if not is_sharded(p)]
+        if plain:  # taken while a unit was gathered: those tensors are replaced at the next reshard
+            raise RuntimeError(f"parameters of shapes {plain[:3]} are not sharded; build the optimiser while "
+                               "the model is sharded (outside dist.gathered, after a backward)")
+
+    @property
+    def optimizer_params(self) -> list:
+        return self.params
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def sum_over_ranks(self) -> None:
+        pass  # the reduce-scatter did it
+
+    def norm(self) -> torch.Tensor:
+        """The whole gradient's norm: each shard's squared norm (float64), summed over ranks."""
+        squares = torch.zeros((), dtype=torch.float64)
+        for p in self.params:
+            if p.grad is not None:
+                squares = squares + torch.linalg.vector_norm(local(p.grad), dtype=torch.float64) ** 2
+        return total(squares).sqrt().float()
+
+    def scale_grads(self, factor: torch.Tensor) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                local(p.grad).mul_(factor)
+
+
+@_timed
+def most(n: int) -> int:
+    """The largest n over ranks."""
+    if not _active():
+        return n
+    t = torch.tensor([n], dtype=torch.int64)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t.item())

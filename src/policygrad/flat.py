@@ -36,20 +36,38 @@ class FlatParameters:
                 p.grad = self.param.grad[offset:offset + n].view_as(p)
                 offset += n
 
+    lockstep = False
+    """Ranks may run different numbers of passes (nothing gathers weights inside a pass)."""
+
+    @property
+    def optimizer_params(self) -> list[nn.Parameter]:
+        return [self.param]
+
     def zero_grad(self) -> None:
         self.param.grad.zero_()
 
+    def sum_over_ranks(self) -> None:
+        from . import dist
+        dist.sum_gradients([self.param.grad])
+
+    def norm(self) -> torch.Tensor:
+        return torch.linalg.vector_norm(self.param.grad)
+
+    def scale_grads(self, factor: torch.Tensor) -> None:
+        self.param.grad.mul_(factor)
 
 
-def clip_grad_norm_(flats: list[FlatParameters], max_norm: float) -> float:
+
+def clip_grad_norm_(flats: list, max_norm: float) -> float:
     """Scale all gradients so that their joint norm is <= max_norm (no-op for max_norm <= 0), as
-    torch.nn.utils.clip_grad_norm_ does; returns the norm before clipping."""
-    norms = [torch.linalg.vector_norm(f.param.grad) for f in flats]
+    torch.nn.utils.clip_grad_norm_ does; returns the norm before clipping. flats: FlatParameters,
+    or dist.ShardedParameters (the same methods over a model fully_shard splits)."""
+    norms = [f.norm() for f in flats]
     norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for f in flats:
-            f.param.grad.mul_(scale)
+            f.scale_grads(scale)
     return norm.item()
 
 
@@ -69,7 +87,7 @@ def keep_adam_moments_adjacent(opt: torch.optim.Optimizer) -> None:
     def rehome(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         for state in optimizer.state.values():
             avg, avg_sq = state.get("exp_avg"), state.get("exp_avg_sq")
-            if avg is None or avg_sq is None or _adjacent(avg, avg_sq):
+            if avg is None or avg_sq is None or type(avg) is not torch.Tensor or _adjacent(avg, avg_sq):
                 continue
             both = torch.stack([avg, avg_sq])  # (2, *param shape), a fresh contiguous buffer
             state["exp_avg"], state["exp_avg_sq"] = both[0], both[1]

@@ -95,18 +95,25 @@ def checkpoint_name(state: RunState) -> str:
 
 def save_run(out_dir: Path, cfg: Config, work, opts: Optimizers, state: RunState,
              generators: dict[str, torch.Generator], writer: Optional[checkpoint.CheckpointWriter] = None) -> Path:
-    """Checkpoint the run (every rank calls it: each hands rank 0 its RNG and data state, which
-    rank 0 writes); with a background writer, writer.wait() must come before the next update."""
-    per_rank = dist.gather_objects({"rng": checkpoint.rng_state(generators), "workload": work.state()})
+    """Checkpoint the run. Every rank calls it: each hands rank 0 its RNG and data state (and, with
+    FSDP, its shard of the optimiser state; the weights are gathered whole), and rank 0 writes.
+    With a background writer, writer.wait() must come before the next update."""
+    files, tensors = work.model_files(), work.tensors()
+    mine = {"rng": checkpoint.rng_state(generators), "workload": work.state()}
+    if opts.sharded and dist.rank() > 0:
+        mine["optimizer"] = {f"{key}.{k}": v.clone() for key, opt in opts.named().items()
+                             for k, v in checkpoint.optimizer_to_flat(opt)[0].items()}
+    per_rank = dist.gather_objects(mine)
     if not dist.is_main():
         return out_dir / "checkpoints" / checkpoint_name(state)
-    checkpoint.save(out_dir, checkpoint_name(state), work.tensors(), opts.named(),
+    shards = [part.pop("optimizer") for part in per_rank[1:]] if opts.sharded else None
+    checkpoint.save(out_dir, checkpoint_name(state), tensors, opts.named(),
                     {"config": to_dict(cfg), "run": dict(state.__dict__), "world": len(per_rank),
                      "workload": per_rank[0]["workload"], "rng": per_rank[0]["rng"],
                      "other_ranks": per_rank[1:],
                      "loss_scale": opts.scaler.state_dict() if opts.scaler is not None else None},
-                    extra_files=work.model_files(), write_small=work.write_model_config,
-                    keep=cfg.keep_checkpoints, protect=state.best_checkpoint, writer=writer)
+                    extra_files=files, write_small=work.write_model_config,
+                    keep=cfg.keep_checkpoints, protect=state.best_checkpoint, writer=writer, rank_shards=shards)
     return out_dir / "checkpoints" / checkpoint_name(state)
 
 
@@ -138,7 +145,7 @@ def restore(path: Path, cfg: Config, work, opts: Optimizers, generators: dict[st
         work.policy.load_state_dict(tensors, strict=not cfg.is_lm)
         part = "optimizer state"
         for key, opt in opts.named().items():
-            checkpoint.optimizer_from_flat(opt, checkpoint.split_optimizer_tensors(opt_tensors, key),
+            checkpoint.optimizer_from_flat(opt, checkpoint.split_optimizer_tensors(opt_tensors, key, dist.rank()),
                                            saved["optimizers"][key])
         if opts.scaler is not None and saved.get("loss_scale"):
             opts.scaler.load_state_dict(saved["loss_scale"])

@@ -96,7 +96,10 @@ class TransformersGenerator:
                     input_ids=prompt_ids, attention_mask=attention_mask, **prefilled, do_sample=True,
                     temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                     max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens or None,
-                    pad_token_id=self.pad_token_id, return_dict_in_generate=True, output_scores=exact)
+                    pad_token_id=self.pad_token_id, return_dict_in_generate=True, output_scores=exact,
+                    # with sharded weights transformers would keep every rank decoding until all are
+                    # done; ours are gathered for sampling (dist.gathered), so each stops on its own
+                    synced_gpus=False)
         tokens = out.sequences[:, prompt_ids.shape[1]:]                          # (B, T)
         mask = completion_mask(tokens, self.eos_ids)                             # (B, T)
         log_prob = None

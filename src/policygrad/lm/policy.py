@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..batch import Batch
+from .. import dist
 from ..core.losses import batch_mean
 from ..placement import Placement
 from . import adapters, models
@@ -117,6 +118,36 @@ class LMPolicy(nn.Module):
         self.add_special_tokens = not getattr(tokenizer, "chat_template", None)
         self.generator = TransformersGenerator(model, tokenizer.pad_token_id, self.eos_ids, self.placement,
                                                self.share_prompts)
+        self.sharded, self.is_gathered = False, False
+        self.roots: dict[int, nn.Module] = {}
+
+    # --- FSDP (dist.py) ---
+    def shard(self) -> None:
+        """Split the policy's and the reference's weights over the ranks (shard=fsdp)."""
+        for model in (self.model, self.reference):
+            if model is not None:
+                self.roots[id(model)] = dist.fsdp_shard(model)
+        self.sharded = True
+
+    def _base(self, model: nn.Module) -> nn.Module:
+        """What computes hidden states: the base model, or with sharded weights the root unit
+        around it (whose forward gathers and afterwards scatters the gradients of the weights)."""
+        return self.roots.get(id(model)) or model.base_model
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Sampling, the reference's and evaluation passes run inside: with sharded weights each rank
+        holds the whole model for the while and its passes need no other rank (one rank's sequences
+        may take more decoding steps than another's); unsharded, nothing happens."""
+        if not self.sharded or self.is_gathered:
+            yield
+            return
+        with dist.gathered(*self.roots.values()):
+            self.is_gathered = True
+            try:
+                yield
+            finally:
+                self.is_gathered = False
 
     # --- prompts and sampling ---
     def render(self, row: dict) -> str:
@@ -164,8 +195,8 @@ class LMPolicy(nn.Module):
         self._dropout(model)
         attention = batch.obs_mask.long()
         positions = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: count real tokens only
-        out = model.base_model(input_ids=batch.obs[:, :-1], attention_mask=attention[:, :-1],
-                               position_ids=positions[:, :-1], use_cache=False)
+        out = self._base(model)(input_ids=batch.obs[:, :-1], attention_mask=attention[:, :-1],
+                                position_ids=positions[:, :-1], use_cache=False)
         return out.last_hidden_state[:, -T:]                                     # (B, T, H)
 
     def _hidden_shared_prompts(self, model: nn.Module, batch: Batch, n: int) -> torch.Tensor:
@@ -180,14 +211,14 @@ class LMPolicy(nn.Module):
         positions = (attention.cumsum(1) - 1).clamp(min=0)
         model.eval()
         self._dropout(model)
-        prefix = model.base_model(input_ids=batch.obs[::n, :P], attention_mask=attention[::n, :P],
-                                  position_ids=positions[::n, :P], use_cache=True)
+        prefix = self._base(model)(input_ids=batch.obs[::n, :P], attention_mask=attention[::n, :P],
+                                   position_ids=positions[::n, :P], use_cache=True)
         last = prefix.last_hidden_state[:, -1:].repeat_interleave(n, 0)           # (B, 1, H)
         if T == 1:
             return last
-        rest = model.base_model(input_ids=batch.obs[:, P:-1], attention_mask=attention[:, :-1],
-                                position_ids=positions[:, P:-1], use_cache=True,
-                                **{cache_name(prefix): repeated_cache(prefix, n)})
+        rest = self._base(model)(input_ids=batch.obs[:, P:-1], attention_mask=attention[:, :-1],
+                                 position_ids=positions[:, P:-1], use_cache=True,
+                                 **{cache_name(prefix): repeated_cache(prefix, n)})
         return torch.cat([last, rest.last_hidden_state], 1)                        # (B, T, H)
 
     def _dropout(self, model: nn.Module) -> None:
@@ -207,6 +238,10 @@ class LMPolicy(nn.Module):
         P = batch.obs.shape[1] - T
         if model is self.model and self.checkpointing and torch.is_grad_enabled():
             return self._hidden(model, batch)  # a KV cache cannot pass a checkpointed layer
+        if self.sharded and not self.is_gathered:
+            # every pass gathers each block's weights from all ranks: the ranks must make the same
+            # number of passes, and the shared-prompt path's count depends on the rows
+            return self._hidden(model, batch)
         if (self.share_prompts and n > 1 and batch.obs.shape[0] % n == 0
                 and torch.equal(batch.obs[::n, :P].repeat_interleave(n, 0), batch.obs[:, :P])):
             return self._hidden_shared_prompts(model, batch, n)
@@ -298,8 +333,12 @@ def build_policy(cfg, placement: Placement, seed: int, model_path=None
         return LMPolicy(adapted.model, tokenizer, cfg, placement=placement, reference=reference), adapted
     if model_path is None:
         model, tokenizer = models.load(cfg.model, placement.trainable_dtype, placement.device)
-        return LMPolicy(model, tokenizer, cfg, placement=placement), None
-    trained, tokenizer = models.load(str(model_path), placement.trainable_dtype, placement.device)
-    base, _ = models.load(cfg.model, placement.frozen_dtype, placement.device)
-    reference = Reference(base.eval().requires_grad_(False))
-    return LMPolicy(trained, tokenizer, cfg, placement=placement, reference=reference), None
+        policy = LMPolicy(model, tokenizer, cfg, placement=placement)
+    else:
+        trained, tokenizer = models.load(str(model_path), placement.trainable_dtype, placement.device)
+        base, _ = models.load(cfg.model, placement.frozen_dtype, placement.device)
+        reference = Reference(base.eval().requires_grad_(False))
+        policy = LMPolicy(trained, tokenizer, cfg, placement=placement, reference=reference)
+    if cfg.shard == "fsdp" and dist.world() > 1:
+        policy.shard()
+    return policy, None

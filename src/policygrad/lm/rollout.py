@@ -142,6 +142,10 @@ class LMWorkload:
         """n completions per row: the batch (with ref log-probs), completions and task rewards."""
         texts = [self.policy.render(r) for r in rows for _ in range(n)]
         self._check_context(texts)
+        with self.policy.gathered():
+            return self._sample(texts, rows, n, seed)
+
+    def _sample(self, texts: list[str], rows: list[dict], n: int, seed: int) -> tuple[Batch, list[str], np.ndarray]:
         start = time.perf_counter()
         batch = self.policy.generate(texts, self.cfg, seed, samples_per_prompt=n)
         generated = time.perf_counter()
@@ -238,12 +242,13 @@ class LMWorkload:
             rows = rows[:self.cfg.eval_prompts]
         size = self.cfg.completions_per_step
         mine = []
-        for start in range(0, len(rows), size)[dist.rank()::dist.world()]:
-            chunk = rows[start:start + size]
-            batch, completions, reward = self.sample(chunk, 1, seed=10_000_019 + start)
-            mine.append((start, reward.tolist(), kl_per_completion(batch).tolist(),
-                         [{"prompt": prompt_text(r), "completion": c, "reward": float(x)}
-                          for r, c, x in zip(chunk, completions, reward)]))
+        with self.policy.gathered():  # sharded weights: ranks then sample different chunk counts
+            for start in range(0, len(rows), size)[dist.rank()::dist.world()]:
+                chunk = rows[start:start + size]
+                batch, completions, reward = self.sample(chunk, 1, seed=10_000_019 + start)
+                mine.append((start, reward.tolist(), kl_per_completion(batch).tolist(),
+                             [{"prompt": prompt_text(r), "completion": c, "reward": float(x)}
+                              for r, c, x in zip(chunk, completions, reward)]))
         chunks = sorted((c for part in dist.gather_objects(mine) for c in part), key=lambda c: c[0])
         rewards = [x for c in chunks for x in c[1]]
         kls = [x for c in chunks for x in c[2]]
@@ -270,6 +275,13 @@ class LMWorkload:
         LoRA, only the adapter: policy/adapter_model.safetensors (the base model is cfg.model)."""
         if self.adapted is not None:
             return {f"policy/{adapters.ADAPTER_WEIGHTS}": self.adapted.trainable_tensors()}
+        if self.policy.sharded:  # gathered whole onto rank 0 (every rank must call this)
+            weights = dist.full_state_dict(self.policy.model)
+            if getattr(self.policy.model.config, "tie_word_embeddings", False):
+                head = next(n for n, m in self.policy.model.named_modules()
+                            if m is self.policy.model.get_output_embeddings())
+                weights.pop(f"{head}.weight", None)
+            return {"policy/model.safetensors": weights}
         seen, weights = set(), {}
         for name, t in self.policy.model.state_dict().items():
             key = (t.data_ptr(), tuple(t.shape))
