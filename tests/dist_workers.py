@@ -163,3 +163,20 @@ def run_ranks(fn, args: tuple, world: int = 2, timeout_s: float = 180.0) -> None
             for p in context.processes:
                 p.kill()
             raise AssertionError(f"{fn.__name__} did not finish within {timeout_s} s: the ranks hang")
+
+
+def evaluation_worker(rank: int, world: int, port: int, folder: str, lm_paths: tuple[str, str]) -> None:
+    """The validation evaluation of an untrained model, replicated (ddp) and sharded (fsdp)."""
+    join(rank, world, port)
+    for shard in ("ddp", "fsdp"):
+        cfg = eval_config(lm_paths, shard)
+        result = workload(cfg).evaluate("validation")
+        if rank == 0:
+            (Path(folder) / f"eval-{shard}.json").write_text(json.dumps(result))
+    dist.shutdown()
+
+
+def eval_config(lm_paths: tuple[str, str], shard: str = "ddp"):
+    model, task = lm_paths
+    return config_mod.resolve({}, {**LM_OVERRIDES, "eval_prompts": 20, "shard": shard},
+                              {"algo": "reinforce", "task": task, "model": model})

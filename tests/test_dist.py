@@ -97,3 +97,18 @@ def test_a_batch_that_does_not_fit_the_processes_is_refused(tiny_lm, task_file, 
     cfg = config_mod.resolve({}, overrides, {"algo": "reinforce", "task": str(task_file), "model": str(tiny_lm)})
     with pytest.raises(config_mod.ConfigError, match=message):
         config_mod.check_world(cfg, world)
+
+
+def test_evaluation_over_two_ranks_equals_the_single_process_one(tmp_path, tiny_lm):
+    """20 validation prompts in chunks of 8: rank 0 samples two chunks and rank 1 one, each with the
+    chunk's own seed, replicated and with FSDP (sampling gathered); every number and sample equals
+    one process's evaluation."""
+    from lm_helpers import write_task
+    task = write_task(tmp_path, [{"prompt": f"Tell me about {i}."} for i in range(200)],
+                      "data: prompts.jsonl\nrewards: [vader]\nmax_new_tokens: 6\n")
+    lm_paths = (str(tiny_lm), str(task))
+    single = w.workload(w.eval_config(lm_paths)).evaluate("validation")
+    assert single["eval/n"] == 20
+    w.run_ranks(w.evaluation_worker, (str(tmp_path), lm_paths))
+    for shard in ("ddp", "fsdp"):
+        assert json.loads((tmp_path / f"eval-{shard}.json").read_text()) == json.loads(json.dumps(single)), shard
