@@ -33,6 +33,7 @@ def test_minibatch_parts_over_ranks_are_the_single_process_minibatches():
 def equivalence(tmp_path_factory, tiny_lm, task_file):
     """Global batches collected in one process, the single-process update of each, then the same
     update split over 2 spawned ranks."""
+    torch.set_num_threads(1)  # as the ranks: an in-process train() elsewhere may have changed it
     folder = tmp_path_factory.mktemp("dist")
     lm_paths = (str(tiny_lm), str(task_file))
     single = {}
@@ -107,6 +108,7 @@ def test_evaluation_over_two_ranks_equals_the_single_process_one(tmp_path, tiny_
     task = write_task(tmp_path, [{"prompt": f"Tell me about {i}."} for i in range(200)],
                       "data: prompts.jsonl\nrewards: [vader]\nmax_new_tokens: 6\n")
     lm_paths = (str(tiny_lm), str(task))
+    torch.set_num_threads(1)  # as the ranks: sampling's float sums depend on the thread count
     single = w.workload(w.eval_config(lm_paths)).evaluate("validation")
     assert single["eval/n"] == 20
     w.run_ranks(w.evaluation_worker, (str(tmp_path), lm_paths))

@@ -45,3 +45,24 @@ def test_the_global_batch_is_the_same_at_one_process_and_at_two(tmp_path):
         assert [x["env_steps"] for x in rows_without_timings(tmp_path / str(n))] == [256, 512, 768, 1024]
         state = json.loads((tmp_path / str(n) / "checkpoints" / "update-000004" / "state.json").read_text())
         assert state["world"] == n
+
+
+def test_a_rank_that_fails_alone_says_so_in_one_line_and_the_run_stops(tmp_path, tiny_lm):
+    """A reward that raises on rank 1 only: rank 1 reports it with its rank, the launcher stops
+    rank 0 (waiting in a collective), and the command ends with exit code 2, no traceback."""
+    from lm_helpers import write_task
+    (tmp_path / "rewards.py").write_text(
+        "import os\n"
+        "def picky(prompts, completions):\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        raise ValueError('rank-one trouble')\n"
+        "    return [0.0 for _ in completions]\n")
+    task = write_task(tmp_path, [{"prompt": f"Say {i}."} for i in range(12)],
+                      "data: prompts.jsonl\nrewards: ['python:rewards.py:picky']\nmax_new_tokens: 4\n")
+    r = subprocess.run([sys.executable, "-m", "policygrad", "train", "--nproc", "2", "--algo", "reinforce",
+                        "--task", str(task), "--model", str(tiny_lm), "--steps", "2", "--no-progress",
+                        "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("policygrad: error:")]
+    assert any(line.startswith("policygrad: error: rank 1:") and "rank-one trouble" in line for line in lines), r.stderr

@@ -218,8 +218,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc > 1:  # this process launches the ranks
         check_resume_world(out, cfg, args.overwrite, world)
         return dist.spawn(args.argv_without_nproc, args.nproc)
-    from .trainer import train
     dist.init(placement_device(cfg))
+    try:
+        return train_here(cfg, out, args)
+    finally:
+        dist.shutdown()  # a process group left to the interpreter's exit can abort it
+
+
+def train_here(cfg, out: Path, args: argparse.Namespace) -> int:
+    """This process's part of the run (the whole run, in one process)."""
+    from . import dist
+    from .trainer import train
+
     resume, complete = on_main(lambda: prepare_run(out, cfg, args.overwrite))
     if complete:
         if dist.is_main():

@@ -134,9 +134,8 @@ def _timed(fn):
         except RuntimeError as e:
             if not _active() or isinstance(e, PeerLost):
                 raise
-            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:160]
-            raise PeerLost(f"another process stopped during {fn.__name__} ({first}); its own error "
-                           "is above") from None
+            raise PeerLost(f"another process stopped while this one waited for it in {fn.__name__} "
+                           f"({e.__class__.__name__}); its own error is above") from None
         finally:
             _collective_s += time.perf_counter() - start
     return wrapper
@@ -245,8 +244,9 @@ def _die_with_parent() -> None:
 def spawn(argv: list[str], nproc: int) -> int:
     """Run `python -m policygrad ARGV` as N ranks on this machine with the environment torchrun
     gives its workers (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), so a
-    worker cannot tell the two launches apart. If one rank fails, the others are stopped and its
-    exit code is returned; errors reach the user as the ranks wrote them (rank 0's one line)."""
+    worker cannot tell the two launches apart. If one rank fails, the others get a few seconds to
+    notice and stop, then are terminated; the exit code is 2 when any rank met a user error. Errors
+    reach the user as the ranks wrote them (one line each)."""
     port = free_port()
     procs = []
     for r in range(nproc):
@@ -255,27 +255,29 @@ def spawn(argv: list[str], nproc: int) -> int:
                "GROUP_RANK": "0", "ROLE_RANK": str(r)}
         procs.append(subprocess.Popen([sys.executable, "-m", "policygrad", *argv], env=env,
                                       preexec_fn=_die_with_parent))
-    code = 0
     try:
-        while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed:
-                code = failed[0]
-                break
+        while all(p.poll() in (None, 0) for p in procs) and any(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        deadline = time.time() + 5.0  # a failed rank's peers notice it and stop on their own
+        while any(p.poll() is None for p in procs) and time.time() < deadline:
             time.sleep(0.05)
     except KeyboardInterrupt:
-        code = 130
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
     finally:
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM if code != 130 else signal.SIGINT)
+                p.terminate()
         for p in procs:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-    return code or next((p.returncode for p in procs if p.returncode), 0)
+    codes = [p.returncode for p in procs if p.returncode not in (0, -signal.SIGTERM)]
+    # a user error (2) is the cause; the peers' lost-contact errors (1) follow from it
+    return 2 if 2 in codes else (codes[0] if codes else 0)
 
 
 # --- FSDP2: a language model's weights, gradients and optimiser state split over the ranks ------
