@@ -146,6 +146,8 @@ def early_stop_worker(rank: int, world: int, port: int, folder: str) -> None:
         batch = advantages.compute(batch, cfg, reduce=dist.total)
         metrics = algo.update(work.policy, opts, batch, cfg, Progress(1.0, torch.Generator().manual_seed(step)))
         stops.append(metrics["policy/early_stop"])
+    # agree: one rank's flag becomes every rank's decision
+    stops += [float(dist.agree(rank == 1)), float(dist.agree(False))]
     (Path(folder) / f"stops.rank{rank}.json").write_text(json.dumps(stops))
     save_file(weights(work.policy), str(Path(folder) / f"early.rank{rank}.safetensors"))
     dist.shutdown()

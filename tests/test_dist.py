@@ -84,7 +84,8 @@ def test_ranks_whose_data_disagree_stop_ppo_epochs_together(tmp_path):
     is taken on the global KL, both ranks stop at the same minibatch, and the run finishes."""
     w.run_ranks(w.early_stop_worker, (str(tmp_path),), timeout_s=120)
     stops = [json.loads((tmp_path / f"stops.rank{r}.json").read_text()) for r in range(2)]
-    assert stops[0] == stops[1] and max(stops[0]) == 1.0
+    assert stops[0] == stops[1] and max(stops[0][:3]) == 1.0
+    assert stops[0][3:] == [1.0, 0.0]  # dist.agree: rank 1's True is both ranks' decision
     a, b = (load_file(str(tmp_path / f"early.rank{r}.safetensors")) for r in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)
 

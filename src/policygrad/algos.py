@@ -100,36 +100,51 @@ def _global_valid(batch: Batch) -> torch.Tensor:
     return dist.total(batch.mask.sum()).clamp(min=1.0)
 
 
-def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batch: Batch,
-                   loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]], cfg,
-                   before_step: Callable[[], None], scaler: Optional[torch.amp.GradScaler] = None) -> dict:
-    """One optimiser step on loss_fn over `batch`, accumulated over micro-batches of
-    cfg.micro_batch_size rows. Each micro-batch's mean is weighted by its share of the valid steps
-    of the global batch (this rank's part and the other ranks'), and the gradients are summed over
-    ranks, so the step equals that of one pass over the whole global batch in one process. With a
-    (float16) scaler the backward passes run on the scaled loss and the gradients are unscaled
-    before clipping."""
-    for flat in flats:
-        flat.zero_grad()
+def _accumulate(flats: list[FlatParameters], batch: Batch, loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]],
+                cfg, scaler: Optional[torch.amp.GradScaler]) -> tuple[dict, bool]:
+    """Backward passes over micro-batches of cfg.micro_batch_size rows, gradients summed over
+    ranks: the global batch's mean metrics, and whether every rank's loss was finite.
+
+    In one process each micro-batch's mean is weighted by its share of the batch's valid steps.
+    Over ranks, by its count of valid steps (a sum over them), and the summed gradients and metrics
+    are divided by the global count, which travels with the metrics."""
     micro_batches, weighted = batch.split_rows(cfg.micro_batch_size), WeightedMetrics()
     if any(flat.lockstep for flat in flats):  # sharded weights: every rank runs as many passes
         micro_batches += [batch.stand_in()] * (dist.most(len(micro_batches)) - len(micro_batches))
-    scale_loss = len(micro_batches) > 1 or dist.world() > 1
-    global_valid = _global_valid(batch) if scale_loss else batch.n_valid
+    alone = dist.world() == 1
     finite = True
     for micro in micro_batches:
         loss, metrics = loss_fn(micro)
-        weight = micro.mask.sum() / global_valid
-        if scale_loss:
+        weight = micro.mask.sum() / batch.n_valid if alone else micro.mask.sum()
+        if len(micro_batches) > 1 or not alone:
             loss = loss * weight
         finite = finite and bool(torch.isfinite(loss))
         (loss if scaler is None else scaler.scale(loss)).backward()
         weighted.add(metrics, float(weight))
-    for flat in flats:
+    local = {**weighted.sums, "update/nonfinite": 0.0 if finite else 1.0}
+    if alone:
+        return local, finite
+    # the gradients, and with the last one the metrics, the valid count and whether any rank's loss
+    # was not finite (a control MLP's step: one collective in all)
+    for flat in flats[:-1]:
         flat.sum_over_ranks()
-    # one collective for the metrics and whether any rank's loss was not finite (all skip together)
-    metrics = dist.sum_floats({**weighted.sums, "update/nonfinite": 0.0 if finite else 1.0})
-    finite = metrics["update/nonfinite"] == 0.0
+    sums = flats[-1].sum_over_ranks({**local, "update/valid": float(batch.mask.sum())})
+    valid, nonfinite = max(sums.pop("update/valid"), 1.0), sums.pop("update/nonfinite")
+    for flat in flats:
+        flat.scale_grads(1.0 / valid)
+    return {**{k: v / valid for k, v in sums.items()}, "update/nonfinite": nonfinite}, nonfinite == 0.0
+
+
+def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batch: Batch,
+                   loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]], cfg,
+                   before_step: Callable[[], None], scaler: Optional[torch.amp.GradScaler] = None) -> dict:
+    """One optimiser step on loss_fn over `batch` (this rank's part of the global batch): the step
+    equals that of one pass over the whole global batch in one process (see _accumulate). With a
+    (float16) scaler the backward passes run on the scaled loss and the gradients are unscaled
+    before clipping."""
+    for flat in flats:
+        flat.zero_grad()
+    metrics, finite = _accumulate(flats, batch, loss_fn, cfg, scaler)
     if scaler is not None:
         scaler.unscale_(opt)
     metrics["policy/grad_norm"] = clip_grad_norm_(flats, cfg.max_grad_norm)

@@ -177,6 +177,28 @@ def sum_floats(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, packed.tolist()))
 
 
+SMALL_GRADIENT = 1 << 20
+"""Gradients of at most this many elements travel in one buffer with the step's statistics: a
+collective's latency, not its bytes, is what a small network's step pays for (a control MLP)."""
+
+
+@_timed
+def sum_gradient_and_floats(grad: torch.Tensor, values: dict[str, float]) -> dict[str, float]:
+    """sum_gradients([grad]) and sum_floats(values) in one collective where the gradient is small
+    and on the CPU (copied into one float64 buffer: a sum of two float32 values rounds the same),
+    in two otherwise."""
+    if not _active():
+        return dict(values)
+    if grad.numel() > SMALL_GRADIENT or grad.device.type != "cpu":
+        tdist.all_reduce(grad)
+        return sum_floats(values)
+    keys = sorted(values)
+    packed = torch.cat([grad.reshape(-1).double(), torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)])
+    tdist.all_reduce(packed)
+    grad.copy_(packed[:grad.numel()].view_as(grad))
+    return dict(zip(keys, packed[grad.numel():].tolist()))
+
+
 @_timed
 def agree(flag: bool) -> bool:
     """True on every rank when any rank's flag is True: how ranks take one decision together."""
@@ -401,8 +423,9 @@ class ShardedParameters:
         for p in self.params:
             p.grad = None
 
-    def sum_over_ranks(self) -> None:
-        pass  # the reduce-scatter did it
+    def sum_over_ranks(self, values: Optional[dict[str, float]] = None) -> Optional[dict[str, float]]:
+        """The reduce-scatter has summed the gradients; values (statistics), if given, are summed."""
+        return None if values is None else sum_floats(values)
 
     def norm(self) -> torch.Tensor:
         """The whole gradient's norm: each shard's squared norm (float64), summed over ranks."""

@@ -8,7 +8,7 @@ tests/test_control.py checks it against torch.nn.utils.clip_grad_norm_ and separ
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -46,9 +46,13 @@ class FlatParameters:
     def zero_grad(self) -> None:
         self.param.grad.zero_()
 
-    def sum_over_ranks(self) -> None:
+    def sum_over_ranks(self, values: Optional[dict[str, float]] = None) -> Optional[dict[str, float]]:
+        """Sum the gradient over ranks, and values (the step's statistics), if given, with it."""
         from . import dist
-        dist.sum_gradients([self.param.grad])
+        if values is None:
+            dist.sum_gradients([self.param.grad])
+            return None
+        return dist.sum_gradient_and_floats(self.param.grad, values)
 
     def norm(self) -> torch.Tensor:
         return torch.linalg.vector_norm(self.param.grad)

@@ -232,7 +232,7 @@ def train(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = Fals
     try:
         while not state.finished and state.update < cfg.total_updates:
             run_update(cfg, work, algo, opts, state, generators, logger, writer, out_dir, start)
-            if work.stop_early():
+            if dist.agree(work.stop_early()):  # one rank stopping alone would leave the others waiting
                 break
         # 7. final evaluation and checkpoint
         state.finished = True
