@@ -157,7 +157,8 @@ def run_ranks(fn, args: tuple, world: int = 2, timeout_s: float = 180.0) -> None
     """Start `world` spawned ranks of fn(rank, world, port, *args); fail (not hang) past timeout_s."""
     import torch.multiprocessing as mp
 
-    port = dist.free_port()
+    from policygrad.launch import free_port
+    port = free_port()
     context = mp.start_processes(fn, args=(world, port, *args), nprocs=world, join=False, start_method="spawn")
     deadline = time.time() + timeout_s
     while not context.join(timeout=1.0):

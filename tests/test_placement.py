@@ -36,6 +36,20 @@ def test_auto_is_the_first_gpu_where_there_is_one_and_the_cpu_here(monkeypatch):
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
 
 
+def test_each_process_of_a_launch_takes_the_gpu_its_local_rank_names(monkeypatch):
+    """Under torchrun (4 processes on this machine, this one LOCAL_RANK 3): auto and cuda are
+    cuda:3; one named GPU for all of them, or fewer GPUs than processes, is refused in one line."""
+    fake_gpus(monkeypatch, 4)
+    for key, value in {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(key, value)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 3)
+    with pytest.raises(DeviceError, match="names one GPU, and 4 processes share"):
+        resolve_device("cuda:0")
+    fake_gpus(monkeypatch, 2)
+    with pytest.raises(DeviceError, match="4 processes on this machine need a GPU each"):
+        resolve_device("auto")
+
+
 @pytest.mark.parametrize("name, gpus, message", [
     ("cuda", 0, "torch sees no CUDA GPU"),
     ("cuda:2", 2, "has 2 CUDA GPU(s)"),

@@ -217,7 +217,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = check_processes(args, cfg, launched.world)
     if args.nproc is not None and args.nproc > 1:  # this process launches the ranks
         check_resume_world(out, cfg, args.overwrite, world)
-        return dist.spawn(args.argv_without_nproc, args.nproc)
+        from .launch import spawn
+        return spawn(args.argv_without_nproc, args.nproc)
     dist.init(placement_device(cfg))
     try:
         return train_here(cfg, out, args)

@@ -7,9 +7,9 @@ statistics). A plain process is rank 0 of 1 and every function below is then the
 no-op, so the single-process arithmetic is untouched.
 
 Data parallelism is exact, not approximate: each rank holds an equal block of the global batch;
-a loss is the mean over the *global* batch's valid steps, so each rank weights its rows by
-(its valid steps / the global count) and the gradients are summed, never averaged (two ranks whose
-completions differ in length would otherwise weigh tokens differently). Every data-dependent
+a loss is the mean over the *global* batch's valid steps, so the ranks' gradients of their sums
+over valid steps are added and divided by the global count, never averaged as per-rank means (two
+ranks whose completions differ in length would otherwise weigh tokens differently). Every data-dependent
 decision (PPO's early stop, a non-finite skip, stopping at a return, the best checkpoint) is taken
 on numbers all ranks share, or through `agree`: a rank that decides alone leaves the others waiting
 in a collective for ever.
@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -245,61 +241,6 @@ def share(total_count: int) -> tuple[int, int]:
     divides it)."""
     size = total_count // _ranks.world
     return _ranks.rank * size, (_ranks.rank + 1) * size
-
-
-# --- launching N processes on this machine ------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In a spawned rank (Linux): a SIGKILL of the launcher ends the rank too, as torchrun's do."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def spawn(argv: list[str], nproc: int) -> int:
-    """Run `python -m policygrad ARGV` as N ranks on this machine with the environment torchrun
-    gives its workers (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), so a
-    worker cannot tell the two launches apart. If one rank fails, the others get a few seconds to
-    notice and stop, then are terminated; the exit code is 2 when any rank met a user error. Errors
-    reach the user as the ranks wrote them (one line each)."""
-    port = free_port()
-    procs = []
-    for r in range(nproc):
-        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
-               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "GROUP_RANK": "0", "ROLE_RANK": str(r)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "policygrad", *argv], env=env,
-                                      preexec_fn=_die_with_parent))
-    try:
-        while all(p.poll() in (None, 0) for p in procs) and any(p.poll() is None for p in procs):
-            time.sleep(0.05)
-        deadline = time.time() + 5.0  # a failed rank's peers notice it and stop on their own
-        while any(p.poll() is None for p in procs) and time.time() < deadline:
-            time.sleep(0.05)
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-    codes = [p.returncode for p in procs if p.returncode not in (0, -signal.SIGTERM)]
-    # a user error (2) is the cause; the peers' lost-contact errors (1) follow from it
-    return 2 if 2 in codes else (codes[0] if codes else 0)
 
 
 # --- FSDP2: a language model's weights, gradients and optimiser state split over the ranks ------

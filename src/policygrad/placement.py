@@ -75,14 +75,25 @@ def _mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
+def _local_gpu(count: int) -> int:
+    """The GPU of this process: under torchrun (or --nproc) the one its LOCAL_RANK names."""
+    from . import dist
+    ranks = dist.launched()
+    if ranks.local_world > 1 and ranks.local_rank >= count:
+        raise DeviceError(f"{ranks.local_world} processes on this machine need a GPU each, and torch sees {count}: "
+                          "start at most that many per machine (--nproc-per-node), or use device=cpu")
+    return ranks.local_rank
+
+
 def resolve_device(name: str, small_model: bool = False) -> torch.device:
-    """`auto`: the first CUDA GPU, else Apple mps, else the CPU (small_model: the CPU, where small
-    MLPs run fastest); or exactly the device named, which must exist."""
+    """`auto`: this process's CUDA GPU (the first, or under torchrun the one LOCAL_RANK names),
+    else Apple mps, else the CPU (small_model: the CPU, where small MLPs run fastest); or exactly
+    the device named, which must exist."""
     if name == "auto":
         if small_model:
             return torch.device("cpu")
         if _cuda_count():
-            return torch.device("cuda", 0)
+            return torch.device("cuda", _local_gpu(_cuda_count()))
         return torch.device("mps") if _mps_available() else torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
@@ -103,6 +114,12 @@ def resolve_device(name: str, small_model: bool = False) -> torch.device:
         if int(index) >= count:
             raise DeviceError(f"device={name} was asked for, but this machine has {count} CUDA GPU(s) "
                               f"(cuda:0 .. cuda:{count - 1})")
+        if name == "cuda":
+            return torch.device("cuda", _local_gpu(count))
+        from . import dist
+        if dist.launched().local_world > 1:
+            raise DeviceError(f"device={name} names one GPU, and {dist.launched().local_world} processes share "
+                              "this machine: use device=cuda or auto (each process takes the GPU its LOCAL_RANK names)")
         return torch.device("cuda", int(index))
     raise DeviceError(f"device '{name}' is not a device: use auto, cpu, cuda, cuda:N or mps")
 
