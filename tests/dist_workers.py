@@ -146,6 +146,15 @@ def early_stop_worker(rank: int, world: int, port: int, folder: str) -> None:
         batch = advantages.compute(batch, cfg, reduce=dist.total)
         metrics = algo.update(work.policy, opts, batch, cfg, Progress(1.0, torch.Generator().manual_seed(step)))
         stops.append(metrics["policy/early_stop"])
+    # a loss that is not finite on rank 1 only: both ranks skip the step, weights untouched
+    batch, _ = work.collect()
+    batch = advantages.compute(batch, cfg, reduce=dist.total)
+    if rank == 1:
+        batch = batch.replace(advantages=batch.advantages * float("nan"))
+    before = weights(work.policy)
+    metrics = algo.update(work.policy, opts, batch, cfg, Progress(1.0, torch.Generator().manual_seed(9)))
+    unchanged = all(torch.equal(before[k], v) for k, v in weights(work.policy).items())
+    stops += [metrics["update/nonfinite"], float(unchanged)]
     # agree: one rank's flag becomes every rank's decision
     stops += [float(dist.agree(rank == 1)), float(dist.agree(False))]
     (Path(folder) / f"stops.rank{rank}.json").write_text(json.dumps(stops))

@@ -66,3 +66,15 @@ def test_a_rank_that_fails_alone_says_so_in_one_line_and_the_run_stops(tmp_path,
     assert "Traceback" not in r.stderr, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("policygrad: error:")]
     assert any(line.startswith("policygrad: error: rank 1:") and "rank-one trouble" in line for line in lines), r.stderr
+
+
+def test_stop_at_return_stops_every_rank_together(tmp_path):
+    """stop_at_return reads every rank's last 20 episodes: both ranks stop after the same update,
+    long before the budget, and the run ends normally."""
+    r = subprocess.run([sys.executable, "-m", "policygrad", "train", "--nproc", "2", "--out", str(tmp_path / "run"),
+                        *ARGS[:5], "100000", *ARGS[6:], "stop_at_return=15"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = rows_without_timings(tmp_path / "run")
+    assert rows[-1]["env_steps"] < 100_000 and rows[-1]["train/episode_return_mean"] >= 15
+    assert (tmp_path / "run" / "final_eval.json").is_file()
