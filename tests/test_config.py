@@ -169,3 +169,14 @@ def test_every_key_is_of_one_kind_or_shared_and_the_kinds_are_disjoint():
 def test_python_callers_keep_the_default_algorithm_and_env():
     cfg = resolve({}, {}, {})
     assert (cfg.algo, cfg.env, cfg.task) == ("ppo", "CartPole-v1", None)
+
+
+def test_a_run_folder_from_before_new_keys_is_the_same_run():
+    """A config saved before `shard` existed, with another torch_threads (speed, not results), is
+    the same run; a changed key that alters what is computed is not."""
+    from policygrad.config import same_run, to_dict
+    current = to_dict(Config(algo="ppo"))
+    saved = {k: v for k, v in current.items() if k != "shard"} | {"torch_threads": 2}
+    assert same_run(saved, current)
+    assert not same_run({**saved, "lr": 0.5}, current)
+    assert not same_run(None, current)

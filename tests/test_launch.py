@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -47,9 +48,11 @@ def test_the_global_batch_is_the_same_at_one_process_and_at_two(tmp_path):
         assert state["world"] == n
 
 
-def test_a_rank_that_fails_alone_says_so_in_one_line_and_the_run_stops(tmp_path, tiny_lm):
-    """A reward that raises on rank 1 only: rank 1 reports it with its rank, the launcher stops
-    rank 0 (waiting in a collective), and the command ends with exit code 2, no traceback."""
+@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
+def test_a_rank_that_fails_alone_says_so_in_one_line_and_the_run_stops(tmp_path, tiny_lm, shard):
+    """A reward that raises on rank 1 only: rank 1 reports it with its rank, rank 0 (waiting in a
+    collective: ours, or FSDP's gather) says it lost it, and the command ends with exit code 2, no
+    traceback."""
     from lm_helpers import write_task
     (tmp_path / "rewards.py").write_text(
         "import os\n"
@@ -61,7 +64,8 @@ def test_a_rank_that_fails_alone_says_so_in_one_line_and_the_run_stops(tmp_path,
                       "data: prompts.jsonl\nrewards: ['python:rewards.py:picky']\nmax_new_tokens: 4\n")
     r = subprocess.run([sys.executable, "-m", "policygrad", "train", "--nproc", "2", "--algo", "reinforce",
                         "--task", str(task), "--model", str(tiny_lm), "--steps", "2", "--no-progress",
-                        "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+                        "--out", str(tmp_path / "run"), f"shard={shard}"], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("policygrad: error:")]

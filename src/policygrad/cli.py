@@ -27,10 +27,6 @@ class UsageError(ValueError):
     """A wrong command line or an --out/run folder that does not fit."""
 
 
-class RankExit(Exception):
-    """A rank other than 0 stops because rank 0 met a user error it has already reported."""
-
-
 def user_errors() -> tuple[type, ...]:
     from .lm.models import ModelError
     from .lm.rewards import RewardError
@@ -39,8 +35,9 @@ def user_errors() -> tuple[type, ...]:
     from .merge import MergeError
     from .plot import PlotError
     from .trainer import TrainingError
+    from .launch import LaunchError
     return (ConfigError, EnvError, CheckpointError, UsageError, ModelError, RewardError, TaskError,
-            TrainingError, LoggingError, PlotError, MergeError)
+            TrainingError, LoggingError, PlotError, MergeError, LaunchError)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -129,7 +126,7 @@ def prepare_out(out: Path, cfg_dict: dict, overwrite: bool) -> bool:
         return False
     if not overwrite:
         try:
-            same = yaml.safe_load(saved.read_text()) == cfg_dict
+            same = config_mod.same_run(yaml.safe_load(saved.read_text()), cfg_dict)
         except yaml.YAMLError:
             same = False
         if not same:
@@ -212,13 +209,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = config_mod.resolve(file_values, overrides, flags)
         out = Path(args.out)
     preflight(cfg)
-    from . import dist
-    launched = dist.launched()
-    world = check_processes(args, cfg, launched.world)
+    from . import dist, launch
+    world = launch.check_processes(args.nproc, cfg, dist.launched().world)
     if args.nproc is not None and args.nproc > 1:  # this process launches the ranks
-        check_resume_world(out, cfg, args.overwrite, world)
-        from .launch import spawn
-        return spawn(args.argv_without_nproc, args.nproc)
+        launch.check_resume_world(out, cfg, args.overwrite, world)
+        return launch.spawn(args.argv_without_nproc, args.nproc)
     dist.init(placement_device(cfg))
     try:
         return train_here(cfg, out, args)
@@ -231,7 +226,7 @@ def train_here(cfg, out: Path, args: argparse.Namespace) -> int:
     from . import dist
     from .trainer import train
 
-    resume, complete = on_main(lambda: prepare_run(out, cfg, args.overwrite))
+    resume, complete = dist.on_main(lambda: prepare_run(out, cfg, args.overwrite))
     if complete:
         if dist.is_main():
             print(f"policygrad: the run in '{out}' is already complete; nothing to do "
@@ -241,36 +236,6 @@ def train_here(cfg, out: Path, args: argparse.Namespace) -> int:
     if dist.is_main():
         print(format_table(summary), file=sys.stderr)
     return 0
-
-
-def check_processes(args: argparse.Namespace, cfg, launched_world: int) -> int:
-    """The number of processes the run will have (--nproc, or torchrun's), checked against the
-    batch before any process starts."""
-    if args.nproc is not None:
-        if args.nproc < 1:
-            raise UsageError(f"--nproc must be at least 1; got {args.nproc}")
-        if launched_world > 1:
-            raise UsageError("--nproc starts its own processes, and this one was started by torchrun "
-                             f"(WORLD_SIZE={launched_world}): drop --nproc")
-    world = args.nproc if args.nproc is not None else launched_world
-    config_mod.check_world(cfg, world)
-    return world
-
-
-def check_resume_world(out: Path, cfg, overwrite: bool, world: int) -> None:
-    """Before launching: a run that will resume must resume at the process count that wrote it."""
-    from .trainer import check_resume_world as check
-
-    if overwrite or not (out / "config.yaml").is_file():
-        return
-    path = checkpoint.latest(out)
-    if path is not None and (path / "state.json").is_file():
-        try:
-            saved = json.loads((path / "state.json").read_text())
-        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-            return  # the run itself reports a corrupt checkpoint
-        if saved.get("config") == config_mod.to_dict(cfg):
-            check(saved, path, world)
 
 
 def placement_device(cfg) -> str:
@@ -283,27 +248,6 @@ def prepare_run(out: Path, cfg, overwrite: bool) -> tuple[bool, bool]:
     from .trainer import is_complete
     resume = prepare_out(out, config_mod.to_dict(cfg), overwrite)
     return resume, resume and is_complete(out)
-
-
-def on_main(fn):
-    """fn() run by rank 0 alone (it touches the run folder), its result handed to every rank; a
-    user error there is rank 0's to report, and the other ranks stop quietly."""
-    from . import dist
-
-    if dist.world() == 1:
-        return fn()
-    outcome, error = None, None
-    if dist.is_main():
-        try:
-            outcome = ("ok", fn())
-        except user_errors() as e:
-            outcome, error = ("error", None), e
-    outcome = dist.from_main(outcome)
-    if outcome[0] == "error":
-        if error is not None:
-            raise error
-        raise RankExit()
-    return outcome[1]
 
 
 def print_result(result: dict) -> None:
@@ -470,27 +414,6 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
-def without_nproc(argv: list[str]) -> list[str]:
-    """The command line a launched rank runs: this one without --nproc N."""
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == "--nproc":
-            skip = True
-        elif not item.startswith("--nproc="):
-            out.append(item)
-    return out
-
-
-def shared_errors() -> tuple[type, ...]:
-    """Errors every rank of a multi-process run meets alike (the config, the run folder, a
-    checkpoint, a collective decision to stop): only rank 0 prints them."""
-    from .lm.models import ModelError
-    from .trainer import TrainingError
-    return (ConfigError, UsageError, CheckpointError, TrainingError, EnvError, ModelError)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may stand between options; argparse alone would stop at the first one.
@@ -502,22 +425,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if args.command == "train":
         args.overrides = [*args.overrides, *extra]
+        from .launch import without_nproc
         args.argv_without_nproc = without_nproc(list(sys.argv[1:] if argv is None else argv))
     commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "tasks": cmd_tasks,
                 "plot": cmd_plot, "serve-reward": cmd_serve_reward, "merge": cmd_merge}
     from . import dist
+    from .trainer import TrainingError
     rank = dist.launched().rank
     try:
         return commands[args.command](args)
-    except RankExit:
+    except dist.RankExit:  # rank 0 reports the error
         return 2
     except user_errors() as e:
-        # every rank meets a wrong config, run folder or checkpoint the same way: rank 0 says it
-        if rank == 0 or not isinstance(e, shared_errors()):
+        # a collective decision to stop is every rank's alike: rank 0 says it; any other error may
+        # be this rank's own (a reward that raises, a GPU it lacks), so it says it with its rank
+        if rank == 0 or not isinstance(e, TrainingError):
             print(f"policygrad: error: {'' if rank == 0 else f'rank {rank}: '}{e}", file=sys.stderr)
         return 2
-    except dist.PeerLost as e:
-        print(f"policygrad: error: rank {rank}: {e}", file=sys.stderr)
+    except RuntimeError as e:
+        if not (dist.launched().world > 1 and dist.peer_lost(e)):
+            raise
+        print(f"policygrad: error: rank {rank}: another process stopped or stalled while this one waited "
+              f"for it ({e.__class__.__name__}); its own error is above", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("policygrad: interrupted", file=sys.stderr)

@@ -414,6 +414,9 @@ def check_world(cfg: Config, world: int) -> None:
     if cfg.shard == "fsdp" and cfg.uses_lora:
         raise ConfigError("shard=fsdp with LoRA: the adapters are small enough to replicate, and ddp sums their "
                           "gradients over the ranks: use shard=ddp")
+    if cfg.shard == "fsdp" and cfg.dtype == "float16":
+        raise ConfigError("shard=fsdp with dtype=float16: the loss scale would unscale sharded and replicated "
+                          "gradients together, which torch's GradScaler does not do: use dtype=bfloat16")
     if cfg.shard == "fsdp" and cfg.algo == "trpo":
         raise ConfigError("shard=fsdp with TRPO: its Fisher-vector products differentiate twice through "
                           "the model, which fully_shard's gradient hooks do not support: use shard=ddp "
@@ -616,3 +619,17 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any], flags: dict[
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+PERFORMANCE_ONLY = ("torch_threads",)
+"""Keys that change how fast a run goes, not what it computes: a run resumes whatever they say."""
+
+
+def same_run(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a run folder's saved config describes the run `current` would train: keys added to
+    Config since it was saved take their defaults, and performance-only keys do not count."""
+    if not isinstance(saved, dict):
+        return False
+    defaults = to_dict(Config())
+    keep = lambda d: {k: v for k, v in {**defaults, **d}.items() if k not in PERFORMANCE_ONLY}
+    return keep(saved) == keep(current)

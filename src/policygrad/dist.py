@@ -118,6 +118,17 @@ class PeerLost(RuntimeError):
     """A collective failed because another rank stopped (its own error says why)."""
 
 
+PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out")
+"""How gloo words a peer that is gone (as a plain RuntimeError)."""
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether an error is another rank's absence (ours, or torch's own from inside a collective
+    such as FSDP's gathers), not this rank's own fault."""
+    return isinstance(e, (PeerLost, tdist.DistError)) or (
+        isinstance(e, RuntimeError) and any(sign in str(e) for sign in PEER_SIGNS))
+
+
 def _timed(fn):
     """Counts the seconds spent in a collective (waiting for the slowest rank included): the
     trainer logs them as time/collective_s. A rank that died mid-collective becomes PeerLost."""
@@ -128,10 +139,10 @@ def _timed(fn):
         try:
             return fn(*args, **kwargs)
         except RuntimeError as e:
-            if not _active() or isinstance(e, PeerLost):
+            if not _active() or isinstance(e, PeerLost) or not peer_lost(e):
                 raise
-            raise PeerLost(f"another process stopped while this one waited for it in {fn.__name__} "
-                           f"({e.__class__.__name__}); its own error is above") from None
+            raise PeerLost(f"another process stopped or stalled while this one waited for it in "
+                           f"{fn.__name__} ({e.__class__.__name__}); its own error is above") from None
         finally:
             _collective_s += time.perf_counter() - start
     return wrapper
@@ -187,7 +198,7 @@ def sum_gradient_and_floats(grad: torch.Tensor, values: dict[str, float]) -> dic
         return dict(values)
     if grad.numel() > SMALL_GRADIENT or grad.device.type != "cpu":
         tdist.all_reduce(grad)
-        return sum_floats(values)
+        return sum_floats.__wrapped__(values)  # timed once, here
     keys = sorted(values)
     packed = torch.cat([grad.reshape(-1).double(), torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)])
     tdist.all_reduce(packed)
@@ -224,6 +235,40 @@ def gather_objects(obj: Any) -> list[Any]:
     parts: list[Any] = [None] * _ranks.world
     tdist.all_gather_object(parts, obj)
     return parts
+
+
+@_timed
+def gather_to_main(obj: Any) -> Optional[list[Any]]:
+    """Every rank's obj, in rank order, on rank 0 alone (None on the others): what rank 0 writes.
+    Tensors in obj must be on the CPU (they arrive as they were sent)."""
+    if not _active():
+        return [obj]
+    parts: Optional[list[Any]] = [None] * _ranks.world if is_main() else None
+    tdist.gather_object(obj, parts, dst=0)
+    return parts
+
+
+def on_main(fn):
+    """fn() run by rank 0 alone (it touches the run folder), its result handed to every rank. An
+    exception there is rank 0's to report: it raises it, the other ranks raise RankExit."""
+    if not _active():
+        return fn()
+    outcome, error = ("ok", None), None
+    if is_main():
+        try:
+            outcome = ("ok", fn())
+        except Exception as e:  # handed on below, after the other ranks know
+            outcome, error = ("error", None), e
+    outcome = from_main(outcome)
+    if outcome[0] == "error":
+        if error is not None:
+            raise error
+        raise RankExit()
+    return outcome[1]
+
+
+class RankExit(Exception):
+    """A rank other than 0 stops because rank 0 met an error it reports itself."""
 
 
 @_timed

@@ -5,12 +5,67 @@ starts the processes, watches them and hands back one exit code.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Optional
+
+from . import checkpoint
+from . import config as config_mod
+
+
+class LaunchError(ValueError):
+    """A process count that does not fit the command; shown as one line."""
+
+
+def check_processes(nproc: Optional[int], cfg, launched_world: int) -> int:
+    """The number of processes the run will have (--nproc, or torchrun's), checked against the
+    batch before any process starts."""
+    if nproc is not None:
+        if nproc < 1:
+            raise LaunchError(f"--nproc must be at least 1; got {nproc}")
+        if launched_world > 1:
+            raise LaunchError("--nproc starts its own processes, and this one was started by torchrun "
+                              f"(WORLD_SIZE={launched_world}): drop --nproc")
+    world = nproc if nproc is not None else launched_world
+    config_mod.check_world(cfg, world)
+    return world
+
+
+def check_resume_world(out: Path, cfg, overwrite: bool, world: int) -> None:
+    """Before launching: a run that will resume must resume at the process count that wrote it."""
+    from .trainer import check_resume_world as check
+
+    if overwrite or not (out / "config.yaml").is_file():
+        return
+    path = checkpoint.latest(out)
+    if path is not None and (path / "state.json").is_file():
+        try:
+            saved = json.loads((path / "state.json").read_text())
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            return  # the run itself reports a corrupt checkpoint
+        if isinstance(saved.get("config"), dict) and config_mod.same_run(saved["config"], config_mod.to_dict(cfg)):
+            check(saved, path, world)
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line a launched rank runs: this one without --nproc N (or an abbreviation of
+    it that argparse accepted, such as --np)."""
+    out, skip = [], False
+    for item in argv:
+        flag = item.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(flag) >= 4 and "--nproc".startswith(flag):
+            skip = "=" not in item
+        else:
+            out.append(item)
+    return out
 
 
 def free_port() -> int:
@@ -62,6 +117,7 @@ def spawn(argv: list[str], nproc: int) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-    codes = [p.returncode for p in procs if p.returncode not in (0, -signal.SIGTERM)]
+    # a rank killed by a signal exits as a shell reports it (128 + the signal)
+    codes = [c if c >= 0 else 128 - c for c in (p.returncode for p in procs) if c not in (0, -signal.SIGTERM)]
     # a user error (2) is the cause; the peers' lost-contact errors (1) follow from it
     return 2 if 2 in codes else (codes[0] if codes else 0)

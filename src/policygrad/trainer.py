@@ -100,10 +100,10 @@ def save_run(out_dir: Path, cfg: Config, work, opts: Optimizers, state: RunState
     With a background writer, writer.wait() must come before the next update."""
     files, tensors = work.model_files(), work.tensors()
     mine = {"rng": checkpoint.rng_state(generators), "workload": work.state()}
-    if opts.sharded and dist.rank() > 0:
-        mine["optimizer"] = {f"{key}.{k}": v.clone() for key, opt in opts.named().items()
+    if opts.sharded and dist.rank() > 0:  # this rank's Adam shard, a host copy for rank 0 to write
+        mine["optimizer"] = {f"{key}.{k}": v.detach().to("cpu", copy=True) for key, opt in opts.named().items()
                              for k, v in checkpoint.optimizer_to_flat(opt)[0].items()}
-    per_rank = dist.gather_objects(mine)
+    per_rank = dist.gather_to_main(mine)
     if not dist.is_main():
         return out_dir / "checkpoints" / checkpoint_name(state)
     shards = [part.pop("optimizer") for part in per_rank[1:]] if opts.sharded else None
