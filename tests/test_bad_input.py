@@ -239,6 +239,8 @@ CASES = {
                                   "this run is one process"),
     "shard=fsdp with TRPO": (lambda r, m, o, c: [*lm_train(r, m), "--out", o, "--algo", "trpo", "shard=fsdp",
                                                  "--nproc", 2], "shard=fsdp with TRPO"),
+    "shard=fsdp with float16": (lambda r, m, o, c: [*lm_train(r, m), "--out", o, "shard=fsdp", "dtype=float16",
+                                                    "--nproc", 2], "shard=fsdp with dtype=float16"),
     "resume at another process count": (lambda r, m, o, c: ["train", "--resume", c, "--nproc", 2],
                                         "written by 1 process(es)"),
 }
