@@ -70,10 +70,6 @@ def shutdown() -> None:
     _ranks = Ranks()
 
 
-def ranks() -> Ranks:
-    return _ranks
-
-
 def rank() -> int:
     return _ranks.rank
 
