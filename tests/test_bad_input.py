@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from policygrad.cli import check_run_named, main
+from policygrad.cli import main
+from policygrad.runs import check_run_named
 
 RUN_YAML = "algo: ppo\nenv: CartPole-v1\n"
 CONTROL = ["--algo", "ppo", "--env", "CartPole-v1", "--total-steps", "64", "--no-progress", "num_envs=2",
@@ -185,7 +186,7 @@ CASES = {
                                         lambda c: (edit_state(c, lambda s: s["optimizers"].clear()),
                                                    (c / "final_eval.json").unlink())),
     "sample on a control run": (lambda r, m, o, c: ["sample", c, "--prompt", "hi"], "control policy"),
-    "sample -n 0": (lambda r, m, o, c: ["sample", r / "lm", "--prompt", "hi", "-n", 0], "-n must be positive"),
+    "sample -n 0": (lambda r, m, o, c: ["sample", r / "lm", "--prompt", "hi", "-n", 0], "(-n) must be positive"),
     "sample --top-p 0": (lambda r, m, o, c: ["sample", r / "lm", "--prompt", "hi", "--top-p", 0], "--top-p"),
     "sample --top-p above 1": (lambda r, m, o, c: ["sample", r / "lm", "--prompt", "hi", "--top-p", 1.5], "(0, 1]"),
     "sample --top-k negative": (lambda r, m, o, c: ["sample", r / "lm", "--prompt", "hi", "--top-k", -1], "--top-k"),

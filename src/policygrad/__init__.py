@@ -1,3 +1,27 @@
-"""policygrad: REINFORCE, TRPO and PPO for language models and classic control on one shared core."""
+"""policygrad: REINFORCE, TRPO and PPO for language models and classic control on one shared core.
+
+    import policygrad
+    result = policygrad.train(algo="reinforce", task="positive-review", total_steps=40, out="runs/x")
+    policygrad.evaluate(result).mean_reward
+
+train, evaluate and sample take objects or strings (see policygrad.api); every error a user can
+cause is a PolicygradError, by its own type (ConfigError, TaskError, RewardError, ...).
+"""
 
 __version__ = "0.1.0"
+
+from .api import (ControlEvaluation, LMEvaluation, Sample, TrainResult, UsageError, evaluate,  # noqa: E402
+                  make_config, sample, train)
+from .checkpoint import CheckpointError  # noqa: E402
+from .config import Config, ConfigError  # noqa: E402
+from .control.rollout import EnvError  # noqa: E402
+from .errors import PolicygradError  # noqa: E402
+from .lm.models import ModelError  # noqa: E402
+from .lm.rewards import RewardError, RewardSet, WeightedReward  # noqa: E402
+from .lm.tasks import Task, TaskEnv, TaskError  # noqa: E402
+from .trainer import Callback, TrainingError  # noqa: E402
+
+__all__ = ["train", "evaluate", "sample", "make_config", "Config", "Task", "TaskEnv", "WeightedReward", "RewardSet",
+           "TrainResult", "LMEvaluation", "ControlEvaluation", "Sample", "Callback", "PolicygradError",
+           "ConfigError", "TaskError", "RewardError", "ModelError", "EnvError", "CheckpointError",
+           "TrainingError", "UsageError"]

@@ -23,11 +23,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .errors import PolicygradError
 from . import dist
 from .tensorfile import write_safetensors
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PolicygradError, ValueError):
     """A checkpoint that is missing or cannot be read; shown to the user as one line."""
 
 

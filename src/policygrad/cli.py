@@ -4,40 +4,15 @@ existing run."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
-from . import __version__, checkpoint
+from . import __version__, api, checkpoint, runs
 from . import config as config_mod
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .control.rollout import EnvError
+from .errors import PolicygradError
 from .log import format_table
-
-RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "samples", "final_eval.json", "wandb",
-             "wandb-id", "curves.png")
-
-
-class UsageError(ValueError):
-    """A wrong command line or an --out/run folder that does not fit."""
-
-
-def user_errors() -> tuple[type, ...]:
-    from .lm.models import ModelError
-    from .lm.rewards import RewardError
-    from .lm.tasks import TaskError
-    from .log import LoggingError
-    from .merge import MergeError
-    from .plot import PlotError
-    from .trainer import TrainingError
-    from .launch import LaunchError
-    return (ConfigError, EnvError, CheckpointError, UsageError, ModelError, RewardError, TaskError,
-            TrainingError, LoggingError, PlotError, MergeError, LaunchError)
+from .runs import UsageError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -115,81 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def prepare_out(out: Path, cfg_dict: dict, overwrite: bool) -> bool:
-    """Whether to resume the run in `out`. The same config there resumes it from its newest
-    checkpoint (or starts it over when it has none); a different one is refused; --overwrite
-    clears only the run's own files."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out '{out}' is a file, not a folder")
-    saved = out / "config.yaml"
-    if not saved.exists():
-        return False
-    if not overwrite:
-        try:
-            same = config_mod.same_run(yaml.safe_load(saved.read_text()), cfg_dict)
-        except yaml.YAMLError:
-            same = False
-        if not same:
-            raise UsageError(f"--out '{out}' holds a different run; choose another --out, pass --overwrite "
-                             f"to replace it, or --resume {out} to continue it")
-        if checkpoint.latest(out) is not None:
-            return True
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    return False
-
-
-def saved_config(run: Path) -> dict:
-    """A run folder's config.yaml, for --resume."""
-    if not (run / "config.yaml").is_file():
-        raise UsageError(f"'{run}' is not a run folder (it has no config.yaml)")
-    try:
-        values = yaml.safe_load((run / "config.yaml").read_text())
-    except yaml.YAMLError as e:
-        raise UsageError(f"'{run / 'config.yaml'}' is not valid YAML ({e.__class__.__name__}); "
-                         "fix it or start over with --overwrite") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"'{run / 'config.yaml'}' must be a mapping of config keys")
-    return values
-
-
-def check_run_named(named: dict) -> None:
-    """From the command line, a run is named in full: an algorithm, and either an env or a task
-    (by flag, --config file or override); no default picks one silently. Python callers of
-    config.resolve keep the defaults."""
-    named = {k.replace("-", "_"): v for k, v in named.items() if v is not None}
-    if "env" in named and "task" in named:
-        raise UsageError(f"give either --env (a control run) or --task (a language-model run), not both; "
-                         f"got env {named['env']} and task {named['task']}")
-    if "env" not in named and "task" not in named:
-        raise UsageError("train needs --env ENV (a Gymnasium control run, e.g. CartPole-v1) or --task TASK "
-                         "(a language-model run; see `policygrad tasks`)")
-    if "model" in named and "task" not in named:
-        raise UsageError(f"--model is the language model of a --task run; this is a control run "
-                         f"(env {named['env']}): drop --model, or give --task instead of --env")
-    if "algo" not in named:
-        raise UsageError("train needs --algo reinforce, trpo or ppo (or algo in --config or algo=...)")
-
-
-def preflight(cfg) -> None:
-    """What can be checked in a second fails here, before the run folder is touched: the device and
-    dtype, the model, LoRA targets and a starting adapter, the environment."""
-    from . import placement
-    placement.resolve(cfg)
-    if cfg.is_lm:
-        from .lm import adapters, models
-        folder = models.resolve(cfg.model)
-        if cfg.uses_lora:
-            adapters.check(cfg, folder)
-    else:
-        from .control.rollout import make_envs
-        make_envs(cfg.env, 1).close()
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     flags = {"algo": args.algo, "env": args.env, "task": args.task, "model": args.model,
              "total_steps": args.total_steps, "seed": args.seed, "wandb": args.wandb}
@@ -199,55 +99,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         if given:
             raise UsageError(f"--resume continues a run with its own config.yaml; drop {' '.join(given)}")
         out = Path(args.resume)
-        cfg = config_mod.validate(config_mod.apply(config_mod.Config(), saved_config(out)))
+        cfg = config_mod.validate(config_mod.apply(config_mod.Config(), runs.saved_config(out)))
     else:
         if not args.out:
             raise UsageError("train needs --out (a run folder), or --resume RUN")
         file_values = config_mod.load_yaml(args.config) if args.config else {}
         overrides = config_mod.parse_overrides(args.overrides)
-        check_run_named({**file_values, **overrides, **{k: v for k, v in flags.items() if v is not None}})
+        runs.check_run_named({**file_values, **overrides, **{k: v for k, v in flags.items() if v is not None}})
         cfg = config_mod.resolve(file_values, overrides, flags)
         out = Path(args.out)
-    preflight(cfg)
     from . import dist, launch
     world = launch.check_processes(args.nproc, cfg, dist.launched().world)
     if args.nproc is not None and args.nproc > 1:  # this process launches the ranks
+        runs.preflight(cfg)
         launch.check_resume_world(out, cfg, args.overwrite, world)
         return launch.spawn(args.argv_without_nproc, args.nproc)
-    dist.init(placement_device(cfg))
-    try:
-        return train_here(cfg, out, args)
-    finally:
-        dist.shutdown()  # a process group left to the interpreter's exit can abort it
-
-
-def train_here(cfg, out: Path, args: argparse.Namespace) -> int:
-    """This process's part of the run (the whole run, in one process)."""
-    from . import dist
-    from .trainer import train
-
-    resume, complete = dist.on_main(lambda: prepare_run(out, cfg, args.overwrite))
-    if complete:
-        if dist.is_main():
-            print(f"policygrad: the run in '{out}' is already complete; nothing to do "
-                  "(--overwrite trains it again)", file=sys.stderr)
-        return 0
-    summary = train(cfg, out, progress=not args.no_progress, resume=resume)
-    if dist.is_main():
-        print(format_table(summary), file=sys.stderr)
+    result = api.train(cfg, out=out, overwrite=args.overwrite, progress=not args.no_progress)
+    if dist.launched().rank == 0:
+        print(f"policygrad: the run in '{out}' is already complete; nothing to do (--overwrite trains it again)"
+              if result.was_complete else format_table(result.summary), file=sys.stderr)
     return 0
-
-
-def placement_device(cfg) -> str:
-    from . import placement
-    return placement.resolve(cfg).device.type
-
-
-def prepare_run(out: Path, cfg, overwrite: bool) -> tuple[bool, bool]:
-    """(whether to resume the run in out, whether it is already complete)."""
-    from .trainer import is_complete
-    resume = prepare_out(out, config_mod.to_dict(cfg), overwrite)
-    return resume, resume and is_complete(out)
 
 
 def print_result(result: dict) -> None:
@@ -259,104 +130,47 @@ def print_result(result: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .trainer import load_workload
-
     if args.run is None:
-        return eval_baseline(args)
+        if not args.task:
+            raise UsageError("eval needs a run folder, or --task (and --model) to evaluate an untrained model")
+        if args.vs_base:
+            raise UsageError("--vs-base compares a trained run with its base model: give the run folder")
+        result = api.evaluate(task=args.task, model=args.model, split=args.split, device=args.device)
+        print_result({"model": args.model or config_mod.Config().model, "task": args.task, **result.as_dict()})
+        return 0
     given = [flag for flag, value in (("--task", args.task), ("--model", args.model)) if value is not None]
     if given:
         raise UsageError(f"eval RUN evaluates the run's own model on its own task; {' and '.join(given)} "
                          "are for an untrained model without a run: drop the run or "
                          f"{' and '.join(given)}")
-    if args.episodes <= 0:
-        raise UsageError(f"--episodes must be positive; got {args.episodes}")
-    run = Path(args.run)
-    if not run.is_dir():
-        raise UsageError(f"run folder '{run}' does not exist")
-    path = checkpoint.named(run, args.checkpoint)
-    work, cfg = load_workload(path, device=args.device)
-    if cfg.is_lm and args.vs_base:
-        return eval_vs_base(work, cfg, args.split, path)
-    if cfg.is_lm:
-        result = lm_result(work.evaluate(args.split), args.split)
-    else:
-        from .control.rollout import evaluate
-        returns = evaluate(work.policy, cfg.env, args.episodes, args.seed)
-        result = {"env": cfg.env, "algo": cfg.algo, "episodes": len(returns),
-                  "mean_return": float(returns.mean()), "std_return": float(returns.std()),
-                  "min_return": float(returns.min()), "max_return": float(returns.max())}
-    print_result({"checkpoint": path.name, **result})
+    path = checkpoint.named(Path(args.run), args.checkpoint) if Path(args.run).is_dir() else Path(args.run)
+    result = api.evaluate(args.run, split=args.split, checkpoint=args.checkpoint, episodes=args.episodes,
+                          seed=args.seed, device=args.device)
+    if args.vs_base and isinstance(result, api.LMEvaluation):
+        base = api.evaluate(args.run, split=args.split, checkpoint=args.checkpoint, device=args.device, base=True)
+        print_vs_base(base, result, path.name)
+        return 0
+    print_result({"checkpoint": path.name, **result.as_dict()})
     return 0
 
 
-def lm_result(metrics: dict, split: str) -> dict:
-    prefix = "eval" if split == "validation" else split
-    return {"split": split, "mean_reward": metrics[f"{prefix}/reward_mean"],
-            "std_reward": metrics[f"{prefix}/reward_std"],
-            "kl_to_reference": metrics[f"{prefix}/kl_to_reference"], "n": metrics[f"{prefix}/n"]}
-
-
-def eval_vs_base(work, cfg, split: str, path: Path) -> int:
+def print_vs_base(base, trained, checkpoint_name: str) -> None:
     """The trained policy beside the model it started from, on the same prompts and seeds."""
-    from .lm.rollout import LMWorkload
-
-    trained = work.evaluate(split)
-    base = LMWorkload(cfg, cfg.seed).evaluate(split)
-    t, b = lm_result(trained, split), lm_result(base, split)
     print(f"{'':<16}{'base':>10}{'trained':>10}")
     for key in ("mean_reward", "std_reward", "kl_to_reference"):
-        print(f"{key:<16}{b[key]:>10.3f}{t[key]:>10.3f}")
-    for before, after in list(zip(base["samples"], trained["samples"]))[:3]:
+        print(f"{key:<16}{getattr(base, key):>10.3f}{getattr(trained, key):>10.3f}")
+    for before, after in list(zip(base.samples, trained.samples))[:3]:
         print(f"\nprompt:  {before['prompt']}\nbefore:  ({before['reward']:+.2f}) {before['completion']}"
               f"\nafter:   ({after['reward']:+.2f}) {after['completion']}")
-    print(json.dumps({"checkpoint": path.name, "split": split, "n": t["n"], "base_mean_reward": b["mean_reward"],
-                      "mean_reward": t["mean_reward"], "std_reward": t["std_reward"],
-                      "kl_to_reference": t["kl_to_reference"]}))
-    return 0
-
-
-def eval_baseline(args: argparse.Namespace) -> int:
-    if not args.task:
-        raise UsageError("eval needs a run folder, or --task (and --model) to evaluate an untrained model")
-    if args.vs_base:
-        raise UsageError("--vs-base compares a trained run with its base model: give the run folder")
-    cfg = config_mod.resolve({}, {}, {"task": args.task, "model": args.model})
-    from .lm.rollout import LMWorkload
-    work = LMWorkload(cfg, cfg.seed)
-    print_result({"model": cfg.model, "task": cfg.task, **lm_result(work.evaluate(args.split), args.split)})
-    return 0
-
-
-def check_sampling_args(args: argparse.Namespace) -> None:
-    if args.n <= 0:
-        raise UsageError(f"-n must be positive; got {args.n}")
-    if args.temperature is not None and not args.temperature > 0:
-        raise UsageError(f"--temperature must be positive; got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must lie in (0, 1]; got {args.top_p}")
-    if args.top_k is not None and args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0 (0: no limit); got {args.top_k}")
+    print(json.dumps({"checkpoint": checkpoint_name, "split": trained.split, "n": trained.n,
+                      "base_mean_reward": base.mean_reward, "mean_reward": trained.mean_reward,
+                      "std_reward": trained.std_reward, "kl_to_reference": trained.kl_to_reference}))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .trainer import load_workload
-
-    check_sampling_args(args)
-    path = checkpoint.latest(Path(args.run)) if Path(args.run).is_dir() else None
-    if path is None:
-        raise UsageError(f"'{args.run}' is not a run folder with a checkpoint")
-    work, cfg = load_workload(path, device=args.device)
-    if not cfg.is_lm:
-        raise UsageError(f"run '{args.run}' trained a control policy; `sample` is for language models")
-    # Truncated sampling is for reading completions only; training refuses it (config.CONFLICTS).
-    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
-    sampling = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
-    rows = [{"prompt": p} for p in args.prompt]
-    texts = [work.policy.render(r) for r in rows for _ in range(args.n)]
-    batch = work.policy.generate(texts, sampling, args.seed)
-    for text, completion in zip([p for p in args.prompt for _ in range(args.n)],
-                                work.policy.decode(batch.actions, batch.mask)):
-        print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False))
+    for s in api.sample(args.run, args.prompt, n=args.n, seed=args.seed, temperature=args.temperature,
+                        top_p=args.top_p, top_k=args.top_k, device=args.device):
+        print(json.dumps({"prompt": s.prompt, "completion": s.completion}, ensure_ascii=False))
     return 0
 
 
@@ -388,7 +202,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     metric = args.metric
     if metric is None:  # the held-out curve of the first run's kind
         first = Path(args.runs[0])
-        is_lm = bool((saved_config(first) if (first / "config.yaml").is_file() else {}).get("task"))
+        is_lm = bool((runs.saved_config(first) if (first / "config.yaml").is_file() else {}).get("task"))
         metric = "eval/reward_mean" if is_lm else "eval/return_mean"
     summary = plot_runs([Path(r) for r in args.runs], metric, Path(args.out), args.smooth, args.x)
     for run in summary.get("skipped", []):
@@ -436,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except dist.RankExit:  # rank 0 reports the error
         return 2
-    except user_errors() as e:
+    except PolicygradError as e:
         # a collective decision to stop is every rank's alike: rank 0 says it; any other error may
         # be this rank's own (a reward that raises, a GPU it lacks), so it says it with its rank
         if rank == 0 or not isinstance(e, TrainingError):

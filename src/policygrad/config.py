@@ -15,8 +15,10 @@ from typing import Any, Callable, Collection, Optional
 
 import yaml
 
+from .errors import PolicygradError
 
-class ConfigError(ValueError):
+
+class ConfigError(PolicygradError, ValueError):
     """A user mistake in the configuration; the CLI prints it as one line and exits with code 2."""
 
 

@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .errors import PolicygradError
 from . import checkpoint
 from . import config as config_mod
 
 
-class LaunchError(ValueError):
+class LaunchError(PolicygradError, ValueError):
     """A process count that does not fit the command; shown as one line."""
 
 

@@ -13,10 +13,11 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from .errors import PolicygradError
 from .checkpoint import write_text_atomic
 
 
-class LoggingError(ValueError):
+class LoggingError(PolicygradError, ValueError):
     """A logging back-end asked for but not usable (wandb missing); shown as one line."""
 
 

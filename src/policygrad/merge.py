@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import PolicygradError
 from . import checkpoint
 from .checkpoint import CheckpointError
 
 
-class MergeError(ValueError):
+class MergeError(PolicygradError, ValueError):
     """The run or --out does not fit a merge; shown to the user as one line."""
 
 

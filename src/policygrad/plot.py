@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .errors import PolicygradError
+
 FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 # A seed part is a whole dash/underscore/dot-separated token: `seed1`, `seed-2`, `seed=4` or `s3`,
 # so `ppo-s1000steps` or `lr3e-4` are left alone.
 SEED_PART = re.compile(r"(?i)(?:^|[-_.])(?:seed[-_=]?|s)\d+(?=$|[-_.])")
 
 
-class PlotError(ValueError):
+class PlotError(PolicygradError, ValueError):
     """A user mistake (bad folder, metric, option); the CLI shows it as one line."""
 
 

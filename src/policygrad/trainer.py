@@ -11,11 +11,12 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import yaml
 
+from .errors import PolicygradError
 from . import checkpoint, dist, placement
 from . import config as config_mod
 from .algos import ALGOS, Optimizers, Progress
@@ -23,7 +24,7 @@ from .config import Config, to_dict
 from .core import advantages
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PolicygradError, RuntimeError):
     """Training cannot go on (e.g. updates keep going non-finite); shown to the user as one line."""
 
 
@@ -162,8 +163,9 @@ def restore(path: Path, cfg: Config, work, opts: Optimizers, generators: dict[st
 
 
 def run_update(cfg: Config, work, algo, opts: Optimizers, state: RunState, generators: dict,
-               logger, writer: checkpoint.CheckpointWriter, out_dir: Path, start: float) -> None:
-    """One iteration of the loop, its phases numbered; every rank runs it on its part of the batch."""
+               logger, writer: checkpoint.CheckpointWriter, out_dir: Path, start: float) -> dict:
+    """One iteration of the loop, its phases numbered; every rank runs it on its part of the batch.
+    Its metrics (the global batch's, the same on every rank)."""
     step_start = time.perf_counter()
     dist.take_collective_s()
     # 1. collect experience with the current policy (while the last checkpoint is still being written)
@@ -197,12 +199,36 @@ def run_update(cfg: Config, work, algo, opts: Optimizers, state: RunState, gener
     new_best = note_best(state, eval_metrics, work.eval_headline)
     if new_best or checkpoint_due(cfg, state):
         save_run(out_dir, cfg, work, opts, state, generators, writer)
+    return row
+
+
+Callback = Callable[[dict], Optional[bool]]
+"""Called with each update's metrics (every rank alike); returning True stops the run after that
+update, with its final evaluation and checkpoint."""
+
+
+@dataclass
+class Run:
+    summary: dict
+    """The closing numbers the CLI prints."""
+    work: Any
+    """The trained workload: its policy, task or environment."""
+    final: dict
+    """The closing evaluation's numbers (the test split, or control's evaluation episodes)."""
 
 
 def train(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False) -> dict:
+    """Train cfg.algo on cfg.env or cfg.task; write metrics and checkpoints into out_dir; the
+    closing numbers (see run)."""
+    return run(cfg, out_dir, progress, resume).summary
+
+
+def run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False,
+        callbacks: Sequence[Callback] = ()) -> Run:
     """Train cfg.algo on cfg.env or cfg.task; write metrics and checkpoints into out_dir.
 
     resume: continue from out_dir's newest checkpoint (metrics.jsonl is cut back to it).
+    callbacks: see Callback.
     Under torchrun (or --nproc) every rank calls this; out_dir must be a folder they all see."""
     ranks = dist.init(placement.resolve(cfg).device.type)
     config_mod.check_world(cfg, ranks.world)
@@ -231,8 +257,9 @@ def train(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = Fals
     start = time.perf_counter()
     try:
         while not state.finished and state.update < cfg.total_updates:
-            run_update(cfg, work, algo, opts, state, generators, logger, writer, out_dir, start)
-            if dist.agree(work.stop_early()):  # one rank stopping alone would leave the others waiting
+            row = run_update(cfg, work, algo, opts, state, generators, logger, writer, out_dir, start)
+            asked = [bool(callback(dict(row))) for callback in callbacks]  # each sees every update
+            if dist.agree(work.stop_early() or any(asked)):  # one rank stopping alone would hang the others
                 break
         # 7. final evaluation and checkpoint
         state.finished = True
@@ -244,6 +271,10 @@ def train(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = Fals
     finally:
         writer.wait()  # a checkpoint being written is finished, whatever stopped the run
         logger.close()
+    return Run(summary(cfg, work, state, logger, final, flat, start), work, final)
+
+
+def summary(cfg: Config, work, state: RunState, logger, final: dict, flat: Optional[float], start: float) -> dict:
     return {"algo": cfg.algo, ("task" if cfg.is_lm else "env"): cfg.task if cfg.is_lm else cfg.env,
             "updates": state.update, "env_steps": state.env_steps, "skipped_updates": state.skipped_updates,
             "train_" + work.headline.split("/")[-1]: logger.last.get(work.headline, float("nan")),

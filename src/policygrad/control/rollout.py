@@ -1,6 +1,8 @@
 """Fixed-size on-policy rollouts and deterministic evaluation on Gymnasium vector environments."""
 from __future__ import annotations
 
+import copy
+import re
 from collections import deque
 
 import gymnasium as gym
@@ -8,12 +10,13 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
 
+from ..errors import PolicygradError
 from .. import dist
 from ..batch import Batch
 from .policy import ControlPolicy
 
 
-class EnvError(ValueError):
+class EnvError(PolicygradError, ValueError):
     """An environment id that Gymnasium cannot make; shown to the user as one line."""
 
 
@@ -27,6 +30,32 @@ def make_envs(env_id: str, num_envs: int, vectorization: str = "sync") -> gym.ve
         near = [i for i in gym.registry if i.lower().startswith(env_id.split("-")[0].lower()[:4])][:5]
         hint = f"; similar ids: {', '.join(near)}" if near else "; see gymnasium.registry for ids"
         raise EnvError(f"unknown Gymnasium environment '{env_id}' ({e.__class__.__name__}){hint}") from None
+
+
+def register_env(env) -> str:
+    """A Python environment (a gymnasium.Env instance, a class or a factory) registered with
+    Gymnasium as policygrad/<Name>-v0, so every part of a run makes it by id as any other: each
+    environment of the vector env, and each evaluation, gets a fresh copy of an instance."""
+    if isinstance(env, gym.Env):
+        name, make = type(env).__name__, (lambda **kwargs: copy.deepcopy(env))
+    elif callable(env):
+        name, make = getattr(env, "__name__", type(env).__name__), (lambda **kwargs: env(**kwargs))
+    else:
+        raise EnvError(f"env must be a Gymnasium id, a gymnasium.Env, its class or a function that makes "
+                       f"one; got {type(env).__name__}")
+    env_id = f"policygrad/{re.sub(r'[^A-Za-z0-9_.]', '', name) or 'Env'}-v0"
+
+    def checked(**kwargs):
+        try:
+            made = make(**kwargs)
+        except Exception as e:  # the user's code: its error is theirs to fix, in one line
+            raise EnvError(f"env '{name}' could not be made: {e.__class__.__name__}: {e}") from None
+        if not isinstance(made, gym.Env):
+            raise EnvError(f"env factory '{name}' returned a {type(made).__name__}, not a gymnasium.Env")
+        return made
+    gym.registry.pop(env_id, None)  # the latest object of that name is the run's
+    gym.register(env_id, entry_point=checked)
+    return env_id
 
 
 class Collector:

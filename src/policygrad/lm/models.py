@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import PolicygradError
 
-class ModelError(ValueError):
+
+class ModelError(PolicygradError, ValueError):
     """A model path or alias that cannot be loaded; shown to the user as one line."""
 
 
@@ -107,3 +109,33 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: torch.device | s
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def write_model(model, tokenizer, dest: Path) -> None:
+    """A transformers model object (and its tokenizer) written as a plain folder at dest
+    (atomically): a run names its model by path, so its checkpoints, resume, merge and eval find
+    the model it started from as they find any other."""
+    check_model_object(model)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        except (OSError, ValueError, TypeError):
+            raise ModelError("model= is a transformers model whose tokenizer cannot be found from its "
+                             f"name_or_path '{model.name_or_path}': pass tokenizer= as well") from None
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.rename(tmp, dest)
+
+
+def check_model_object(model) -> None:
+    """A model given as an object must be a plain transformers model."""
+    if hasattr(model, "peft_config"):
+        raise ModelError("model= is a PEFT model: pass its base model and lora_r=... (policygrad attaches "
+                         "the adapter), or merge it first (merge_and_unload())")
+    if not callable(getattr(model, "save_pretrained", None)) or not hasattr(model, "config"):
+        raise ModelError(f"model= must be a model folder, an alias ({', '.join(ALIASES)}) or a transformers "
+                         f"model object; got {type(model).__name__}")

@@ -24,8 +24,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..errors import PolicygradError
 
-class RewardError(ValueError):
+
+class RewardError(PolicygradError, ValueError):
     """A reward that cannot be built or that misbehaves; shown to the user as one line."""
 
 
@@ -247,19 +249,40 @@ class WeightedReward:
     weight: float = 1.0
 
 
+def _callable(fn: Callable) -> RewardFn:
+    """A Python function of the API's rewards=, called as a python: file's function is."""
+    return lambda prompts, completions, extras: fn(prompts=prompts, completions=completions, **extras)
+
+
+def callable_name(fn: Callable) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
 def build(spec: Any, base: Path = Path(".")) -> WeightedReward:
-    """One reward from a task's `rewards:` entry: a bare name or {reward: name, weight: w, ...}."""
+    """One reward from a task's `rewards:` entry: a bare name or {reward: name, weight: w, ...}.
+    From Python also a function `(prompts, completions, **columns) -> list[float]`, alone, as
+    (function or name, weight) or as {reward: function, weight: w}."""
     params: dict = {}
+    if isinstance(spec, WeightedReward):
+        return spec
     if isinstance(spec, dict):
         params = dict(spec)
         name = params.pop("reward", None)
         weight = params.pop("weight", 1.0)
+    elif isinstance(spec, tuple) and len(spec) == 2:
+        name, weight = spec
     else:
         name, weight = spec, 1.0
-    if not isinstance(name, str):
-        raise RewardError(f"reward entry {spec!r} needs a name: a string or {{reward: name, weight: w}}")
     if not isinstance(weight, (int, float)) or isinstance(weight, bool):
         raise RewardError(f"reward '{name}' has a non-numeric weight {weight!r}")
+    if callable(name):
+        if params:
+            raise RewardError(f"reward '{callable_name(name)}' is a Python function: it takes only a "
+                              f"weight, not {', '.join(sorted(params))}")
+        return WeightedReward(callable_name(name), _callable(name), float(weight))
+    if not isinstance(name, str):
+        raise RewardError(f"reward entry {spec!r} needs a name: a string, a function, or "
+                          "{reward: name, weight: w}")
     if name.startswith("python:"):
         return WeightedReward(name, _python(name, base), float(weight))
     if name.startswith(("http://", "https://")):

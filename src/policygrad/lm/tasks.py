@@ -14,21 +14,24 @@ import os
 import random
 import string
 import sys
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import gymnasium as gym
 import yaml
 from gymnasium import spaces
 
+from ..errors import PolicygradError
 from .rewards import RewardError, RewardSet, WeightedReward, build
 
 SPLITS = ("train", "validation", "test")
 
 
-class TaskError(ValueError):
+class TaskError(PolicygradError, ValueError):
     """A task or data file that cannot be used; shown to the user as one line."""
 
 
@@ -42,6 +45,25 @@ class Task:
 
     def rows(self, split: str) -> list[dict]:
         return self.splits[split]
+
+    # Python's ways to make one (policygrad.Task); train() also takes task=, data= and rewards=.
+    @classmethod
+    def from_data(cls, data: Any, rewards: Any, name: str = "custom", defaults: Optional[dict] = None) -> "Task":
+        """Rows (a list of dicts, a datasets.Dataset or DatasetDict, a dict of splits, a file's path)
+        scored by rewards (functions, names, specs; see rewards.build)."""
+        return cls(name, splits_of(data), reward_set(rewards), dict(defaults or {}))
+
+    @classmethod
+    def load(cls, name: str) -> "Task":
+        """A built-in task, a task YAML file or a text env module:Class, as the CLI's --task."""
+        from ..config import field_names
+        return load(name, set(field_names()))
+
+    @classmethod
+    def from_env(cls, env: Any) -> "Task":
+        """A text Gymnasium env (an instance, a class or a factory): prompts are its seeded resets."""
+        made = env if isinstance(env, gym.Env) else env()
+        return env_task(made, type(made).__name__)
 
 
 # --- reading data -----------------------------------------------------------------------------
@@ -94,18 +116,20 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def cut_splits(rows: list[dict]) -> dict[str, list[dict]]:
-    """80/10/10 by a hash of each row's prompt: deterministic, and stable when rows are added."""
+def cut_splits(rows: list[dict], held_out: tuple[str, ...] = ("validation", "test")) -> dict[str, list[dict]]:
+    """80/10/10 (10% for each held-out split, the rest train) by a hash of each row's prompt:
+    deterministic, and stable when rows are added."""
     def key(row: dict) -> str:
         text = row.get("prompt") or json.dumps(row.get("messages"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
     ordered = sorted(rows, key=key)
     n = len(ordered)
-    n_val, n_test = max(1, n // 10), max(1, n // 10)
-    if n < 3:
-        raise TaskError(f"a single data file needs at least 3 rows to cut train/validation/test; got {n}")
-    return {"validation": ordered[:n_val], "test": ordered[n_val:n_val + n_test],
-            "train": ordered[n_val + n_test:]}
+    if n < len(held_out) + 1:
+        raise TaskError(f"cutting {', '.join(held_out)} and train from one data set needs at least "
+                        f"{len(held_out) + 1} rows; got {n}")
+    size = max(1, n // 10)
+    out = {split: ordered[i * size:(i + 1) * size] for i, split in enumerate(held_out)}
+    return {**out, "train": ordered[len(held_out) * size:]}
 
 
 # --- built-in tasks ---------------------------------------------------------------------------
@@ -210,8 +234,7 @@ ENV_SEEDS = {"train": (0, 2000), "validation": (1_000_000, 50), "test": (2_000_0
 
 
 def from_env(spec: str) -> Task:
-    """A task from a user's text env `module:Class`: prompts are the observations of seeded resets
-    (disjoint seed ranges per split); a completion's reward is the step reward after the same reset."""
+    """A task from a user's text env `module:Class` (see env_task)."""
     module_name, _, class_name = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's module beside them
@@ -219,8 +242,12 @@ def from_env(spec: str) -> Task:
         env_cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as e:
         raise TaskError(f"text env '{spec}' not found ({e.__class__.__name__}: {e})") from None
-    env = env_cls()
+    return env_task(env_cls(), spec)
 
+
+def env_task(env: gym.Env, spec: str) -> Task:
+    """A task from a text env: prompts are the observations of seeded resets (disjoint seed ranges
+    per split); a completion's reward is the step reward after the same reset."""
     def prompt_at(seed: int) -> dict:
         obs, _ = env.reset(seed=seed)
         if not isinstance(obs, str):
@@ -238,8 +265,107 @@ def from_env(spec: str) -> Task:
     return Task(spec, splits, RewardSet([WeightedReward(spec, reward)]), {})
 
 
+# --- tasks from Python objects (policygrad.train(data=..., rewards=..., task=...)) ---------------
+REGISTERED: dict[str, Task] = {}
+"""Tasks built in Python, by the name a run's config records (`<base>@<fingerprint>`)."""
+
+
+def rows_of(data: Any, where: str) -> list[dict]:
+    """Rows from a list of dicts, a `datasets.Dataset` or a pandas DataFrame (neither imported
+    here: `datasets` stays optional), or a data file's path."""
+    if isinstance(data, (str, os.PathLike)):
+        return read_rows(Path(data))
+    if callable(getattr(data, "to_list", None)):  # datasets.Dataset
+        data = data.to_list()
+    elif callable(getattr(data, "to_dict", None)) and hasattr(data, "columns"):  # pandas
+        data = data.to_dict("records")
+    if not isinstance(data, (list, tuple)):
+        raise TaskError(f"{where} must be a list of dicts, a datasets.Dataset or a data file's path; "
+                        f"got {type(data).__name__}")
+    if not data:
+        raise TaskError(f"{where} holds no rows")
+    return [_check_row(row, f"{where}, row {n}") for n, row in enumerate(data, 1)]
+
+
+def splits_of(data: Any) -> dict[str, list[dict]]:
+    """Train/validation/test rows from a mapping of splits (a datasets.DatasetDict, or a dict of
+    lists or files), a missing validation or test split cut from train; or from one collection,
+    cut 80/10/10 as a single data file is."""
+    if not isinstance(data, Mapping):
+        return cut_splits(rows_of(data, "data"))
+    unknown = sorted(set(data) - set(SPLITS))
+    if unknown or "train" not in data:
+        raise TaskError(f"data splits must be train (required), validation and test; got "
+                        f"{', '.join(map(str, data)) or 'none'}")
+    given = {s: rows_of(data[s], f"data['{s}']") for s in SPLITS if s in data}
+    missing = tuple(s for s in ("validation", "test") if s not in given)
+    return {**given, **cut_splits(given["train"], missing)} if missing else given
+
+
+def fingerprint(task: Task) -> str:
+    """8 hex digits over a task's rows and its rewards' names and weights: a run's config names an
+    in-memory task by it, so a resume with other data is a different run (its defaults are in
+    the config already)."""
+    content = json.dumps([task.splits, [(r.name, r.weight) for r in task.rewards.rewards]], sort_keys=True,
+                         default=repr)
+    return hashlib.sha256(content.encode()).hexdigest()[:8]
+
+
+def reward_set(rewards: Any) -> RewardSet:
+    """Rewards given in Python: one spec or a list of them (functions, names, {reward, weight})."""
+    weighted_pair = isinstance(rewards, tuple) and len(rewards) == 2 and isinstance(rewards[1], (int, float))
+    specs = list(rewards) if isinstance(rewards, (list, tuple)) and not weighted_pair else [rewards]
+    if not specs:
+        raise RewardError("rewards is empty: give at least one reward (a function, a built-in name or a spec)")
+    return RewardSet([build(spec) for spec in specs])
+
+
+def from_python(task: Any = None, data: Any = None, rewards: Any = None, config_keys: set[str] = frozenset()) -> str:
+    """The config name of the task given to the Python API: a task's name as it is; a Task object,
+    a text env, or any task whose data or rewards are replaced, built and registered."""
+    if task is None and (data is None or rewards is None):
+        raise TaskError("a language-model run needs task= (a name, a Task or a text env), or data= and rewards=")
+    if isinstance(task, (str, os.PathLike)):
+        if data is None and rewards is None:
+            return str(task)
+        base = _rebuilt(str(task), config_keys) if "@" in str(task) else load(str(task), config_keys)
+    elif isinstance(task, Task):
+        base = task
+    elif isinstance(task, gym.Env) or callable(task):
+        base = Task.from_env(task)
+    elif task is None:
+        base = Task("custom", {}, RewardSet(), {})
+    else:
+        raise TaskError(f"task must be a name, a task YAML, a policygrad.Task or a text gymnasium.Env; "
+                        f"got {type(task).__name__}")
+    return register(Task(base.name, splits_of(data) if data is not None else base.splits,
+                         reward_set(rewards) if rewards is not None else base.rewards, dict(base.defaults)))
+
+
+def _rebuilt(name: str, config_keys: set[str]) -> Task:
+    """The base of a task a run built in Python (`<base>@<fingerprint>`), in a new process: the
+    named task if it is one (its rows stay unless data is given again), else an empty one."""
+    base = name.partition("@")[0]
+    try:
+        return load(base, config_keys)
+    except TaskError:
+        return Task(base, {}, RewardSet(), {})
+
+
+def register(task: Task) -> str:
+    """Register an in-memory task; the name a config's `task` key then gives it."""
+    name = f"{task.name.partition('@')[0]}@{fingerprint(task)}"
+    REGISTERED[name] = dataclasses.replace(task, name=name)
+    return name
+
+
 def load(name: str, config_keys: set[str]) -> Task:
     """A built-in task by name, a task YAML file, or a text Gymnasium env as module:Class."""
+    if name in REGISTERED:
+        return REGISTERED[name]
+    if "@" in name and not name.endswith((".yaml", ".yml")):
+        raise TaskError(f"task '{name}' was built in Python from in-memory data or rewards; pass the same "
+                        "task, data and rewards to policygrad.train or policygrad.evaluate to use it again")
     if name in BUILTIN_DESCRIPTIONS:
         return builtin(name)
     if ":" in name and not name.endswith((".yaml", ".yml")):

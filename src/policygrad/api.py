@@ -1,0 +1,342 @@
+"""The Python API: policygrad.train, evaluate and sample, taking objects or strings.
+
+Everything the CLI does goes through here, with the same names, defaults and checks; cli.py
+parses its arguments into these calls and prints what they return. Objects go where the CLI takes
+strings:
+- model: a folder or an alias, or a transformers model object (with tokenizer=). An object is
+  written once into the run folder (base-model/), so the run names its model by path as any
+  other, and a resume, `merge` or `eval` finds the model it started from;
+- task, data, rewards: a task name, a policygrad.Task or a text gymnasium.Env; rows, a
+  datasets.Dataset or DatasetDict, or files; reward functions (prompts, completions, **columns)
+  -> list[float], names and specs, each optionally weighted. A task built from objects is
+  registered as `<name>@<fingerprint>`, the name the run's config records;
+- env: a Gymnasium id, or an env instance, class or factory (registered as policygrad/<Name>-v0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from . import checkpoint as checkpoint_mod
+from . import config as config_mod
+from . import dist, runs, trainer
+from .config import Config
+from .runs import UsageError
+from .trainer import Callback
+
+SPLITS = ("validation", "test")
+
+
+@dataclass
+class LMEvaluation:
+    """A language model on a held-out split: one sampled completion per prompt."""
+    split: str
+    mean_reward: float
+    std_reward: float
+    kl_to_reference: float
+    """Mean over completions of the summed per-token log-ratio to the reference (nats)."""
+    n: int
+    samples: list[dict] = field(default_factory=list, repr=False)
+    """prompt, completion and reward of each held-out prompt."""
+
+    @classmethod
+    def from_metrics(cls, metrics: dict, split: str, samples: Optional[list] = None) -> "LMEvaluation":
+        prefix = "eval" if split == "validation" else split
+        return cls(split, metrics[f"{prefix}/reward_mean"], metrics[f"{prefix}/reward_std"],
+                   metrics[f"{prefix}/kl_to_reference"], metrics[f"{prefix}/n"],
+                   samples if samples is not None else metrics.get("samples", []))
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "samples"}
+
+
+@dataclass
+class ControlEvaluation:
+    """A control policy's deterministic episodes."""
+    env: str
+    episodes: int
+    mean_return: float
+    std_return: float
+    returns: list[float] = field(default_factory=list, repr=False)
+    """Each episode's return (a training run's closing evaluation keeps only the mean and std)."""
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "returns"}
+        if self.returns:
+            out.update(min_return=min(self.returns), max_return=max(self.returns))
+        return out
+
+
+Evaluation = Union[LMEvaluation, ControlEvaluation]
+
+
+@dataclass
+class Sample:
+    prompt: str
+    completion: str
+
+
+@dataclass
+class TrainResult:
+    config: Config
+    policy: Any
+    """The trained policy: the transformers model (a PeftModel with LoRA), or the control policy."""
+    tokenizer: Any
+    """The language model's tokenizer (None for control)."""
+    final: Optional[Evaluation]
+    """The closing evaluation: the test split, or control's evaluation episodes."""
+    history: list[dict]
+    """Every update's metrics (a resumed run's earlier updates too), as in metrics.jsonl."""
+    out: Optional[Path]
+    """The run folder (None when trained with out=None)."""
+    summary: dict
+    """The closing numbers the CLI prints."""
+    was_complete: bool = False
+    """The run in `out` had already finished: nothing was trained, its results were read back."""
+    workload: Any = field(default=None, repr=False)
+
+
+# --- turning objects into the config's names --------------------------------------------------
+def _config_values(config: Any) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, Config):
+        return config_mod.to_dict(config)
+    if isinstance(config, Mapping):
+        return dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return config_mod.load_yaml(str(config))
+    raise UsageError(f"config must be a policygrad.Config, a dict of config keys or a YAML file's path; "
+                     f"got {type(config).__name__}")
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike))
+
+
+def _task_name(task: Any, data: Any, rewards: Any, values: dict) -> Optional[str]:
+    """The config's task: as given, or (objects, data, rewards) built and registered."""
+    if task is None and data is None and rewards is None:
+        return None
+    from .lm import tasks
+    if task is None:
+        task = values.get("task")  # data or rewards replacing those of the config's task
+    return tasks.from_python(task, data, rewards, set(config_mod.field_names()))
+
+
+def _env_name(env: Any) -> Optional[str]:
+    if env is None or _is_name(env):
+        return None if env is None else str(env)
+    from .control.rollout import register_env
+    return register_env(env)
+
+
+def make_config(config: Any = None, *, algo: Optional[str] = None, env: Any = None, task: Any = None,
+            model: Any = None, data: Any = None, rewards: Any = None, model_folder: Optional[Path] = None,
+            require_named: bool = True, **keys) -> Config:
+    """The run's Config from what train() takes: `config` (a Config, taken whole, or a dict or YAML
+    file, layered as --config is), then the named things, then any config key as a keyword,
+    with the CLI's presets, task defaults and checks."""
+    values = _config_values(config)
+    named = {"algo": algo, "env": _env_name(env), "task": _task_name(task, data, rewards, {**values, **keys}),
+             "model": None if model is None else str(model) if _is_name(model) else str(model_folder)}
+    named = {k: v for k, v in named.items() if v is not None}
+    if isinstance(config, Config):
+        changes = {**named, **keys}
+        return config_mod.validate(config_mod.apply(config, changes), user=set(changes))
+    if require_named:
+        runs.check_run_named({**values, **keys, **named})
+    return config_mod.resolve(values, keys, named)
+
+
+# --- train ------------------------------------------------------------------------------------
+def train(config: Any = None, *, algo: Optional[str] = None, env: Any = None, task: Any = None,
+          model: Any = None, tokenizer: Any = None, data: Any = None, rewards: Any = None,
+          out: Optional[Union[str, os.PathLike]] = None, overwrite: bool = False,
+          resume: Optional[Union[str, os.PathLike]] = None, progress: bool = True,
+          callbacks: Sequence[Callback] = (), **keys) -> TrainResult:
+    """Train a policy; see the module's docstring for what each argument takes.
+
+    out: the run folder; the same call again resumes it from its newest checkpoint (a different
+    run there is refused unless overwrite=True). out=None trains in a temporary folder, removed
+    on return: the result keeps the model, metrics and evaluation in memory.
+    resume: continue the run in that folder with its own config (objects it was built from, such
+    as reward functions, are passed again). callbacks: each called with every update's metrics;
+    one that returns True stops the run after that update (final evaluation and checkpoint kept).
+    Under torchrun every process calls train() alike, with an out= folder they all see."""
+    if resume is not None:
+        given = [k for k, v in {"config": config, "algo": algo, "out": out, **keys}.items() if v is not None]
+        if given or any(_is_name(v) for v in (env, task, model)):
+            raise UsageError(f"resume continues a run with its own config.yaml; drop "
+                             f"{', '.join(given) or 'the names of env, task and model'}")
+        config, out = runs.saved_config(Path(resume)), resume
+    if out is None and dist.launched().world > 1:
+        raise UsageError("training as several processes needs out= (a folder every process sees)")
+    if model is not None and not _is_name(model):
+        from .lm.models import check_model_object
+        check_model_object(model)
+    scratch = Path(tempfile.mkdtemp(prefix="policygrad-run-")) if out is None else None
+    folder = scratch or Path(out)
+    try:
+        cfg = make_config(config, algo=algo, env=env, task=task, model=model, data=data, rewards=rewards,
+                      model_folder=folder / runs.BASE_MODEL, require_named=resume is None, **keys)
+        return _train(cfg, folder, None if model is None or _is_name(model) else model, tokenizer, overwrite,
+                      progress, callbacks, keep=scratch is None)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(cfg: Config, folder: Path, model_object: Any, tokenizer: Any, overwrite: bool, progress: bool,
+           callbacks: Sequence[Callback], keep: bool) -> TrainResult:
+    from .lm import models
+    if model_object is None:
+        runs.preflight(cfg)  # before the run folder is touched
+    ranks = dist.init(_device_type(cfg))
+    started_group = ranks.world > 1
+    try:
+        resume, complete = dist.on_main(lambda: runs.prepare_run(folder, cfg, overwrite))
+        if model_object is not None:
+            if not resume:
+                dist.on_main(lambda: models.write_model(model_object, tokenizer, folder / runs.BASE_MODEL))
+            runs.preflight(cfg)
+        if complete:
+            work, _ = trainer.load_workload(checkpoint_mod.latest(folder))
+            final, summary = _read_json(folder / "final_eval.json"), {}
+        else:
+            run = trainer.run(cfg, folder, progress=progress, resume=resume, callbacks=callbacks)
+            work, final, summary = run.work, run.final, run.summary
+            dist.agree(False)  # rank 0 has closed metrics.jsonl: every rank reads it whole
+        return TrainResult(cfg, _policy_object(work, cfg), getattr(work.policy, "tokenizer", None),
+                           _final(cfg, final, folder), _history(folder), folder if keep else None, summary,
+                           was_complete=complete, workload=work)
+    finally:
+        if started_group:
+            dist.shutdown()  # a process group left to the interpreter's exit can abort it
+
+
+def _device_type(cfg: Config) -> str:
+    from . import placement
+    return placement.resolve(cfg).device.type
+
+
+def _policy_object(work, cfg: Config):
+    return work.policy.model if cfg.is_lm else work.policy
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _history(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _final(cfg: Config, final: dict, folder: Path) -> Optional[Evaluation]:
+    if not final:
+        return None
+    if cfg.is_lm:
+        written = sorted((folder / "samples").glob("test-step*.jsonl"))
+        samples = [json.loads(line) for line in written[-1].read_text().splitlines()] if written else []
+        return LMEvaluation.from_metrics(final, "test", samples)
+    return ControlEvaluation(cfg.env, cfg.eval_episodes, final["eval/return_mean"], final["eval/return_std"])
+
+
+# --- evaluate and sample ----------------------------------------------------------------------
+def _run_workload(run: Any, checkpoint: str, device: Optional[str], env: Any = None, task: Any = None,
+                  data: Any = None, rewards: Any = None):
+    """(workload, config) of a TrainResult, or of a run folder's checkpoint; objects a run was
+    built from (reward functions, an env factory) are registered again first."""
+    if isinstance(run, TrainResult):
+        return run.workload, run.config
+    if not _is_name(run):
+        raise UsageError(f"run must be a run folder or a TrainResult; got {type(run).__name__}")
+    folder = Path(run)
+    if not folder.is_dir():
+        raise UsageError(f"run folder '{folder}' does not exist")
+    _env_name(env)
+    _task_name(task, data, rewards, runs.saved_config(folder) if (folder / "config.yaml").is_file() else {})
+    return trainer.load_workload(checkpoint_mod.named(folder, checkpoint), device=device)
+
+
+def evaluate(run: Any = None, *, split: str = "test", checkpoint: str = "latest", episodes: int = 20,
+             seed: int = 12345, device: Optional[str] = None, base: bool = False, model: Any = None,
+             tokenizer: Any = None, task: Any = None, data: Any = None, rewards: Any = None, env: Any = None,
+             **keys) -> Evaluation:
+    """A trained run (a TrainResult or a run folder, at `checkpoint`) on its task's held-out split,
+    or a control policy on `episodes` deterministic episodes from `seed`. base=True evaluates the
+    model the run started from instead, with the run's config. Without a run: an untrained model
+    (model=, task= or data= and rewards=, any config key) on a task: the baseline."""
+    if split not in SPLITS:
+        raise UsageError(f"split (--split) must be validation or test; got {split!r}")
+    if episodes <= 0:
+        raise UsageError(f"episodes (--episodes) must be positive; got {episodes}")
+    if run is None:
+        return _evaluate_untrained(split, device, model, tokenizer, task, data, rewards, keys)
+    work, cfg = _run_workload(run, checkpoint, device, env, task, data, rewards)
+    if cfg.is_lm:
+        if base:
+            from .lm.rollout import LMWorkload
+            work = LMWorkload(cfg, cfg.seed)
+        return LMEvaluation.from_metrics(work.evaluate(split), split)
+    if base:
+        raise UsageError("base=True compares a language model with the model it started from; this is a control run")
+    from .control.rollout import evaluate as play
+    returns = play(work.policy, cfg.env, episodes, seed)
+    return ControlEvaluation(cfg.env, len(returns), float(returns.mean()), float(returns.std()), returns.tolist())
+
+
+def _evaluate_untrained(split: str, device: Optional[str], model: Any, tokenizer: Any, task: Any, data: Any,
+                        rewards: Any, keys: dict) -> LMEvaluation:
+    from .lm import models
+    from .lm.rollout import LMWorkload
+    if task is None and data is None:
+        raise UsageError("evaluate needs a run, or task= (and model=) to evaluate an untrained model")
+    with tempfile.TemporaryDirectory(prefix="policygrad-model-") as scratch:
+        folder = Path(scratch) / runs.BASE_MODEL
+        if model is not None and not _is_name(model):
+            models.write_model(model, tokenizer, folder)
+        cfg = make_config(task=task, model=model, data=data, rewards=rewards, model_folder=folder,
+                      require_named=False, **({"device": device} if device else {}), **keys)
+        return LMEvaluation.from_metrics(LMWorkload(cfg, cfg.seed).evaluate(split), split)
+
+
+def check_sampling(n: int, temperature: Optional[float], top_p: Optional[float], top_k: Optional[int]) -> None:
+    if n <= 0:
+        raise UsageError(f"n (-n) must be positive; got {n}")
+    if temperature is not None and not temperature > 0:
+        raise UsageError(f"temperature (--temperature) must be positive; got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UsageError(f"top_p (--top-p) must lie in (0, 1]; got {top_p}")
+    if top_k is not None and top_k < 0:
+        raise UsageError(f"top_k (--top-k) must be >= 0 (0: no limit); got {top_k}")
+
+
+def sample(run: Any, prompts: Union[str, Sequence[Union[str, dict]]], *, n: int = 1, seed: int = 0,
+           temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
+           checkpoint: str = "latest", device: Optional[str] = None) -> list[Sample]:
+    """n completions of each prompt (a string, or a row with chat `messages`) from a trained
+    language-model run (a TrainResult or a run folder); sampling settings default to the run's.
+    Truncated sampling (top_p, top_k) is for reading completions only; training refuses it."""
+    check_sampling(n, temperature, top_p, top_k)
+    if _is_name(run) and (not Path(run).is_dir() or checkpoint_mod.latest(Path(run)) is None):
+        raise UsageError(f"'{run}' is not a run folder with a checkpoint")
+    work, cfg = _run_workload(run, checkpoint, device)
+    if not cfg.is_lm:
+        raise UsageError(f"run '{run}' trained a control policy; `sample` is for language models")
+    rows = [p if isinstance(p, dict) else {"prompt": p} for p in ([prompts] if isinstance(prompts, str) else prompts)]
+    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    sampling = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    texts = [work.policy.render(r) for r in rows for _ in range(n)]
+    batch = work.policy.generate(texts, sampling, seed)
+    from .lm.tasks import prompt_text
+    shown = [prompt_text(r) for r in rows for _ in range(n)]
+    return [Sample(p, c) for p, c in zip(shown, work.policy.decode(batch.actions, batch.mask))]
