@@ -192,3 +192,17 @@ def eval_config(lm_paths: tuple[str, str], shard: str = "ddp"):
     model, task = lm_paths
     return config_mod.resolve({}, {**LM_OVERRIDES, "eval_prompts": 20, "shard": shard},
                               {"algo": "reinforce", "task": task, "model": model})
+
+
+def api_worker(rank: int, world: int, port: int, folder: str, lm_paths: tuple[str, str], keys: dict) -> None:
+    """policygrad.train in each rank, as a user's script under torchrun: in-memory rows and a reward
+    function (conftest's task_file as Python objects)."""
+    import policygrad
+    join(rank, world, port)
+    rows = [{"prompt": f"Say something nice about item {i}.", "answer": str(i)} for i in range(30)]
+
+    def brevity(prompts, completions, answer):
+        return [1.0 / (1 + len(c)) for c in completions]
+    policygrad.train(algo="reinforce", model=lm_paths[0], data=rows, rewards=["vader", (brevity, 0.5)],
+                     max_new_tokens=6, out=Path(folder) / "api", progress=False, **keys)
+    assert not torch.distributed.is_initialized()  # train() leaves no process group behind

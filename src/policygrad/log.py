@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a notebook widget in Jupyter, the terminal bar elsewhere
 
 from .errors import PolicygradError
 from .checkpoint import write_text_atomic

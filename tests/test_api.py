@@ -1,0 +1,247 @@
+"""The Python API: the same runs as the CLI, objects where the CLI takes strings, results, callbacks
+and errors a caller can catch."""
+import json
+import re
+import sys
+
+import gymnasium as gym
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import policygrad
+from policygrad import cli
+from policygrad import config as config_mod
+from policygrad.runs import check_run_named
+
+SMALL = {"total_steps": 3, "seed": 3, "eval_every": 2, "prompts_per_step": 2, "samples_per_prompt": 2,
+         "checkpoint_every": 2}
+ROWS = [{"prompt": f"Say something nice about item {i}.", "answer": str(i)} for i in range(30)]
+
+
+def brevity(prompts, completions, answer):
+    """conftest's task_file reward, as a Python function."""
+    return [1.0 / (1 + len(c)) for c in completions]
+
+
+def metrics_of(folder):
+    """metrics.jsonl without wall-clock times."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
+def final_weights(folder):
+    return load_file(str(sorted((folder / "checkpoints").glob("update-*"))[-1] / "policy" / "model.safetensors"))
+
+
+def assert_same_run(a, b):
+    assert metrics_of(a) == metrics_of(b)
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((a / "final_eval.json").read_text()) == json.loads((b / "final_eval.json").read_text())
+
+
+def cli_args(task, model, out):
+    return ["train", "--algo", "reinforce", "--task", str(task), "--model", str(model), "--out", str(out),
+            "--no-progress", *[f"{k}={v}" for k, v in SMALL.items()]]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_lm, task_file):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert cli.main(cli_args(task_file, tiny_lm, out)) == 0
+    return out
+
+
+def test_python_and_cli_train_the_same_run_bit_for_bit(cli_run, tmp_path, tiny_lm, task_file):
+    """The CLI's run and policygrad.train with the same names, keys and seed: the same metrics,
+    weights and final evaluation, bit for bit."""
+    result = policygrad.train(algo="reinforce", task=str(task_file), model=str(tiny_lm), out=tmp_path / "py",
+                              progress=False, **SMALL)
+    assert_same_run(cli_run, tmp_path / "py")
+    assert result.out == tmp_path / "py" and len(result.history) == 3
+    assert isinstance(result.final, policygrad.LMEvaluation) and result.final.n == 3
+    assert result.final.mean_reward == json.loads((cli_run / "final_eval.json").read_text())["test/reward_mean"]
+    assert len(result.final.samples) == 3 and {"prompt", "completion", "reward"} <= set(result.final.samples[0])
+
+
+def test_in_memory_rows_and_a_reward_function_train_as_the_task_file_does(cli_run, tmp_path, tiny_lm):
+    """conftest's task_file (a JSONL file, VADER + 0.5 x a python: file reward) given as a list of
+    dicts and functions: the same run, bit for bit."""
+    result = policygrad.train(algo="reinforce", model=str(tiny_lm), data=ROWS, rewards=["vader", (brevity, 0.5)],
+                              max_new_tokens=6, out=tmp_path / "rows", progress=False, **SMALL)
+    assert_same_run(cli_run, tmp_path / "rows")
+    assert result.config.task.startswith("custom@")
+
+
+def test_a_dataset_dict_reward_closure_and_no_folder(tmp_path, tiny_lm):
+    """A datasets.DatasetDict's splits, a closure over the caller's state, out=None: the result
+    holds the trained transformers model, its tokenizer, the history and the test evaluation."""
+    datasets = pytest.importorskip("datasets")
+    data = datasets.DatasetDict({s: datasets.Dataset.from_list(ROWS[i::3]) for i, s in
+                                 enumerate(("train", "validation", "test"))})
+    seen = []
+
+    def reward(prompts, completions, answer):
+        seen.extend(answer)
+        return [float(len(c) > 3) for c in completions]
+    result = policygrad.train(algo="ppo", model=str(tiny_lm), data=data, rewards=reward, max_new_tokens=6,
+                              progress=False, **{**SMALL, "total_steps": 2})
+    from transformers import PreTrainedModel
+    assert isinstance(result.policy, PreTrainedModel) and result.tokenizer is not None
+    assert result.out is None and [row["update"] for row in result.history] == [1, 2]
+    assert result.final.n == 10 and set(seen) <= {r["answer"] for r in ROWS}
+    again = policygrad.evaluate(result)  # in memory, on the same prompts and seeds
+    assert again.mean_reward == result.final.mean_reward
+    samples = policygrad.sample(result, ["Hello", "Hi"], n=2)
+    assert [s.prompt for s in samples] == ["Hello", "Hello", "Hi", "Hi"]
+
+
+def test_a_model_object_is_kept_in_the_run_and_the_same_call_finds_it_complete(tmp_path, tiny_lm, task_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    kwargs = dict(algo="reinforce", task=str(task_file), model=model, tokenizer=tokenizer, out=tmp_path / "obj",
+                  progress=False, **SMALL)
+    first = policygrad.train(**kwargs)
+    assert first.config.model == str(tmp_path / "obj" / "base-model")
+    assert (tmp_path / "obj" / "base-model" / "config.json").is_file()
+    second = policygrad.train(**kwargs)
+    assert second.was_complete and second.history == first.history
+    assert second.final.mean_reward == first.final.mean_reward
+    # the folder is a run like any other: the CLI evaluates it
+    folder = policygrad.evaluate(tmp_path / "obj", split="validation")
+    assert folder.mean_reward == policygrad.evaluate(first, split="validation").mean_reward
+
+
+def test_a_killed_python_run_resumes_exactly_with_its_reward_function(tmp_path, tiny_lm):
+    """A callback that raises at update 3 stands for a crash after the checkpoint at update 2; the
+    same call again resumes there and ends as the uninterrupted run does."""
+    def crash(metrics):
+        if metrics["update"] == 3:
+            raise KeyboardInterrupt
+    kwargs = dict(algo="reinforce", model=str(tiny_lm), data=ROWS, rewards=[brevity], max_new_tokens=6,
+                  progress=False, **{**SMALL, "total_steps": 4})
+    whole = policygrad.train(out=tmp_path / "whole", **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        policygrad.train(out=tmp_path / "cut", callbacks=[crash], **kwargs)
+    resumed = policygrad.train(out=tmp_path / "cut", **kwargs)
+    assert not resumed.was_complete
+    assert_same_run(tmp_path / "whole", tmp_path / "cut")
+    assert [r["update"] for r in resumed.history] == [1, 2, 3, 4] == [r["update"] for r in whole.history]
+    with pytest.raises(policygrad.UsageError, match="different run"):  # other rewards: another run
+        policygrad.train(out=tmp_path / "cut", **{**kwargs, "rewards": ["vader"]})
+
+
+def test_a_callback_sees_every_update_and_stops_the_run_cleanly(tmp_path, tiny_lm, task_file):
+    seen = []
+
+    def stop_at_two(metrics):
+        seen.append(metrics["update"])
+        return metrics["update"] == 2
+    result = policygrad.train(algo="reinforce", task=str(task_file), model=str(tiny_lm), out=tmp_path / "cb",
+                              callbacks=[stop_at_two, lambda m: None], progress=False,
+                              **{**SMALL, "total_steps": 5})
+    assert seen == [1, 2] and result.summary["updates"] == 2
+    assert result.final is not None and (tmp_path / "cb" / "final_eval.json").is_file()
+    assert policygrad.train(algo="reinforce", task=str(task_file), model=str(tiny_lm), out=tmp_path / "cb",
+                            progress=False, **{**SMALL, "total_steps": 5}).was_complete
+
+
+def test_an_env_factory_or_instance_trains_as_its_gymnasium_id(tmp_path):
+    """CartPole by id, by a factory and by an instance: the same run (the instance is copied for
+    each environment)."""
+    cfg = policygrad.make_config(algo="ppo", env="CartPole-v1", total_steps=256, num_envs=2, n_steps=64,
+                                 eval_every=0, eval_episodes=2)
+    by_id = policygrad.train(cfg, out=tmp_path / "id", progress=False)
+    policygrad.train(cfg, env=lambda: gym.make("CartPole-v1"), out=tmp_path / "factory", progress=False)
+    policygrad.train(cfg, env=gym.make("CartPole-v1"), out=tmp_path / "instance", progress=False)
+    for other in ("factory", "instance"):
+        assert metrics_of(tmp_path / "id") == metrics_of(tmp_path / other)
+    assert isinstance(by_id.final, policygrad.ControlEvaluation) and by_id.final.episodes == 2
+    assert isinstance(by_id.policy, torch.nn.Module)
+    played = policygrad.evaluate(by_id, episodes=3)
+    assert played.episodes == 3 and len(played.returns) == 3
+
+
+def test_a_text_env_is_a_task(tmp_path, tiny_lm):
+    class Echo(gym.Env):
+        def reset(self, *, seed=None, options=None):
+            return f"Repeat the word {seed % 7}.", {}
+
+        def step(self, action):
+            return "", float(len(action) > 2), True, False, {}
+    task = policygrad.Task.from_env(Echo)
+    assert len(task.rows("train")) == 2000 and task.rows("test")[0]["prompt"].startswith("Repeat")
+    result = policygrad.train(algo="reinforce", model=str(tiny_lm), task=Echo, max_new_tokens=4,
+                              eval_prompts=4, progress=False, **{**SMALL, "total_steps": 1})
+    assert result.config.task.startswith("Echo@") and result.history[0]["update"] == 1
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (dict(algo="reinforce", data=[{"text": "no prompt"}] * 5, rewards=["vader"]), policygrad.TaskError, "'prompt'"),
+    (dict(algo="reinforce", data=ROWS, rewards=[42]), policygrad.RewardError, "needs a name"),
+    (dict(algo="reinforce", data=ROWS, rewards=[]), policygrad.RewardError, "rewards is empty"),
+    (dict(algo="reinforce", data=ROWS), policygrad.TaskError, "data= and rewards="),
+    (dict(algo="reinforce", task="positive-review", lrr=1e-3), policygrad.ConfigError, "did you mean 'lr'"),
+    (dict(task="positive-review"), policygrad.UsageError, "needs --algo"),
+    (dict(algo="ppo", env=42), policygrad.EnvError, "Gymnasium id"),
+    (dict(algo="ppo", env=lambda: "not an env"), policygrad.EnvError, "not a gymnasium.Env"),
+    (dict(algo="reinforce", task="positive-review", model=object()), policygrad.ModelError, "transformers model"),
+    (dict(algo="reinforce", task="no-such-task"), policygrad.TaskError, "unknown task"),
+    (dict(config=3), policygrad.UsageError, "policygrad.Config"),
+])
+def test_user_mistakes_are_typed_errors_with_the_cli_messages(tmp_path, call, error, words):
+    with pytest.raises(error, match=re.escape(words)) as caught:
+        policygrad.train(out=tmp_path / "run", progress=False, **call)
+    assert isinstance(caught.value, policygrad.PolicygradError) and "\n" not in str(caught.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_reward_function_that_raises_is_a_reward_error_naming_it(tmp_path, tiny_lm):
+    def broken(prompts, completions, **columns):
+        raise ZeroDivisionError("oops")
+    with pytest.raises(policygrad.RewardError, match="reward 'broken' raised ZeroDivisionError: oops"):
+        policygrad.train(algo="reinforce", model=str(tiny_lm), data=ROWS, rewards=broken, max_new_tokens=4,
+                         progress=False, **{**SMALL, "total_steps": 1})
+
+
+CONTROL = {"algo": "ppo", "env": "Pendulum-v1"}
+
+
+@pytest.mark.parametrize("key", config_mod.field_names())
+def test_every_config_key_reads_the_same_from_python_and_from_the_command_line(key, task_file):
+    """Each key at a value of its type, as a Python keyword and as a key=value override, on a
+    language-model run and a control run: the same Config, or the same one-line error."""
+    import yaml
+    value = getattr(config_mod.Config(), key)
+    if value is None:
+        value = {"torch_threads": 2, "target_kl": 0.05, "clip_value_eps": 0.2, "stop_at_return": 100.0,
+                 "adapter": "missing-adapter", "task": str(task_file)}.get(key, 1)
+    text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    for named in ({"algo": "reinforce", "task": str(task_file)}, CONTROL):
+        def outcome(fn):
+            try:
+                return fn()
+            except policygrad.PolicygradError as e:
+                return f"{type(e).__name__}: {e}"
+        from_python = outcome(lambda: policygrad.make_config(**{**named, key: value}))
+        overrides = config_mod.parse_overrides([f"{key}={text}"])
+        flags = {k: v for k, v in named.items() if k != key}
+        from_cli = outcome(lambda: (check_run_named({**overrides, **flags}),
+                                    config_mod.resolve({}, overrides, flags))[1])
+        assert from_python == from_cli, key
+
+
+
+def test_python_objects_under_two_processes_train_the_cli_nproc_run(tmp_path, tiny_lm, task_file):
+    """A script calling policygrad.train with rows and a reward function, run as 2 processes (as
+    under torchrun), trains the CLI's `--nproc 2` run of the task file, bit for bit."""
+    import subprocess
+
+    import dist_workers as w
+    r = subprocess.run([sys.executable, "-m", "policygrad", *cli_args(task_file, tiny_lm, tmp_path / "cli"),
+                        "--nproc", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    w.run_ranks(w.api_worker, (str(tmp_path), (str(tiny_lm), str(task_file)), SMALL))
+    assert_same_run(tmp_path / "cli", tmp_path / "api")
