@@ -198,7 +198,8 @@ def api_worker(rank: int, world: int, port: int, folder: str, lm_paths: tuple[st
     """policygrad.train in each rank, as a user's script under torchrun: in-memory rows and a reward
     function (conftest's task_file as Python objects)."""
     import policygrad
-    join(rank, world, port)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # as torchrun sets them
     rows = [{"prompt": f"Say something nice about item {i}.", "answer": str(i)} for i in range(30)]
 
     def brevity(prompts, completions, answer):

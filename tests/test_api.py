@@ -125,7 +125,7 @@ def test_a_killed_python_run_resumes_exactly_with_its_reward_function(tmp_path, 
     whole = policygrad.train(out=tmp_path / "whole", **kwargs)
     with pytest.raises(KeyboardInterrupt):
         policygrad.train(out=tmp_path / "cut", callbacks=[crash], **kwargs)
-    resumed = policygrad.train(out=tmp_path / "cut", **kwargs)
+    resumed = policygrad.train(resume=tmp_path / "cut", data=ROWS, rewards=[brevity], progress=False)
     assert not resumed.was_complete
     assert_same_run(tmp_path / "whole", tmp_path / "cut")
     assert [r["update"] for r in resumed.history] == [1, 2, 3, 4] == [r["update"] for r in whole.history]
@@ -245,3 +245,52 @@ def test_python_objects_under_two_processes_train_the_cli_nproc_run(tmp_path, ti
     assert r.returncode == 0, r.stderr
     w.run_ranks(w.api_worker, (str(tmp_path), (str(tiny_lm), str(task_file)), SMALL))
     assert_same_run(tmp_path / "cli", tmp_path / "api")
+
+
+def test_data_in_every_form_gives_train_validation_and_test(tmp_path):
+    """A list and a file are cut 80/10/10 alike; a DatasetDict or dict of splits keeps its own, a
+    missing held-out split cut from train; a DataFrame reads as its records."""
+    from policygrad.lm import tasks
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert tasks.splits_of(ROWS) == tasks.splits_of(str(path)) == tasks.cut_splits(tasks.read_rows(path))
+    two = tasks.splits_of({"train": ROWS[:20], "test": ROWS[20:]})
+    assert two["test"] == ROWS[20:] and len(two["validation"]) == 2 and len(two["train"]) == 18
+    assert not {r["prompt"] for r in two["validation"]} & {r["prompt"] for r in two["train"]}
+    pandas = pytest.importorskip("pandas")
+    assert tasks.splits_of(pandas.DataFrame(ROWS)) == tasks.splits_of(ROWS)
+    with pytest.raises(policygrad.TaskError, match="train \\(required\\)"):
+        tasks.splits_of({"training": ROWS})
+    with pytest.raises(policygrad.TaskError, match="holds no rows"):
+        tasks.splits_of({"train": ROWS, "test": []})
+
+
+def test_a_task_built_from_objects_is_named_by_its_content():
+    """The same rows and rewards give the same config name (a resume finds its run); other rows or
+    another weight give another."""
+    from policygrad.lm import tasks
+    name = tasks.from_python(None, ROWS, ["vader", (brevity, 0.5)])
+    assert name == tasks.from_python(None, list(ROWS), ["vader", (brevity, 0.5)])
+    assert name != tasks.from_python(None, ROWS[:-1], ["vader", (brevity, 0.5)])
+    assert name != tasks.from_python(None, ROWS, ["vader", (brevity, 0.6)])
+    assert tasks.from_python("positive-review") == "positive-review"  # a name alone stays a name
+    replaced = tasks.from_python("positive-review", rewards=[brevity])
+    assert replaced.startswith("positive-review@") and tasks.REGISTERED[replaced].defaults["kl_coef"] == 0.1
+    with pytest.raises(policygrad.TaskError, match="built in Python"):
+        tasks.load("custom@00000000", set())
+
+
+def test_lora_on_a_model_object_and_merge_from_python(tmp_path, tiny_lm, task_file):
+    """LoRA keys work from Python on a model object: the result is the PEFT model, only the adapter
+    moved, and policygrad.merge writes a plain transformers folder of the trained weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    result = policygrad.train(algo="reinforce", task=str(task_file), model=model,
+                              tokenizer=AutoTokenizer.from_pretrained(tiny_lm), lora_r=4, out=tmp_path / "lora",
+                              progress=False, **SMALL)
+    assert hasattr(result.policy, "peft_config")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in start.items())  # the caller's object is untouched
+    merged = AutoModelForCausalLM.from_pretrained(policygrad.merge(tmp_path / "lora", tmp_path / "merged"))
+    moved = [k for k, v in merged.state_dict().items() if not torch.equal(v, start[k])]
+    assert moved and all("proj" in k for k in moved)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from policygrad.plot import PlotError, band, default_x, ema, group_name, plot_runs, series
+from policygrad.curves import PlotError, band, default_x, ema, group_name, plot_runs, series
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -10,8 +10,7 @@ cause is a PolicygradError, by its own type (ConfigError, TaskError, RewardError
 
 __version__ = "0.1.0"
 
-from .api import (ControlEvaluation, LMEvaluation, Sample, TrainResult, UsageError, evaluate,  # noqa: E402
-                  make_config, sample, train)
+from .api import evaluate, make_config, merge, plot, sample, serve_reward, train  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
 from .config import Config, ConfigError  # noqa: E402
 from .control.rollout import EnvError  # noqa: E402
@@ -19,9 +18,11 @@ from .errors import PolicygradError  # noqa: E402
 from .lm.models import ModelError  # noqa: E402
 from .lm.rewards import RewardError, RewardSet, WeightedReward  # noqa: E402
 from .lm.tasks import Task, TaskEnv, TaskError  # noqa: E402
+from .results import ControlEvaluation, LMEvaluation, Sample, TrainResult  # noqa: E402
+from .runs import UsageError  # noqa: E402
 from .trainer import Callback, TrainingError  # noqa: E402
 
-__all__ = ["train", "evaluate", "sample", "make_config", "Config", "Task", "TaskEnv", "WeightedReward", "RewardSet",
+__all__ = ["train", "evaluate", "sample", "make_config", "merge", "plot", "serve_reward", "Config", "Task", "TaskEnv", "WeightedReward", "RewardSet",
            "TrainResult", "LMEvaluation", "ControlEvaluation", "Sample", "Callback", "PolicygradError",
            "ConfigError", "TaskError", "RewardError", "ModelError", "EnvError", "CheckpointError",
            "TrainingError", "UsageError"]

@@ -20,7 +20,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -28,79 +27,11 @@ from . import checkpoint as checkpoint_mod
 from . import config as config_mod
 from . import dist, runs, trainer
 from .config import Config
+from .results import ControlEvaluation, Evaluation, LMEvaluation, Sample, TrainResult
 from .runs import UsageError
 from .trainer import Callback
 
 SPLITS = ("validation", "test")
-
-
-@dataclass
-class LMEvaluation:
-    """A language model on a held-out split: one sampled completion per prompt."""
-    split: str
-    mean_reward: float
-    std_reward: float
-    kl_to_reference: float
-    """Mean over completions of the summed per-token log-ratio to the reference (nats)."""
-    n: int
-    samples: list[dict] = field(default_factory=list, repr=False)
-    """prompt, completion and reward of each held-out prompt."""
-
-    @classmethod
-    def from_metrics(cls, metrics: dict, split: str, samples: Optional[list] = None) -> "LMEvaluation":
-        prefix = "eval" if split == "validation" else split
-        return cls(split, metrics[f"{prefix}/reward_mean"], metrics[f"{prefix}/reward_std"],
-                   metrics[f"{prefix}/kl_to_reference"], metrics[f"{prefix}/n"],
-                   samples if samples is not None else metrics.get("samples", []))
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "samples"}
-
-
-@dataclass
-class ControlEvaluation:
-    """A control policy's deterministic episodes."""
-    env: str
-    episodes: int
-    mean_return: float
-    std_return: float
-    returns: list[float] = field(default_factory=list, repr=False)
-    """Each episode's return (a training run's closing evaluation keeps only the mean and std)."""
-
-    def as_dict(self) -> dict:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "returns"}
-        if self.returns:
-            out.update(min_return=min(self.returns), max_return=max(self.returns))
-        return out
-
-
-Evaluation = Union[LMEvaluation, ControlEvaluation]
-
-
-@dataclass
-class Sample:
-    prompt: str
-    completion: str
-
-
-@dataclass
-class TrainResult:
-    config: Config
-    policy: Any
-    """The trained policy: the transformers model (a PeftModel with LoRA), or the control policy."""
-    tokenizer: Any
-    """The language model's tokenizer (None for control)."""
-    final: Optional[Evaluation]
-    """The closing evaluation: the test split, or control's evaluation episodes."""
-    history: list[dict]
-    """Every update's metrics (a resumed run's earlier updates too), as in metrics.jsonl."""
-    out: Optional[Path]
-    """The run folder (None when trained with out=None)."""
-    summary: dict
-    """The closing numbers the CLI prints."""
-    was_complete: bool = False
-    """The run in `out` had already finished: nothing was trained, its results were read back."""
-    workload: Any = field(default=None, repr=False)
 
 
 # --- turning objects into the config's names --------------------------------------------------
@@ -138,12 +69,20 @@ def _env_name(env: Any) -> Optional[str]:
     return register_env(env)
 
 
-def make_config(config: Any = None, *, algo: Optional[str] = None, env: Any = None, task: Any = None,
-            model: Any = None, data: Any = None, rewards: Any = None, model_folder: Optional[Path] = None,
-            require_named: bool = True, **keys) -> Config:
-    """The run's Config from what train() takes: `config` (a Config, taken whole, or a dict or YAML
-    file, layered as --config is), then the named things, then any config key as a keyword,
-    with the CLI's presets, task defaults and checks."""
+def make_config(config: Any = None, **keys) -> Config:
+    """The Config train() resolves from the same arguments (`config`, algo, env, task, model by
+    name, data, rewards, any config key), with the CLI's presets, task defaults and checks."""
+    return _resolve(config, **keys)
+
+
+def _resolve(config: Any = None, *, algo: Optional[str] = None, env: Any = None, task: Any = None,
+             model: Any = None, data: Any = None, rewards: Any = None, model_folder: Optional[Path] = None,
+             require_named: bool = True, **keys) -> Config:
+    """The run's Config: `config` (a Config, taken whole, or a dict or YAML file, layered as
+    --config is), then the named things, then any config key as a keyword. model_folder: where
+    train() writes a model object."""
+    if model is not None and not _is_name(model) and model_folder is None:
+        raise UsageError("make_config takes a model by folder or alias; pass a model object to train()")
     values = _config_values(config)
     named = {"algo": algo, "env": _env_name(env), "task": _task_name(task, data, rewards, {**values, **keys}),
              "model": None if model is None else str(model) if _is_name(model) else str(model_folder)}
@@ -171,12 +110,14 @@ def train(config: Any = None, *, algo: Optional[str] = None, env: Any = None, ta
     as reward functions, are passed again). callbacks: each called with every update's metrics;
     one that returns True stops the run after that update (final evaluation and checkpoint kept).
     Under torchrun every process calls train() alike, with an out= folder they all see."""
+    check_arguments(model, tokenizer, callbacks, keys)
     if resume is not None:
         given = [k for k, v in {"config": config, "algo": algo, "out": out, **keys}.items() if v is not None]
         if given or any(_is_name(v) for v in (env, task, model)):
             raise UsageError(f"resume continues a run with its own config.yaml; drop "
                              f"{', '.join(given) or 'the names of env, task and model'}")
-        config, out = runs.saved_config(Path(resume)), resume
+        config = config_mod.validate(config_mod.apply(Config(), runs.saved_config(Path(resume))))
+        out = resume
     if out is None and dist.launched().world > 1:
         raise UsageError("training as several processes needs out= (a folder every process sees)")
     if model is not None and not _is_name(model):
@@ -185,7 +126,7 @@ def train(config: Any = None, *, algo: Optional[str] = None, env: Any = None, ta
     scratch = Path(tempfile.mkdtemp(prefix="policygrad-run-")) if out is None else None
     folder = scratch or Path(out)
     try:
-        cfg = make_config(config, algo=algo, env=env, task=task, model=model, data=data, rewards=rewards,
+        cfg = _resolve(config, algo=algo, env=env, task=task, model=model, data=data, rewards=rewards,
                       model_folder=folder / runs.BASE_MODEL, require_named=resume is None, **keys)
         return _train(cfg, folder, None if model is None or _is_name(model) else model, tokenizer, overwrite,
                       progress, callbacks, keep=scratch is None)
@@ -194,13 +135,24 @@ def train(config: Any = None, *, algo: Optional[str] = None, env: Any = None, ta
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def check_arguments(model: Any, tokenizer: Any, callbacks: Any, keys: dict) -> None:
+    if "nproc" in keys:
+        raise UsageError("nproc is the command line's launcher; from Python, run your script as N processes "
+                         "with torchrun --nproc-per-node N (every process calls train alike)")
+    if tokenizer is not None and (model is None or _is_name(model)):
+        raise UsageError("tokenizer= goes with a model object; a model folder or alias brings its own tokenizer")
+    if isinstance(callbacks, (str, bytes)) or not all(callable(c) for c in callbacks):
+        raise UsageError("callbacks must be a list of functions, each called with an update's metrics")
+
+
 def _train(cfg: Config, folder: Path, model_object: Any, tokenizer: Any, overwrite: bool, progress: bool,
            callbacks: Sequence[Callback], keep: bool) -> TrainResult:
     from .lm import models
     if model_object is None:
         runs.preflight(cfg)  # before the run folder is touched
+    caller_group = dist.group_exists()  # the caller's own process group is left as it was
     ranks = dist.init(_device_type(cfg))
-    started_group = ranks.world > 1
+    started_group = ranks.world > 1 and not caller_group
     try:
         resume, complete = dist.on_main(lambda: runs.prepare_run(folder, cfg, overwrite))
         if model_object is not None:
@@ -304,8 +256,8 @@ def _evaluate_untrained(split: str, device: Optional[str], model: Any, tokenizer
         folder = Path(scratch) / runs.BASE_MODEL
         if model is not None and not _is_name(model):
             models.write_model(model, tokenizer, folder)
-        cfg = make_config(task=task, model=model, data=data, rewards=rewards, model_folder=folder,
-                      require_named=False, **({"device": device} if device else {}), **keys)
+        cfg = _resolve(task=task, model=model, data=data, rewards=rewards, model_folder=folder,
+                       require_named=False, **({"device": device} if device else {}), **keys)
         return LMEvaluation.from_metrics(LMWorkload(cfg, cfg.seed).evaluate(split), split)
 
 
@@ -340,3 +292,43 @@ def sample(run: Any, prompts: Union[str, Sequence[Union[str, dict]]], *, n: int 
     from .lm.tasks import prompt_text
     shown = [prompt_text(r) for r in rows for _ in range(n)]
     return [Sample(p, c) for p, c in zip(shown, work.policy.decode(batch.actions, batch.mask))]
+
+
+# --- the other commands -----------------------------------------------------------------------
+def merge(run: Union[str, os.PathLike], out: Union[str, os.PathLike], checkpoint: str = "latest") -> Path:
+    """A language-model run's model (its LoRA adapter merged in) written to `out` as a plain
+    transformers folder; the folder written."""
+    from .merging import merge_run
+    if not Path(run).is_dir():
+        raise UsageError(f"run folder '{run}' does not exist")
+    return merge_run(Path(run), Path(out), checkpoint)
+
+
+def plot(runs_: Sequence[Union[str, os.PathLike]], metric: Optional[str] = None, out: Union[str, os.PathLike] = "curves.png",
+         smooth: float = 0.6, x: Optional[str] = None) -> dict:
+    """Learning curves of runs (seeds of one run: mean and min-max band) into an image; what was
+    plotted and which runs lack the metric. metric: by default the held-out curve of the first
+    run's kind."""
+    from .curves import plot_runs
+    folders = [Path(r) for r in ([runs_] if _is_name(runs_) else runs_)]
+    if metric is None:
+        first = folders[0] if folders else Path(".")
+        is_lm = bool((runs.saved_config(first) if (first / "config.yaml").is_file() else {}).get("task"))
+        metric = "eval/reward_mean" if is_lm else "eval/return_mean"
+    return {"metric": metric, **plot_runs(folders, metric, Path(out), smooth, x)}
+
+
+def serve_reward(task: Any = None, rewards: Any = None, host: str = "127.0.0.1", port: int = 8000,
+                 timeout: float = 30.0) -> None:
+    """Serve a task's rewards, or rewards (functions, names, specs), over HTTP until interrupted."""
+    from .lm import tasks
+    from .lm.reward_server import serve
+    if (task is None) == (rewards is None):
+        raise UsageError("serve-reward needs either a task (--task NAME) or rewards (--reward SPEC, repeatable)")
+    if not 0 < port < 65536:
+        raise UsageError(f"port (--port) must be in 1..65535; got {port}")
+    reward_set = (tasks.load(tasks.from_python(task), set(config_mod.field_names())).rewards if rewards is None
+                  else tasks.reward_set(rewards))
+    reward_set.configure(timeout=timeout, retries=0)
+    serve(reward_set, host, port)
+

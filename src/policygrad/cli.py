@@ -175,13 +175,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_run
-
-    run = Path(args.run)
-    if not run.is_dir():
-        raise UsageError(f"run folder '{run}' does not exist")
-    out = merge_run(run, Path(args.out), args.checkpoint)
-    print(json.dumps({"merged": str(out), "run": str(run), "checkpoint": args.checkpoint}))
+    out = api.merge(args.run, args.out, args.checkpoint)
+    print(json.dumps({"merged": str(out), "run": str(args.run), "checkpoint": args.checkpoint}))
     return 0
 
 
@@ -197,34 +192,15 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_runs
-
-    metric = args.metric
-    if metric is None:  # the held-out curve of the first run's kind
-        first = Path(args.runs[0])
-        is_lm = bool((runs.saved_config(first) if (first / "config.yaml").is_file() else {}).get("task"))
-        metric = "eval/reward_mean" if is_lm else "eval/return_mean"
-    summary = plot_runs([Path(r) for r in args.runs], metric, Path(args.out), args.smooth, args.x)
+    summary = api.plot(args.runs, args.metric, args.out, args.smooth, args.x)
     for run in summary.get("skipped", []):
-        print(f"policygrad: note: run '{run}' has no '{metric}'; left out of the plot", file=sys.stderr)
+        print(f"policygrad: note: run '{run}' has no '{summary['metric']}'; left out of the plot", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 
 
 def cmd_serve_reward(args: argparse.Namespace) -> int:
-    from .lm import rewards, tasks
-    from .lm.reward_server import serve
-
-    if bool(args.task) == bool(args.reward):
-        raise UsageError("serve-reward needs either --task NAME or --reward SPEC (repeatable)")
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port must be in 1..65535; got {args.port}")
-    if args.task:
-        reward_set = tasks.load(args.task, set(config_mod.field_names())).rewards
-    else:
-        reward_set = rewards.RewardSet([rewards.build(spec) for spec in args.reward])
-    reward_set.configure(timeout=args.reward_timeout, retries=0)
-    serve(reward_set, args.host, args.port)
+    api.serve_reward(args.task, args.reward, args.host, args.port, args.reward_timeout)
     return 0
 
 

@@ -63,6 +63,11 @@ def init(device_type: str = "cpu", timeout_s: float = 1800.0) -> Ranks:
     return ranks
 
 
+def group_exists() -> bool:
+    """A process group is up (ours, or one the caller's own script started)."""
+    return tdist.is_available() and tdist.is_initialized()
+
+
 def shutdown() -> None:
     global _ranks
     if tdist.is_available() and tdist.is_initialized():

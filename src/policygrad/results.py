@@ -1,0 +1,78 @@
+"""What the Python API returns: typed evaluations, samples and a training run's result."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .config import Config
+
+
+@dataclass
+class LMEvaluation:
+    """A language model on a held-out split: one sampled completion per prompt."""
+    split: str
+    mean_reward: float
+    std_reward: float
+    kl_to_reference: float
+    """Mean over completions of the summed per-token log-ratio to the reference (nats)."""
+    n: int
+    samples: list[dict] = field(default_factory=list, repr=False)
+    """prompt, completion and reward of each held-out prompt."""
+
+    @classmethod
+    def from_metrics(cls, metrics: dict, split: str, samples: Optional[list] = None) -> "LMEvaluation":
+        prefix = "eval" if split == "validation" else split
+        return cls(split, metrics[f"{prefix}/reward_mean"], metrics[f"{prefix}/reward_std"],
+                   metrics[f"{prefix}/kl_to_reference"], metrics[f"{prefix}/n"],
+                   samples if samples is not None else metrics.get("samples", []))
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "samples"}
+
+
+@dataclass
+class ControlEvaluation:
+    """A control policy's deterministic episodes."""
+    env: str
+    episodes: int
+    mean_return: float
+    std_return: float
+    returns: list[float] = field(default_factory=list, repr=False)
+    """Each episode's return (a training run's closing evaluation keeps only the mean and std)."""
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "returns"}
+        if self.returns:
+            out.update(min_return=min(self.returns), max_return=max(self.returns))
+        return out
+
+
+Evaluation = Union[LMEvaluation, ControlEvaluation]
+
+
+@dataclass
+class Sample:
+    prompt: str
+    completion: str
+
+
+@dataclass
+class TrainResult:
+    config: Config
+    policy: Any
+    """The trained policy: the transformers model (a PeftModel with LoRA), or the control policy."""
+    tokenizer: Any
+    """The language model's tokenizer (None for control)."""
+    final: Optional[Evaluation]
+    """The closing evaluation: the test split, or control's evaluation episodes."""
+    history: list[dict]
+    """Every update's metrics (a resumed run's earlier updates too), as in metrics.jsonl."""
+    out: Optional[Path]
+    """The run folder (None when trained with out=None)."""
+    summary: dict
+    """The closing numbers the CLI prints."""
+    was_complete: bool = False
+    """The run in `out` had already finished: nothing was trained, its results were read back."""
+    workload: Any = field(default=None, repr=False)
