@@ -2,7 +2,7 @@
 
 The reward counts words from a list the caller keeps (and may change between runs), minus a
 penalty for repeating a word; the untrained model is the baseline the trained one must beat.
-Run: .venv/bin/python examples/custom_reward.py (about 8 minutes on 2 CPU cores).
+Run: .venv/bin/python examples/custom_reward.py (several minutes on a CPU).
 """
 import policygrad
 

@@ -104,11 +104,13 @@ def test_a_model_object_is_kept_in_the_run_and_the_same_call_finds_it_complete(t
     kwargs = dict(algo="reinforce", task=str(task_file), model=model, tokenizer=tokenizer, out=tmp_path / "obj",
                   progress=False, **SMALL)
     first = policygrad.train(**kwargs)
-    assert first.config.model == str(tmp_path / "obj" / "base-model")
+    assert first.config.model == str((tmp_path / "obj").resolve() / "base-model")  # found from any folder
     assert (tmp_path / "obj" / "base-model" / "config.json").is_file()
     second = policygrad.train(**kwargs)
-    assert second.was_complete and second.history == first.history
+    assert second.was_complete and second.history == first.history and second.workload is None
     assert second.final.mean_reward == first.final.mean_reward
+    trained = {k: v for k, v in first.policy.state_dict().items()}
+    assert all(torch.equal(v, trained[k]) for k, v in second.policy.state_dict().items())  # loaded on demand
     # the folder is a run like any other: the CLI evaluates it
     folder = policygrad.evaluate(tmp_path / "obj", split="validation")
     assert folder.mean_reward == policygrad.evaluate(first, split="validation").mean_reward
@@ -294,3 +296,50 @@ def test_lora_on_a_model_object_and_merge_from_python(tmp_path, tiny_lm, task_fi
     merged = AutoModelForCausalLM.from_pretrained(policygrad.merge(tmp_path / "lora", tmp_path / "merged"))
     moved = [k for k, v in merged.state_dict().items() if not torch.equal(v, start[k])]
     assert moved and all("proj" in k for k in moved)
+
+
+def test_two_functions_of_one_name_are_two_rewards_and_two_lambdas_two_envs():
+    """A run's inputs are named by their code: an edited reward is another run, and two lambda
+    env factories are two environments, not the latest one twice."""
+    from policygrad.control.rollout import register_env
+    from policygrad.lm import tasks
+    first = lambda prompts, completions, **c: [1.0] * len(completions)  # noqa: E731
+    second = lambda prompts, completions, **c: [2.0] * len(completions)  # noqa: E731
+    assert tasks.from_python(None, ROWS, first) != tasks.from_python(None, ROWS, second)
+    cart, pendulum = (lambda: gym.make("CartPole-v1")), (lambda: gym.make("Pendulum-v1"))
+    ids = register_env(cart), register_env(pendulum)
+    assert ids[0] != ids[1] and [gym.spec(i).make().unwrapped.__class__.__name__ for i in ids] == [
+        "CartPoleEnv", "PendulumEnv"]
+    assert register_env(gym.make("CartPole-v1")).startswith("policygrad/CartPole-v1-")
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (dict(rewards=lambda prompts, completions, **c: 1.0), policygrad.RewardError, "returned a float"),
+    (dict(task=brevity), policygrad.TaskError, "is not a text env"),
+    (dict(task=lambda: 42), policygrad.TaskError, "not a gymnasium.Env"),
+    (dict(callbacks=[42]), policygrad.UsageError, "callbacks must be"),
+    (dict(nproc=2), policygrad.UsageError, "torchrun"),
+    (dict(tokenizer=object()), policygrad.UsageError, "tokenizer= goes with a model object"),
+])
+def test_more_mistakes_through_python_are_one_line_errors(tmp_path, tiny_lm, call, error, words):
+    kwargs = dict(algo="reinforce", model=str(tiny_lm), data=ROWS, rewards=[brevity], max_new_tokens=4,
+                  progress=False, **{**SMALL, "total_steps": 1})
+    if "task" in call:
+        kwargs.pop("rewards")
+        kwargs.pop("data")
+    with pytest.raises(error, match=re.escape(words)):
+        policygrad.train(out=tmp_path / "run", **{**kwargs, **call})
+
+
+def test_evaluate_refuses_what_it_would_ignore(tmp_path, tiny_lm, task_file):
+    result = policygrad.train(algo="reinforce", task=str(task_file), model=str(tiny_lm), out=tmp_path / "r",
+                              callbacks=lambda m: None, progress=False, **{**SMALL, "total_steps": 1})
+    with pytest.raises(policygrad.UsageError, match="pick from a run folder"):
+        policygrad.evaluate(result, checkpoint="best")
+    with pytest.raises(policygrad.UsageError, match="max_new_tokens are for an untrained model"):
+        policygrad.evaluate(tmp_path / "r", max_new_tokens=3)
+    base = policygrad.evaluate(tmp_path / "r", base=True, split="validation")
+    assert base.mean_reward == policygrad.evaluate(model=str(tiny_lm), task=str(task_file), split="validation",
+                                                   **{k: v for k, v in SMALL.items() if "steps" not in k}).mean_reward
+    from policygrad import dist
+    assert issubclass(dist.RankExit, policygrad.PolicygradError)  # what ranks > 0 raise under torchrun

@@ -50,6 +50,7 @@ def test_eval_prints_json_last_with_the_returns_of_the_trained_policy(trained_ru
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["episodes"] == 5 and result["checkpoint"] == "update-000003"
+    assert list(result)[:3] == ["checkpoint", "env", "algo"] and result["algo"] == "ppo"
     from policygrad import checkpoint
     from policygrad.control.rollout import build_policy, evaluate
     from policygrad.trainer import load_workload

@@ -110,12 +110,12 @@ def train(config: Any = None, *, algo: Optional[str] = None, env: Any = None, ta
     as reward functions, are passed again). callbacks: each called with every update's metrics;
     one that returns True stops the run after that update (final evaluation and checkpoint kept).
     Under torchrun every process calls train() alike, with an out= folder they all see."""
+    callbacks = [callbacks] if callable(callbacks) else list(callbacks or ())
     check_arguments(model, tokenizer, callbacks, keys)
-    if resume is not None:
+    if resume is not None:  # its settings are the saved ones; what it was built from may be given again
         given = [k for k, v in {"config": config, "algo": algo, "out": out, **keys}.items() if v is not None]
-        if given or any(_is_name(v) for v in (env, task, model)):
-            raise UsageError(f"resume continues a run with its own config.yaml; drop "
-                             f"{', '.join(given) or 'the names of env, task and model'}")
+        if given:
+            raise UsageError(f"resume continues a run with its own config.yaml; drop {', '.join(given)}")
         config = config_mod.validate(config_mod.apply(Config(), runs.saved_config(Path(resume))))
         out = resume
     if out is None and dist.launched().world > 1:
@@ -127,7 +127,7 @@ def train(config: Any = None, *, algo: Optional[str] = None, env: Any = None, ta
     folder = scratch or Path(out)
     try:
         cfg = _resolve(config, algo=algo, env=env, task=task, model=model, data=data, rewards=rewards,
-                      model_folder=folder / runs.BASE_MODEL, require_named=resume is None, **keys)
+                      model_folder=folder.resolve() / runs.BASE_MODEL, require_named=resume is None, **keys)
         return _train(cfg, folder, None if model is None or _is_name(model) else model, tokenizer, overwrite,
                       progress, callbacks, keep=scratch is None)
     finally:
@@ -141,7 +141,7 @@ def check_arguments(model: Any, tokenizer: Any, callbacks: Any, keys: dict) -> N
                          "with torchrun --nproc-per-node N (every process calls train alike)")
     if tokenizer is not None and (model is None or _is_name(model)):
         raise UsageError("tokenizer= goes with a model object; a model folder or alias brings its own tokenizer")
-    if isinstance(callbacks, (str, bytes)) or not all(callable(c) for c in callbacks):
+    if not all(callable(c) for c in callbacks):
         raise UsageError("callbacks must be a list of functions, each called with an update's metrics")
 
 
@@ -159,15 +159,13 @@ def _train(cfg: Config, folder: Path, model_object: Any, tokenizer: Any, overwri
             if not resume:
                 dist.on_main(lambda: models.write_model(model_object, tokenizer, folder / runs.BASE_MODEL))
             runs.preflight(cfg)
-        if complete:
-            work, _ = trainer.load_workload(checkpoint_mod.latest(folder))
-            final, summary = _read_json(folder / "final_eval.json"), {}
+        if complete:  # read back; its model loads when result.policy is first asked for
+            work, final, summary = None, _read_json(folder / "final_eval.json"), {}
         else:
             run = trainer.run(cfg, folder, progress=progress, resume=resume, callbacks=callbacks)
             work, final, summary = run.work, run.final, run.summary
             dist.agree(False)  # rank 0 has closed metrics.jsonl: every rank reads it whole
-        return TrainResult(cfg, _policy_object(work, cfg), getattr(work.policy, "tokenizer", None),
-                           _final(cfg, final, folder), _history(folder), folder if keep else None, summary,
+        return TrainResult(cfg, _final(cfg, final, folder), _history(folder), folder if keep else None, summary,
                            was_complete=complete, workload=work)
     finally:
         if started_group:
@@ -177,10 +175,6 @@ def _train(cfg: Config, folder: Path, model_object: Any, tokenizer: Any, overwri
 def _device_type(cfg: Config) -> str:
     from . import placement
     return placement.resolve(cfg).device.type
-
-
-def _policy_object(work, cfg: Config):
-    return work.policy.model if cfg.is_lm else work.policy
 
 
 def _read_json(path: Path) -> dict:
@@ -203,20 +197,45 @@ def _final(cfg: Config, final: dict, folder: Path) -> Optional[Evaluation]:
 
 
 # --- evaluate and sample ----------------------------------------------------------------------
-def _run_workload(run: Any, checkpoint: str, device: Optional[str], env: Any = None, task: Any = None,
-                  data: Any = None, rewards: Any = None):
-    """(workload, config) of a TrainResult, or of a run folder's checkpoint; objects a run was
+def _run_checkpoint(run: Any, checkpoint: str, device: Optional[str], env: Any = None, task: Any = None,
+                    data: Any = None, rewards: Any = None) -> Optional[Path]:
+    """A run folder's checkpoint (None for a TrainResult, which is in memory); objects the run was
     built from (reward functions, an env factory) are registered again first."""
     if isinstance(run, TrainResult):
-        return run.workload, run.config
+        if checkpoint != "latest" or device is not None:
+            raise UsageError("checkpoint= and device= pick from a run folder; a TrainResult is evaluated as it is "
+                             "(pass result.out for its folder)")
+        return None
     if not _is_name(run):
         raise UsageError(f"run must be a run folder or a TrainResult; got {type(run).__name__}")
     folder = Path(run)
     if not folder.is_dir():
         raise UsageError(f"run folder '{folder}' does not exist")
     _env_name(env)
-    _task_name(task, data, rewards, runs.saved_config(folder) if (folder / "config.yaml").is_file() else {})
-    return trainer.load_workload(checkpoint_mod.named(folder, checkpoint), device=device)
+    if task is not None or data is not None or rewards is not None:
+        _task_name(task, data, rewards, runs.saved_config(folder))
+    return checkpoint_mod.named(folder, checkpoint)
+
+
+def _run_workload(run: Any, checkpoint: str, device: Optional[str], **objects):
+    """(workload, config) of a TrainResult or of a run folder's checkpoint."""
+    path = _run_checkpoint(run, checkpoint, device, **objects)
+    return (run.work(), run.config) if path is None else trainer.load_workload(path, device=device)
+
+
+def _base_workload(run: Any, checkpoint: str, device: Optional[str], **objects):
+    """The model a language-model run started from, with the run's config (read, not loaded)."""
+    from .lm.rollout import LMWorkload
+    path = _run_checkpoint(run, checkpoint, device, **objects)
+    cfg = run.config if path is None else trainer.load_config(checkpoint_mod.load_state(path), path)
+    if device is not None:
+        cfg = dataclasses.replace(cfg, device=device)
+    if not cfg.is_lm:
+        raise UsageError("base=True compares a language model with the model it started from; this is a control run")
+    if cfg.model.endswith(runs.BASE_MODEL) and not Path(cfg.model).is_dir():
+        raise UsageError(f"the run started from a model object whose copy '{cfg.model}' is gone (trained with "
+                         "out=None?): train with out= to keep it, or evaluate(model=<the object>, ...)")
+    return LMWorkload(cfg, cfg.seed), cfg
 
 
 def evaluate(run: Any = None, *, split: str = "test", checkpoint: str = "latest", episodes: int = 20,
@@ -233,14 +252,14 @@ def evaluate(run: Any = None, *, split: str = "test", checkpoint: str = "latest"
         raise UsageError(f"episodes (--episodes) must be positive; got {episodes}")
     if run is None:
         return _evaluate_untrained(split, device, model, tokenizer, task, data, rewards, keys)
-    work, cfg = _run_workload(run, checkpoint, device, env, task, data, rewards)
+    ignored = [k for k, v in {"model": model, "tokenizer": tokenizer, **keys}.items() if v is not None]
+    if ignored:
+        raise UsageError(f"a run is evaluated with its own model and config; {', '.join(ignored)} are for "
+                         "an untrained model without a run")
+    objects = {"env": env, "task": task, "data": data, "rewards": rewards}
+    work, cfg = (_base_workload if base else _run_workload)(run, checkpoint, device, **objects)
     if cfg.is_lm:
-        if base:
-            from .lm.rollout import LMWorkload
-            work = LMWorkload(cfg, cfg.seed)
         return LMEvaluation.from_metrics(work.evaluate(split), split)
-    if base:
-        raise UsageError("base=True compares a language model with the model it started from; this is a control run")
     from .control.rollout import evaluate as play
     returns = play(work.policy, cfg.env, episodes, seed)
     return ControlEvaluation(cfg.env, len(returns), float(returns.mean()), float(returns.std()), returns.tolist())

@@ -231,6 +231,17 @@ def named(out_dir: Path, which: str) -> Path:
     return path
 
 
+def load_state(path: Path) -> dict:
+    """A checkpoint's state.json alone (its config, counters and RNG states), without its tensors."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint '{path}' has no readable state.json ({e.__class__.__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"checkpoint '{path}' has a state.json without a config")
+    return state
+
+
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """(model tensors, optimizer tensors, state) of a checkpoint folder; CheckpointError if unreadable."""
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):

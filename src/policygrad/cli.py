@@ -136,7 +136,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.vs_base:
             raise UsageError("--vs-base compares a trained run with its base model: give the run folder")
         result = api.evaluate(task=args.task, model=args.model, split=args.split, device=args.device)
-        print_result({"model": args.model or config_mod.Config().model, "task": args.task, **result.as_dict()})
+        model = config_mod.resolve({}, {}, {"task": args.task, "model": args.model}).model
+        print_result({"model": model, "task": args.task, **result.as_dict()})
         return 0
     given = [flag for flag, value in (("--task", args.task), ("--model", args.model)) if value is not None]
     if given:
@@ -150,7 +151,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base = api.evaluate(args.run, split=args.split, checkpoint=args.checkpoint, device=args.device, base=True)
         print_vs_base(base, result, path.name)
         return 0
-    print_result({"checkpoint": path.name, **result.as_dict()})
+    shown = result.as_dict()
+    if isinstance(result, api.ControlEvaluation):
+        shown = {"env": shown.pop("env"), "algo": checkpoint.load_state(path)["config"]["algo"], **shown}
+    print_result({"checkpoint": path.name, **shown})
     return 0
 
 

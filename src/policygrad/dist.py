@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from .errors import PolicygradError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -268,8 +270,11 @@ def on_main(fn):
     return outcome[1]
 
 
-class RankExit(Exception):
+class RankExit(PolicygradError):
     """A rank other than 0 stops because rank 0 met an error it reports itself."""
+
+    def __init__(self, message: str = "rank 0 stopped with an error, which it reports"):
+        super().__init__(message)
 
 
 @_timed

@@ -61,10 +61,6 @@ class Sample:
 @dataclass
 class TrainResult:
     config: Config
-    policy: Any
-    """The trained policy: the transformers model (a PeftModel with LoRA), or the control policy."""
-    tokenizer: Any
-    """The language model's tokenizer (None for control)."""
     final: Optional[Evaluation]
     """The closing evaluation: the test split, or control's evaluation episodes."""
     history: list[dict]
@@ -76,3 +72,21 @@ class TrainResult:
     was_complete: bool = False
     """The run in `out` had already finished: nothing was trained, its results were read back."""
     workload: Any = field(default=None, repr=False)
+    """The trained workload; for a run found complete, loaded from `out` when first needed."""
+
+    @property
+    def policy(self) -> Any:
+        """The trained policy: the transformers model (a PeftModel with LoRA), or the control policy."""
+        return self.work().policy.model if self.config.is_lm else self.work().policy
+
+    @property
+    def tokenizer(self) -> Any:
+        """The language model's tokenizer (None for control)."""
+        return self.work().policy.tokenizer if self.config.is_lm else None
+
+    def work(self) -> Any:
+        if self.workload is None:
+            from . import checkpoint
+            from .trainer import load_workload
+            self.workload, _ = load_workload(checkpoint.latest(self.out))
+        return self.workload

@@ -3,8 +3,10 @@
 API both go through here."""
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -102,3 +104,15 @@ def prepare_run(out: Path, cfg, overwrite: bool) -> tuple[bool, bool]:
     from .trainer import is_complete
     resume = prepare_out(out, config_mod.to_dict(cfg), overwrite)
     return resume, resume and is_complete(out)
+
+
+def callable_identity(fn: Callable) -> str:
+    """What names a Python function (a reward, an env factory) across processes: its module,
+    qualified name and code. An edited body is another function; a closure's captured values are
+    not part of it."""
+    target = fn if hasattr(fn, "__code__") else type(fn).__call__
+    code = getattr(target, "__code__", None)
+    parts = [getattr(target, "__module__", ""), getattr(target, "__qualname__", type(fn).__qualname__)]
+    if code is not None:
+        parts += [code.co_code.hex(), repr(code.co_consts), repr(code.co_names)]
+    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:12]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from collections import deque
 
@@ -13,6 +14,7 @@ from gymnasium.vector import AutoresetMode
 from ..errors import PolicygradError
 from .. import dist
 from ..batch import Batch
+from ..runs import callable_identity
 from .policy import ControlPolicy
 
 
@@ -34,16 +36,21 @@ def make_envs(env_id: str, num_envs: int, vectorization: str = "sync") -> gym.ve
 
 def register_env(env) -> str:
     """A Python environment (a gymnasium.Env instance, a class or a factory) registered with
-    Gymnasium as policygrad/<Name>-v0, so every part of a run makes it by id as any other: each
-    environment of the vector env, and each evaluation, gets a fresh copy of an instance."""
+    Gymnasium as policygrad/<Name>-<8 hex digits>-v0 (the digits from its class, or a factory's
+    code), so every part of a run makes it by id as any other: each environment of the vector env,
+    and each evaluation, gets a fresh copy of an instance."""
     if isinstance(env, gym.Env):
-        name, make = type(env).__name__, (lambda **kwargs: copy.deepcopy(env))
+        spec = env.spec.id if env.spec is not None else ""
+        name, make = spec or type(env.unwrapped).__name__, (lambda **kwargs: copy.deepcopy(env))
+        identity = f"{type(env.unwrapped).__module__}.{type(env.unwrapped).__qualname__}:{spec}"
     elif callable(env):
         name, make = getattr(env, "__name__", type(env).__name__), (lambda **kwargs: env(**kwargs))
+        identity = callable_identity(env)
     else:
         raise EnvError(f"env must be a Gymnasium id, a gymnasium.Env, its class or a function that makes "
                        f"one; got {type(env).__name__}")
-    env_id = f"policygrad/{re.sub(r'[^A-Za-z0-9_.]', '', name) or 'Env'}-v0"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
+    env_id = f"policygrad/{re.sub(r'[^A-Za-z0-9_.-]', '', name) or 'Env'}-{digest}-v0"
 
     def checked(**kwargs):
         try:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..errors import PolicygradError
+from ..runs import callable_identity
 
 
 class RewardError(PolicygradError, ValueError):
@@ -247,6 +248,8 @@ class WeightedReward:
     name: str
     fn: RewardFn
     weight: float = 1.0
+    identity: str = ""
+    """A Python function's code (see callable_identity): two functions of one name differ by it."""
 
 
 def _callable(fn: Callable) -> RewardFn:
@@ -279,7 +282,7 @@ def build(spec: Any, base: Path = Path(".")) -> WeightedReward:
         if params:
             raise RewardError(f"reward '{callable_name(name)}' is a Python function: it takes only a "
                               f"weight, not {', '.join(sorted(params))}")
-        return WeightedReward(callable_name(name), _callable(name), float(weight))
+        return WeightedReward(callable_name(name), _callable(name), float(weight), callable_identity(name))
     if not isinstance(name, str):
         raise RewardError(f"reward entry {spec!r} needs a name: a string, a function, or "
                           "{reward: name, weight: w}")
@@ -352,6 +355,9 @@ class RewardSet:
             except Exception as e:
                 raise RewardError(f"reward '{r.name}' raised {e.__class__.__name__}: {e} "
                                   f"(first completion: {completions[0][:60]!r})") from None
+            if not isinstance(values, (list, tuple, np.ndarray)):
+                raise RewardError(f"reward '{r.name}' returned a {type(values).__name__}; it must return a list "
+                                  f"of {len(completions)} floats, one per completion")
             values = list(values) if not isinstance(values, np.ndarray) else values.tolist()
             if len(values) != len(completions):
                 raise RewardError(f"reward '{r.name}' returned {len(values)} values for "

@@ -62,7 +62,13 @@ class Task:
     @classmethod
     def from_env(cls, env: Any) -> "Task":
         """A text Gymnasium env (an instance, a class or a factory): prompts are its seeded resets."""
-        made = env if isinstance(env, gym.Env) else env()
+        name = getattr(env, "__name__", type(env).__name__)
+        try:
+            made = env if isinstance(env, gym.Env) else env()
+        except Exception as e:  # the user's code (or a function that is not an env factory at all)
+            raise TaskError(f"task '{name}' is not a text env: calling it raised {e.__class__.__name__}: {e}") from None
+        if not isinstance(made, gym.Env):
+            raise TaskError(f"task '{name}' made a {type(made).__name__}, not a gymnasium.Env")
         return env_task(made, type(made).__name__)
 
 
@@ -306,8 +312,8 @@ def fingerprint(task: Task) -> str:
     """8 hex digits over a task's rows and its rewards' names and weights: a run's config names an
     in-memory task by it, so a resume with other data is a different run (its defaults are in
     the config already)."""
-    content = json.dumps([task.splits, [(r.name, r.weight) for r in task.rewards.rewards]], sort_keys=True,
-                         default=repr)
+    content = json.dumps([task.splits, [(r.name, r.weight, r.identity) for r in task.rewards.rewards]],
+                         sort_keys=True, default=repr)
     return hashlib.sha256(content.encode()).hexdigest()[:8]
 
 
