@@ -4,13 +4,15 @@ Everything the CLI does goes through here, with the same names, defaults and che
 parses its arguments into these calls and prints what they return. Objects go where the CLI takes
 strings:
 - model: a folder or an alias, or a transformers model object (with tokenizer=). An object is
-  written once into the run folder (base-model/), so the run names its model by path as any
-  other, and a resume, `merge` or `eval` finds the model it started from;
+  written once into the run folder (base-model/), so the run names its model by that folder's
+  absolute path as any other, and a resume, `merge` or `eval` finds the model it started from;
 - task, data, rewards: a task name, a policygrad.Task or a text gymnasium.Env; rows, a
   datasets.Dataset or DatasetDict, or files; reward functions (prompts, completions, **columns)
   -> list[float], names and specs, each optionally weighted. A task built from objects is
-  registered as `<name>@<fingerprint>`, the name the run's config records;
-- env: a Gymnasium id, or an env instance, class or factory (registered as policygrad/<Name>-v0).
+  registered as `<name>@<fingerprint>` (its rows, and its rewards' names, weights and code), the
+  name the run's config records;
+- env: a Gymnasium id, or an env instance, class or factory (registered as
+  policygrad/<Name>-<digits>-v0, the digits from its class or the factory's code).
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def train(config: Any = None, *, algo: Optional[str] = None, env: Any = None, ta
     as reward functions, are passed again). callbacks: each called with every update's metrics;
     one that returns True stops the run after that update (final evaluation and checkpoint kept).
     Under torchrun every process calls train() alike, with an out= folder they all see."""
-    callbacks = [callbacks] if callable(callbacks) else list(callbacks or ())
+    callbacks = [callbacks] if callable(callbacks) else callbacks or ()
     check_arguments(model, tokenizer, callbacks, keys)
     if resume is not None:  # its settings are the saved ones; what it was built from may be given again
         given = [k for k, v in {"config": config, "algo": algo, "out": out, **keys}.items() if v is not None]
@@ -141,7 +143,7 @@ def check_arguments(model: Any, tokenizer: Any, callbacks: Any, keys: dict) -> N
                          "with torchrun --nproc-per-node N (every process calls train alike)")
     if tokenizer is not None and (model is None or _is_name(model)):
         raise UsageError("tokenizer= goes with a model object; a model folder or alias brings its own tokenizer")
-    if not all(callable(c) for c in callbacks):
+    if not isinstance(callbacks, (list, tuple)) or not all(callable(c) for c in callbacks):
         raise UsageError("callbacks must be a list of functions, each called with an update's metrics")
 
 
