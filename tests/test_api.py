@@ -276,6 +276,9 @@ def test_a_task_built_from_objects_is_named_by_its_content():
     assert name != tasks.from_python(None, ROWS[:-1], ["vader", (brevity, 0.5)])
     assert name != tasks.from_python(None, ROWS, ["vader", (brevity, 0.6)])
     assert tasks.from_python("positive-review") == "positive-review"  # a name alone stays a name
+    built = policygrad.Task.from_data(ROWS, ["vader", (brevity, 0.5)])
+    assert built.splits == tasks.splits_of(ROWS) and [r.weight for r in built.rewards.rewards] == [1.0, 0.5]
+    assert tasks.from_python(built) == name  # a Task object is named by its content as well
     replaced = tasks.from_python("positive-review", rewards=[brevity])
     assert replaced.startswith("positive-review@") and tasks.REGISTERED[replaced].defaults["kl_coef"] == 0.1
     with pytest.raises(policygrad.TaskError, match="built in Python"):
@@ -343,3 +346,26 @@ def test_evaluate_refuses_what_it_would_ignore(tmp_path, tiny_lm, task_file):
                                                    **{k: v for k, v in SMALL.items() if "steps" not in k}).mean_reward
     from policygrad import dist
     assert issubclass(dist.RankExit, policygrad.PolicygradError)  # what ranks > 0 raise under torchrun
+
+
+def test_a_reward_function_of_yours_served_over_http():
+    """policygrad.serve_reward(rewards=[fn]) answers as `policygrad serve-reward` does, and a
+    RemoteReward client reads it."""
+    import threading
+    import time
+
+    from policygrad.launch import free_port
+    from policygrad.lm.rewards import RemoteReward
+    port = free_port()
+    threading.Thread(target=policygrad.serve_reward, kwargs={"rewards": [(brevity, 2.0)], "port": port},
+                     daemon=True).start()  # serves until the test process ends
+    client, deadline = RemoteReward(f"http://127.0.0.1:{port}/", backoff=0.05), time.time() + 20
+    while True:
+        try:
+            got = client(["p", "q"], ["abc", ""], {"answer": ["1", "2"]}, timeout=5, retries=0)
+            break
+        except policygrad.RewardError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+    assert got == [2.0 / 4, 2.0 / 1]
