@@ -7,6 +7,7 @@ deterministically 80/10/10 from one. Built-in tasks ship their data as package d
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -14,7 +15,6 @@ import os
 import random
 import string
 import sys
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
