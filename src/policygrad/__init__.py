@@ -16,13 +16,14 @@ from .config import Config, ConfigError  # noqa: E402
 from .control.rollout import EnvError  # noqa: E402
 from .errors import PolicygradError  # noqa: E402
 from .lm.models import ModelError  # noqa: E402
+from .lm.reward_model import RewardModel  # noqa: E402
 from .lm.rewards import RewardError, RewardSet, WeightedReward  # noqa: E402
 from .lm.tasks import Task, TaskEnv, TaskError  # noqa: E402
 from .results import ControlEvaluation, LMEvaluation, Sample, TrainResult  # noqa: E402
 from .runs import UsageError  # noqa: E402
 from .trainer import Callback, TrainingError  # noqa: E402
 
-__all__ = ["train", "evaluate", "sample", "make_config", "merge", "plot", "serve_reward", "Config", "Task", "TaskEnv", "WeightedReward", "RewardSet",
+__all__ = ["train", "evaluate", "sample", "make_config", "merge", "plot", "serve_reward", "Config", "Task", "TaskEnv", "WeightedReward", "RewardSet", "RewardModel",
            "TrainResult", "LMEvaluation", "ControlEvaluation", "Sample", "Callback", "PolicygradError",
            "ConfigError", "TaskError", "RewardError", "ModelError", "EnvError", "CheckpointError",
            "TrainingError", "UsageError"]

@@ -191,7 +191,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     print("built-in tasks:")
     for name, text in BUILTIN_DESCRIPTIONS.items():
         print(f"  {name:<16} {text}")
-    print("rewards: " + ", ".join(BUILTIN) + ", python:path/to/file.py:function")
+    print("rewards: " + ", ".join(BUILTIN) + ", python:path/to/file.py:function, http://host:port/path, "
+          "rm:MODEL_FOLDER[#LABEL]")
     return 0
 
 

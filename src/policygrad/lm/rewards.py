@@ -3,8 +3,8 @@
 Built-in names: vader, exact-match, last-number, contains, length, chrf, bleu;
 `python:path/to/file.py:function`, called with keyword lists `prompts`, `completions` and one list
 per extra column; and `http://host:port/path` (or https), a reward server that answers a JSON POST
-(see `RemoteReward`; `reward_server.py` serves any RewardSet that way). A task combines one or more
-rewards with weights.
+(see `RemoteReward`; `reward_server.py` serves any RewardSet that way); and `rm:PATH[#LABEL]`, a
+learned reward model (reward_model.py). A task combines one or more rewards with weights.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import torch
 
 from ..errors import PolicygradError
 from ..runs import callable_identity
@@ -250,6 +251,8 @@ class WeightedReward:
     weight: float = 1.0
     identity: str = ""
     """A Python function's code (see callable_identity): two functions of one name differ by it."""
+    model: Any = None
+    """A reward model behind fn (reward_model.RewardModel), moved to the run's device."""
 
 
 def _callable(fn: Callable) -> RewardFn:
@@ -278,6 +281,12 @@ def build(spec: Any, base: Path = Path(".")) -> WeightedReward:
         name, weight = spec, 1.0
     if not isinstance(weight, (int, float)) or isinstance(weight, bool):
         raise RewardError(f"reward '{name}' has a non-numeric weight {weight!r}")
+    from .reward_model import RewardModel
+    if isinstance(name, RewardModel):
+        return WeightedReward(name.name, _callable(name), float(weight), name.name, model=name)
+    if isinstance(name, torch.nn.Module):
+        raise RewardError(f"reward {type(name).__name__} is a model, not a reward function: wrap a "
+                          "sequence-classification model as policygrad.RewardModel(model, tokenizer)")
     if callable(name):
         if params:
             raise RewardError(f"reward '{callable_name(name)}' is a Python function: it takes only a "
@@ -290,9 +299,14 @@ def build(spec: Any, base: Path = Path(".")) -> WeightedReward:
         return WeightedReward(name, _python(name, base), float(weight))
     if name.startswith(("http://", "https://")):
         return WeightedReward(name, _remote(name, params), float(weight))
+    if name.startswith("rm:"):
+        if params:
+            raise RewardError(f"reward '{name}' takes only a weight, not {', '.join(sorted(params))}")
+        model = RewardModel.load(name, base)
+        return WeightedReward(name, _callable(model), float(weight), name, model=model)
     if name not in BUILTIN:
         raise RewardError(f"unknown reward '{name}'; built-in rewards: {', '.join(BUILTIN)}, "
-                          "python:path/to/file.py:function or http://host:port/path")
+                          "python:path/to/file.py:function, http://host:port/path or rm:MODEL_FOLDER")
     return WeightedReward(name, BUILTIN[name](params), float(weight))
 
 
@@ -331,12 +345,16 @@ class RewardSet:
     retries: int = 3
     """Extra attempts a remote reward makes after a failed request (not after a 4xx answer)."""
 
-    def configure(self, timeout: float, retries: int) -> None:
+    def configure(self, timeout: float, retries: int, device: Any = "cpu") -> None:
+        """device: where reward models score (the run's)."""
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise RewardError(f"reward timeout must be a positive number of seconds, not {timeout!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise RewardError(f"reward retries must be a whole number >= 0, not {retries!r}")
         self.timeout, self.retries = float(timeout), retries
+        for r in self.rewards:
+            if r.model is not None:
+                r.model.place(device)
 
     def _values(self, r: WeightedReward, prompts: list[str], completions: list[str], extras: dict) -> list:
         if isinstance(r.fn, RemoteReward):

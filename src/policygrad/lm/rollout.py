@@ -124,8 +124,9 @@ class LMWorkload:
         this one takes its block of each step's prompts."""
         self.cfg, self.init_seed, self.seed = cfg, seed, dist.rank_seed(seed, dist.rank())
         self.task = tasks.load(cfg.task, set(config_mod.field_names()))
-        self.task.rewards.configure(timeout=cfg.reward_timeout, retries=cfg.reward_retries)
         self.placement = placement_mod.resolve(cfg)
+        self.task.rewards.configure(timeout=cfg.reward_timeout, retries=cfg.reward_retries,
+                                    device=self.placement.device)
         self.policy, self.adapted = build_policy(cfg, self.placement, seed, model_path)
         if ALGOS[cfg.algo].double_backward:
             # torch's fused CPU attention kernels have no double backward; the eager path has

@@ -1,0 +1,97 @@
+"""A learned reward model as a reward: `rm:PATH`, or `rm:PATH#LABEL` for one label of a classifier.
+
+PATH is any folder `AutoModelForSequenceClassification` loads. Each completion is decoded text
+(the rewards never see token ids) and is tokenised again with the reward model's own tokenizer,
+through its chat template when it has one: the policy's token ids mean other tokens in another
+vocabulary, a mistake that gives wrong rewards without any error. One scalar head (num_labels = 1,
+as a Bradley-Terry reward model has) gives its logit; a classifier's LABEL gives that label's
+probability. Scoring runs in batches, without gradients, on the run's device.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .rewards import RewardError
+
+
+def scored_text(tokenizer, prompt: str, completion: str) -> str:
+    """What the reward model reads for one completion: the user's prompt and the assistant's
+    reply through its chat template, or the two texts joined when it has none."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": completion}], tokenize=False)
+    return f"{prompt}\n{completion}"
+
+
+def _label_index(config, label: Optional[str], spec: str) -> Optional[int]:
+    """Which output to read: None for a scalar head, else the index of LABEL."""
+    names = {str(v): int(k) for k, v in (config.id2label or {}).items()}
+    if config.num_labels == 1:
+        if label is not None:
+            raise RewardError(f"reward '{spec}' has one scalar output; drop '#{label}'")
+        return None
+    if label is None:
+        raise RewardError(f"reward '{spec}' is a classifier with {config.num_labels} labels: pick one as "
+                          f"rm:PATH#LABEL, one of {', '.join(names)}")
+    if label in names:
+        return names[label]
+    if label.isdigit() and int(label) < config.num_labels:
+        return int(label)
+    raise RewardError(f"reward '{spec}' has no label '{label}'; its labels: {', '.join(names)}")
+
+
+class RewardModel:
+    """Scores (prompt, completion) texts with a sequence-classification model; callable as a
+    reward function: (prompts, completions, **columns) -> list[float]."""
+
+    def __init__(self, model, tokenizer, label: Optional[str] = None, batch_size: int = 16, name: str = "rm"):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, self.batch_size, self.name = tokenizer, batch_size, name
+        if tokenizer.pad_token is None:  # a batch is padded; the pad token is never read
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        # the classifier reads the last token that is not padding: it must know which id pads
+        model.config.pad_token_id = tokenizer.pad_token_id
+        self.index = _label_index(model.config, label, name)
+
+    @classmethod
+    def load(cls, spec: str, base: Path = Path(".")) -> "RewardModel":
+        """`rm:PATH` or `rm:PATH#LABEL`; PATH relative to `base` (a task file's folder)."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        path_text, _, label = spec[len("rm:"):].partition("#")
+        path = Path(path_text) if Path(path_text).is_absolute() else base / path_text
+        if not (path / "config.json").is_file():
+            raise RewardError(f"reward '{spec}': '{path}' is not a model folder (no config.json)")
+        config = AutoConfig.from_pretrained(path)
+        if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+            raise RewardError(f"reward '{spec}': '{path}' is not a sequence-classification model (its "
+                              f"architectures: {', '.join(config.architectures or ['none'])}); a reward model "
+                              "is a folder AutoModelForSequenceClassification loads")
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise RewardError(f"reward '{spec}' cannot be loaded: {str(e).splitlines()[0]}") from None
+        return cls(model, tokenizer, label or None, name=spec)
+
+    def place(self, device: torch.device | str) -> None:
+        self.model.to(device)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
+        texts = [scored_text(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
+                                 add_special_tokens=not getattr(self.tokenizer, "chat_template", None))
+            logits = self.model(**enc.to(device)).logits.float()                    # (b, num_labels)
+            if self.index is None:
+                scores.append(logits[:, 0])
+            else:
+                scores.append(torch.softmax(logits, -1)[:, self.index])
+        return torch.cat(scores).tolist() if scores else []
