@@ -353,3 +353,41 @@ def serve_reward(task: Any = None, rewards: Any = None, host: str = "127.0.0.1",
     reward_set.configure(timeout=timeout, retries=0)
     serve(reward_set, host, port)
 
+
+
+# --- stages around RL -------------------------------------------------------------------------
+def reward_model(data: Any, *, out: Union[str, os.PathLike], model: Any = "smollm2-135m", overwrite: bool = False,
+                 progress: bool = True, **keys) -> dict:
+    """A reward model (the base model with a scalar head) trained on preference pairs with the
+    Bradley-Terry loss: data is a pairs file's path, rows, a Dataset or a dict of splits (prompt,
+    chosen, rejected, margin). Its folder, out/reward-model, is an `rm:` reward. The same call
+    again resumes the run in `out`. Returns the closing numbers."""
+    from .lm import tasks
+    from .stages import reward_model as stage
+    if out is None:
+        raise UsageError("reward_model needs out= (the folder its model is written to)")
+    # pairs in memory are named by their content, as a task built from rows is
+    label = str(data) if _is_name(data) else \
+        f"rows@{tasks.fingerprint(tasks.Task('rows', stage.pair_splits(data), tasks.RewardSet()))}"
+    cfg = stage.make_config({"model": str(model), "data": label, **keys})
+    folder = Path(out)
+    resume, complete = runs.prepare_run(folder, cfg, overwrite)
+    if complete:
+        return {"reward_model": str(folder / stage.OUTPUT), "already_complete": True,
+                **_read_json(folder / "final_eval.json")}
+    summary = stage.train(cfg, folder, None if _is_name(data) else data, progress=progress, resume=resume)
+    return {"reward_model": str(folder / stage.OUTPUT), **summary}
+
+
+def pairs(task: Any, out: Union[str, os.PathLike], *, model: Any = "smollm2-135m", samples: int = 4,
+          min_gap: float = 0.3, split: str = "train", data: Any = None, rewards: Any = None, **keys) -> dict:
+    """Preference pairs from a task with a rule reward: `samples` completions per prompt of
+    `split`, the i-th best against the i-th worst where their rewards differ by min_gap or more,
+    written to `out` (JSONL). What was written."""
+    from .stages.pairs import build_pairs
+    if samples < 2:
+        raise UsageError(f"samples (--samples) must be 2 or more to make a pair; got {samples}")
+    if split not in ("train", *SPLITS):
+        raise UsageError(f"split (--split) must be train, validation or test; got {split!r}")
+    cfg = _resolve(task=task, model=model, data=data, rewards=rewards, require_named=False, **keys)
+    return build_pairs(cfg, Path(out), samples, float(min_gap), split)

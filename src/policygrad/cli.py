@@ -73,6 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("run", help="run folder of a language-model run")
     merge.add_argument("--out", required=True, help="new folder to write")
     merge.add_argument("--checkpoint", default="latest", help="latest, best or a name like update-000040")
+    rm = sub.add_parser("rm", help="train a reward model on preference pairs (Bradley-Terry); a reward as "
+                                   "rm:OUT/reward-model")
+    rm.add_argument("--data", required=True, help="pairs file (JSONL, CSV or Parquet): prompt, chosen, rejected[, margin]")
+    rm.add_argument("--model", default="smollm2-135m", help="base model: a local Hugging Face folder or smollm2-135m")
+    rm.add_argument("--out", required=True, help="run folder; the same command again resumes it")
+    rm.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    rm.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    rm.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="epochs, batch_size, lr, max_grad_norm, max_length, seed, checkpoint_every, device")
+    pairs = sub.add_parser("pairs", help="preference pairs from a task with a rule reward, for `policygrad rm`")
+    pairs.add_argument("--task", required=True, help="a built-in task or a task YAML")
+    pairs.add_argument("--model", default="smollm2-135m", help="the model that samples the completions")
+    pairs.add_argument("--samples", type=int, default=4, help="completions per prompt")
+    pairs.add_argument("--min-gap", type=float, default=0.3, help="least reward difference of a kept pair")
+    pairs.add_argument("--split", default="train", help="the task's split whose prompts are used")
+    pairs.add_argument("--out", required=True, help="pairs file to write (JSONL)")
+    pairs.add_argument("overrides", nargs="*", metavar="key=value", help="config keys (seed, max_new_tokens, ...)")
     sub.add_parser("tasks", help="list the built-in text tasks and rewards")
     plot = sub.add_parser("plot", help="learning curves of one or more runs (seeds of a run: mean and min-max band)")
     plot.add_argument("runs", nargs="+", help="run folders")
@@ -184,6 +201,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rm(args: argparse.Namespace) -> int:
+    summary = api.reward_model(args.data, out=args.out, model=args.model, overwrite=args.overwrite,
+                               progress=not args.no_progress, **config_mod.parse_overrides(args.overrides))
+    print(format_table(summary), file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    print(json.dumps(api.pairs(args.task, args.out, model=args.model, samples=args.samples, min_gap=args.min_gap,
+                               split=args.split, **config_mod.parse_overrides(args.overrides))))
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from .lm.rewards import BUILTIN
     from .lm.tasks import BUILTIN_DESCRIPTIONS
@@ -213,17 +244,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may stand between options; argparse alone would stop at the first one.
     args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "train"]
-    if stray and args.command == "train" and not stray[0].startswith("-"):
+    takes_keys = args.command in ("train", "rm", "pairs")
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not takes_keys]
+    if stray and takes_keys and not stray[0].startswith("-"):
         parser.error(f"config overrides are key=value; got '{stray[0]}'")
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if args.command == "train":
+    if takes_keys:
         args.overrides = [*args.overrides, *extra]
+    if args.command == "train":
         from .launch import without_nproc
         args.argv_without_nproc = without_nproc(list(sys.argv[1:] if argv is None else argv))
     commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "tasks": cmd_tasks,
-                "plot": cmd_plot, "serve-reward": cmd_serve_reward, "merge": cmd_merge}
+                "plot": cmd_plot, "serve-reward": cmd_serve_reward, "merge": cmd_merge, "rm": cmd_rm,
+                "pairs": cmd_pairs}
     from . import dist
     from .trainer import TrainingError
     rank = dist.launched().rank

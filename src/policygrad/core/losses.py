@@ -125,3 +125,15 @@ def gaussian_kl(mean_p: torch.Tensor, log_std_p: torch.Tensor, mean_q: torch.Ten
     var_ratio = torch.exp(2.0 * (log_std_p - log_std_q))                # (..., D)
     mean_term = ((mean_p - mean_q) * torch.exp(-log_std_q)) ** 2        # (..., D)
     return 0.5 * (var_ratio + mean_term - 1.0 - torch.log(var_ratio)).sum(-1)
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, dict]:
+    """A reward model's loss on preference pairs: -log sigmoid(r_chosen - r_rejected - margin), the
+    Bradley-Terry likelihood of the preferred answer (Ouyang et al. 2022, eq. 1; the margin as in
+    Llama 2, Touvron et al. 2023). All (P,)."""
+    gap = chosen - rejected                                                  # (P,)
+    shifted = gap - margin if margin is not None else gap                    # (P,)
+    loss = -torch.nn.functional.logsigmoid(shifted).mean()
+    return loss, {"rm/loss": loss.item(), "rm/accuracy": (gap > 0).float().mean().item(),
+                  "rm/gap_mean": gap.mean().item()}
