@@ -1,0 +1,52 @@
+"""A reward model learnt from a rule: pairs from positive-review on the default model, ranked by VADER
+(kept when the two scores differ by 0.3 or more), then `policygrad rm`; its pairwise accuracy on
+held-out prompts must reach 0.80. Prints one JSON line.
+
+Usage: .venv/bin/python benchmarks/reward_model.py [--samples 8] [--epochs 2] [--out runs/bench-rm]
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+THRESHOLD = 0.80
+
+
+def cpu_name() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+
+
+def policygrad(*args: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "policygrad", *args], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--out", default="runs/bench-rm")
+    args = parser.parse_args()
+    out = Path(args.out)
+    start = time.perf_counter()
+    made = policygrad("pairs", "--task", "positive-review", "--samples", str(args.samples), "--min-gap", "0.3",
+                      "--out", str(out / "pairs.jsonl"), "seed=1")
+    pairs_s = time.perf_counter() - start
+    start = time.perf_counter()
+    trained = policygrad("rm", "--data", str(out / "pairs.jsonl"), "--out", str(out / "rm"), "--overwrite",
+                         "--no-progress", f"epochs={args.epochs}", f"lr={args.lr}")
+    rows = [json.loads(line) for line in (out / "rm" / "metrics.jsonl").read_text().splitlines()]
+    print(json.dumps({"benchmark": "reward_model", "cpu": cpu_name(), "pairs": made["pairs"],
+                      "prompts": made["prompts"], "samples": args.samples,
+                      "validation_accuracy_per_epoch": [r["eval/accuracy"] for r in rows if "eval/accuracy" in r],
+                      "test_accuracy": trained["test_accuracy"], "test_pairs": trained["test_n"],
+                      "threshold": THRESHOLD, "passed": trained["test_accuracy"] >= THRESHOLD,
+                      "pairs_wall_s": pairs_s, "rm_wall_s": time.perf_counter() - start}))
+
+
+if __name__ == "__main__":
+    main()
