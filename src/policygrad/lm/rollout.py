@@ -139,14 +139,17 @@ class LMWorkload:
         self.sample_times: dict[str, float] = {}
 
     # --- rollouts ---
-    def sample(self, rows: list[dict], n: int, seed: int) -> tuple[Batch, list[str], np.ndarray]:
-        """n completions per row: the batch (with ref log-probs), completions and task rewards."""
+    def sample(self, rows: list[dict], n: int, seed: int, reference: bool = True
+               ) -> tuple[Batch, list[str], np.ndarray]:
+        """n completions per row: the batch (with ref log-probs unless reference=False: a caller
+        that only reads completions and rewards skips that pass), completions and task rewards."""
         texts = [self.policy.render(r) for r in rows for _ in range(n)]
         self._check_context(texts)
         with self.policy.gathered():
-            return self._sample(texts, rows, n, seed)
+            return self._sample(texts, rows, n, seed, reference)
 
-    def _sample(self, texts: list[str], rows: list[dict], n: int, seed: int) -> tuple[Batch, list[str], np.ndarray]:
+    def _sample(self, texts: list[str], rows: list[dict], n: int, seed: int, reference: bool = True
+                ) -> tuple[Batch, list[str], np.ndarray]:
         start = time.perf_counter()
         batch = self.policy.generate(texts, self.cfg, seed, samples_per_prompt=n)
         generated = time.perf_counter()
@@ -154,7 +157,8 @@ class LMWorkload:
         expanded = [r for r in rows for _ in range(n)]
         rewards = self.task.rewards([prompt_text(r) for r in expanded], completions, extras_of(expanded))
         scored = time.perf_counter()
-        ref = self.policy.reference_log_prob(batch) if self.policy.reference is not None else batch.log_prob
+        ref = self.policy.reference_log_prob(batch) if reference and self.policy.reference is not None \
+            else batch.log_prob
         # each phase on its own: sampling (under autocast with the old log-probs' pass), rewards, reference
         self.sample_times = {"time/generate_s": generated - start, "time/reward_s": scored - generated,
                              "time/reference_s": time.perf_counter() - scored}

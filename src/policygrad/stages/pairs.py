@@ -39,7 +39,7 @@ def build_pairs(cfg: Config, out: Path, samples: int, min_gap: float, split: str
     pairs, prompts_used = [], 0
     for start in range(0, len(rows), cfg.prompts_per_step):
         chunk = rows[start:start + cfg.prompts_per_step]
-        _, completions, rewards = work.sample(chunk, samples, seed=cfg.seed * 1_000_003 + start)
+        _, completions, rewards = work.sample(chunk, samples, seed=cfg.seed * 1_000_003 + start, reference=False)
         for i, row in enumerate(chunk):
             found = ranked_pairs(prompt_text(row), completions[i * samples:(i + 1) * samples],
                                  rewards[i * samples:(i + 1) * samples], min_gap)
