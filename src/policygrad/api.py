@@ -155,6 +155,7 @@ def _train(cfg: Config, folder: Path, model_object: Any, tokenizer: Any, overwri
     caller_group = dist.group_exists()  # the caller's own process group is left as it was
     ranks = dist.init(_device_type(cfg))
     started_group = ranks.world > 1 and not caller_group
+    finished = False
     try:
         resume, complete = dist.on_main(lambda: runs.prepare_run(folder, cfg, overwrite))
         if model_object is not None:
@@ -167,11 +168,13 @@ def _train(cfg: Config, folder: Path, model_object: Any, tokenizer: Any, overwri
             run = trainer.run(cfg, folder, progress=progress, resume=resume, callbacks=callbacks)
             work, final, summary = run.work, run.final, run.summary
             dist.agree(False)  # rank 0 has closed metrics.jsonl: every rank reads it whole
-        return TrainResult(cfg, _final(cfg, final, folder), _history(folder), folder if keep else None, summary,
-                           was_complete=complete, workload=work)
+        result = TrainResult(cfg, _final(cfg, final, folder), _history(folder), folder if keep else None, summary,
+                             was_complete=complete, workload=work)
+        finished = True
+        return result
     finally:
         if started_group:
-            dist.shutdown()  # a process group left to the interpreter's exit can abort it
+            dist.shutdown(together=finished)  # a process group left to the interpreter's exit can abort it
 
 
 def _device_type(cfg: Config) -> str:

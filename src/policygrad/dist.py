@@ -70,9 +70,14 @@ def group_exists() -> bool:
     return tdist.is_available() and tdist.is_initialized()
 
 
-def shutdown() -> None:
+def shutdown(together: bool = True) -> None:
+    """Leave the process group. `together` waits for every rank first: a rank that tears gloo down
+    while a peer still talks to it can abort that peer at exit ("terminate called without an active
+    exception"); after an error the peers may never come, so it is skipped."""
     global _ranks
     if tdist.is_available() and tdist.is_initialized():
+        if together:
+            tdist.barrier()
         tdist.destroy_process_group()
     _ranks = Ranks()
 
