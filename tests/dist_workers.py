@@ -26,6 +26,12 @@ CASES = {
     "lm-fsdp-reinforce": ("reinforce", {"shard": "fsdp", "micro_batch_size": 1, "share_prompts": False}),
     "lm-fsdp-ppo": ("ppo", {"shard": "fsdp", "use_value_head": True, "batch_size": 4, "n_epochs": 2,
                             "share_prompts": False}),
+    # the data loss (J_data): 5 rows of text per update, 3 on rank 0 and 2 on rank 1 (in micro-batches
+    # of 2: two passes against one; with FSDP the short rank adds a pass that weighs nothing)
+    "lm-reinforce-ptx": ("reinforce", {"micro_batch_size": 2, "ptx_coef": 0.5, "ptx_batch_size": 5}),
+    "lm-trpo-ptx": ("trpo", {"fvp_fraction": 0.5, "micro_batch_size": 2, "ptx_coef": 0.5, "ptx_batch_size": 5}),
+    "lm-fsdp-ppo-ptx": ("ppo", {"shard": "fsdp", "batch_size": 4, "n_epochs": 1, "share_prompts": False,
+                                "micro_batch_size": 2, "ptx_coef": 0.5, "ptx_batch_size": 5}),
     # control: rows are environments, minibatches are drawn from transitions
     "ctl-reinforce": ("reinforce", {}),
     "ctl-ppo": ("ppo", {"batch_size": 16, "n_epochs": 2}),
@@ -39,9 +45,19 @@ def case_config(name: str, lm_paths: tuple[str, str]):
     algo, extra = CASES[name]
     if name.startswith("lm-"):
         model, task = lm_paths
-        return config_mod.resolve({}, {**LM_OVERRIDES, **extra}, {"algo": algo, "task": task, "model": model})
+        ptx = {"ptx_data": str(write_ptx_data(Path(task).parent))} if "ptx_coef" in extra else {}
+        return config_mod.resolve({}, {**LM_OVERRIDES, **extra, **ptx}, {"algo": algo, "task": task, "model": model})
     return config_mod.resolve({}, {"num_envs": 4, "n_steps": 16, "normalize_obs": True, **extra},
                               {"algo": algo, "env": "CartPole-v1"})
+
+
+def write_ptx_data(folder: Path) -> Path:
+    """Text rows of different lengths for the data loss, beside the task."""
+    path = folder / "ptx.jsonl"
+    if not path.is_file():
+        path.write_text("".join(json.dumps({"text": "Once upon a time " * (1 + i % 4) + f"number {i}."}) + "\n"
+                                for i in range(12)))
+    return path
 
 
 def workload(cfg):
@@ -87,12 +103,14 @@ def block(batch: Batch, rank: int, world: int) -> Batch:
     return part if part.group is None else part.replace(group=part.group - part.group.min())
 
 
-def one_update(cfg, policy, batch: Batch) -> dict:
-    """Advantages (whitened with global moments), then one update of cfg.algo."""
+def one_update(cfg, work, batch: Batch) -> dict:
+    """Advantages (whitened with global moments), then one update of cfg.algo (with the workload's
+    data loss, if it has one)."""
     algo = ALGOS[cfg.algo]
-    opts = algo.make_optimizers(policy, cfg)
+    opts = algo.make_optimizers(work.policy, cfg)
     batch = advantages.compute(batch, cfg, reduce=dist.total)
-    return algo.update(policy, opts, batch, cfg, Progress(1.0, torch.Generator().manual_seed(cfg.seed + 1)))
+    return algo.update(work.policy, opts, batch, cfg,
+                       Progress(1.0, torch.Generator().manual_seed(cfg.seed + 1), data=work.data_term()))
 
 
 def weights(policy) -> dict[str, torch.Tensor]:
@@ -121,7 +139,7 @@ def equivalence_worker(rank: int, world: int, port: int, folder: str, lm_paths: 
         cfg = case_config(name, lm_paths)
         work = workload(cfg)
         batch = block(load_batch(folder / f"{name}.batch"), rank, world)
-        metrics = one_update(cfg, work.policy, batch if cfg.is_lm else in_float64(batch))
+        metrics = one_update(cfg, work, batch if cfg.is_lm else in_float64(batch))
         save_file(weights(work.policy), str(folder / f"{name}.rank{rank}.safetensors"))
         (folder / f"{name}.rank{rank}.json").write_text(json.dumps(metrics))
     dist.shutdown()

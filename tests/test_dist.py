@@ -44,7 +44,7 @@ def equivalence(tmp_path_factory, tiny_lm, task_file):
         w.save_batch(w.vary_lengths(batch) if cfg.is_lm else batch, folder / f"{name}.batch")
         before = w.weights(work.policy)
         whole = w.load_batch(folder / f"{name}.batch")
-        metrics = w.one_update(cfg, work.policy, whole if cfg.is_lm else w.in_float64(whole))
+        metrics = w.one_update(cfg, work, whole if cfg.is_lm else w.in_float64(whole))
         single[name] = (before, w.weights(work.policy), metrics)
     w.run_ranks(w.equivalence_worker, (str(folder), lm_paths))
     return folder, single
@@ -75,7 +75,7 @@ def test_update_split_over_two_ranks_equals_the_single_process_update(equivalenc
         assert close.all(), f"{name}: {k} differs by {(ranks[0][k] - after[k]).abs().max().item():.3g}"
     split = json.loads((folder / f"{name}.rank0.json").read_text())
     for key, value in metrics.items():
-        if key.startswith(("policy/", "value/", "trpo/", "kl/")):
+        if key.startswith(("policy/", "value/", "trpo/", "kl/", "ptx/")):
             assert split[key] == pytest.approx(value, rel=1e-3, abs=1e-5), f"{name}: metric {key}"
 
 

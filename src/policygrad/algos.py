@@ -51,6 +51,27 @@ class Progress:
     before_step: Callable[[], None] = lambda: None
     """Called before the parameters or optimiser state first change: the trainer waits there for
     a checkpoint still being written from them, so the write overlaps rollout and backward pass."""
+    data: Optional["DataTerm"] = None
+    """The update's data loss (ptx_coef > 0), or None."""
+
+
+@dataclass
+class DataTerm:
+    """J_data, InstructGPT's "PTX" mix: coef x the mean token NLL of a batch of real data, added to
+    the loss of every gradient step of an update (TRPO: to the surrogate whose natural-gradient
+    step it takes). `micro_batches` are this rank's part of the update's data batch (as many on
+    every rank); the mean is over all ranks' `tokens`."""
+    coef: float
+    micro_batches: list[Batch]
+    tokens: float
+    """Loss tokens of the global data batch."""
+    nll_sum: Callable[[Batch], torch.Tensor]
+    """() summed NLL of a micro-batch's loss tokens under the policy (lm/supervised.py)."""
+
+    def share(self, micro: Batch) -> torch.Tensor:
+        """() the micro-batch's part of the global mean NLL (summed over micro-batches and ranks,
+        the mean)."""
+        return self.nll_sum(micro) / self.tokens
 
 
 class WeightedMetrics:
@@ -101,7 +122,7 @@ def _global_valid(batch: Batch) -> torch.Tensor:
 
 
 def _accumulate(flats: list[FlatParameters], batch: Batch, loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]],
-                cfg, scaler: Optional[torch.amp.GradScaler]) -> tuple[dict, bool]:
+                cfg, scaler: Optional[torch.amp.GradScaler], data: Optional[DataTerm] = None) -> tuple[dict, bool]:
     """Backward passes over micro-batches of cfg.micro_batch_size rows, gradients summed over
     ranks: the global batch's mean metrics, and whether every rank's loss was finite.
 
@@ -121,6 +142,8 @@ def _accumulate(flats: list[FlatParameters], batch: Batch, loss_fn: Callable[[Ba
         finite = finite and bool(torch.isfinite(loss))
         (loss if scaler is None else scaler.scale(loss)).backward()
         weighted.add(metrics, float(weight))
+    if data is not None:
+        finite = _data_backward(data, weighted, 1.0 if alone else float(_global_valid(batch)), scaler) and finite
     local = {**weighted.sums, "update/nonfinite": 0.0 if finite else 1.0}
     if alone:
         return local, finite
@@ -135,16 +158,32 @@ def _accumulate(flats: list[FlatParameters], batch: Batch, loss_fn: Callable[[Ba
     return {**{k: v / valid for k, v in sums.items()}, "update/nonfinite": nonfinite}, nonfinite == 0.0
 
 
+def _data_backward(data: DataTerm, weighted: WeightedMetrics, scale: float,
+                   scaler: Optional[torch.amp.GradScaler]) -> bool:
+    """Backward passes of the data loss over its micro-batches; whether it was finite. Over ranks
+    `scale` is the global count of valid steps, which _accumulate divides every summed gradient
+    and metric by."""
+    finite = True
+    for micro in data.micro_batches:
+        nll = data.share(micro)                                           # ()
+        finite = finite and bool(torch.isfinite(nll))
+        loss = data.coef * scale * nll
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        weighted.add({"ptx/loss": float(nll.detach())}, scale)
+    return finite
+
+
 def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batch: Batch,
                    loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]], cfg,
-                   before_step: Callable[[], None], scaler: Optional[torch.amp.GradScaler] = None) -> dict:
+                   before_step: Callable[[], None], scaler: Optional[torch.amp.GradScaler] = None,
+                   data: Optional[DataTerm] = None) -> dict:
     """One optimiser step on loss_fn over `batch` (this rank's part of the global batch): the step
     equals that of one pass over the whole global batch in one process (see _accumulate). With a
     (float16) scaler the backward passes run on the scaled loss and the gradients are unscaled
     before clipping."""
     for flat in flats:
         flat.zero_grad()
-    metrics, finite = _accumulate(flats, batch, loss_fn, cfg, scaler)
+    metrics, finite = _accumulate(flats, batch, loss_fn, cfg, scaler, data)
     if scaler is not None:
         scaler.unscale_(opt)
     metrics["policy/grad_norm"] = clip_grad_norm_(flats, cfg.max_grad_norm)
@@ -200,7 +239,8 @@ def reinforce_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Prog
             metrics["value/loss"] = v_loss.item()
         return total, {**metrics, **kl_metrics, "policy/entropy": entropy_mean.item()}
 
-    return _gradient_step(opts.main, opts.main_params, batch, loss_fn, cfg, progress.before_step, opts.scaler)
+    return _gradient_step(opts.main, opts.main_params, batch, loss_fn, cfg, progress.before_step, opts.scaler,
+                          progress.data)
 
 
 # --- PPO ---------------------------------------------------------------------------------------
@@ -229,7 +269,7 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
     for _ in range(cfg.n_epochs):
         for mb in rows.minibatches(cfg.batch_size, progress.generator, dist.rank(), dist.world()):
             metrics = _gradient_step(opts.main, opts.main_params, mb, loss_fn, cfg, progress.before_step,
-                                     opts.scaler)
+                                     opts.scaler, progress.data)
             mean.add(metrics)
             if cfg.target_kl is not None and metrics["policy/approx_kl"] > 1.5 * cfg.target_kl:
                 stopped_early = 1.0
@@ -287,6 +327,15 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
 
     loss_pieces = [(w, lambda m=m, w=w: surrogate_of(policy.log_prob(m), m, weight=w)) for w, m in micros]
     kl_pieces = [(w, lambda m=m, old=old: policy.kl(m, old)) for (w, m), old in zip(fvp_micros, fvp_olds)]
+    data = progress.data
+    data_micros = [] if data is None else data.micro_batches
+    if data is not None:  # J_data joins the surrogate: weight 1, each piece already a share of the mean
+
+        def data_piece(m: Batch) -> torch.Tensor:
+            nll = data.share(m)
+            kl_metrics.add({"ptx/loss": float(nll.detach())}, 1.0)
+            return data.coef * nll
+        loss_pieces += [(1.0, lambda m=m: data_piece(m)) for m in data_micros]
 
     @torch.no_grad()
     def loss_and_kl() -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,6 +343,8 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
         for (w, m), old in zip(micros, olds):
             log_prob, kl_m = policy.log_prob_and_kl(m, old)              # one forward pass
             loss, kl = loss + w * surrogate_of(log_prob, m), kl + w * kl_m
+        for m in data_micros:
+            loss = loss + data.coef * data.share(m)
         return loss, kl
 
     progress.before_step()  # the line search below moves the parameters

@@ -155,6 +155,19 @@ class Config:
     """Language-model PPO/TRPO: learn a value head and use GAE instead of a critic-free baseline."""
     whiten_rewards: bool = False
     """Whiten the task rewards over each batch before the KL penalty is added."""
+    ptx_data: Optional[str] = None
+    """J_data: a file of real data (text, prompt/completion or chat rows) whose mean token NLL,
+    times ptx_coef, is added to every gradient step's loss (InstructGPT's "PTX" mix, which keeps
+    the model's language while RL moves it; TRPO: added to the surrogate it steps on)."""
+    ptx_coef: float = 0.0
+    """gamma, the weight of the data loss; 0: none."""
+    ptx_batch_size: int = 8
+    """Rows of ptx_data per update (taken in a shuffled order, epoch after epoch)."""
+    ptx_max_length: int = 256
+    """Tokens kept of each ptx_data row."""
+    reward_normalize: bool = False
+    """Normalise a learned reward model's scores (rm: rewards) with the mean and std of its rewards
+    on its training answers, saved beside it (reward_stats.json)."""
     micro_batch_size: int = 0
     """Completions per forward/backward pass; gradients accumulate over a minibatch (0: all at once)."""
     fvp_fraction: float = 1.0
@@ -280,10 +293,11 @@ POSITIVE = ("total_steps", "num_envs", "n_steps", "n_epochs", "batch_size", "cg_
             "line_search_steps", "value_epochs", "eval_episodes", "lr", "value_lr",
             "max_kl", "clip_eps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
             "temperature", "logprob_chunk", "eval_prompts", "kl_horizon", "keep_checkpoints", "lora_alpha",
-            "max_bad_updates", "reward_timeout", "kl_target", "clip_obs")
+            "max_bad_updates", "reward_timeout", "kl_target", "clip_obs", "ptx_batch_size",
+            "ptx_max_length")
 POSITIVE_WHEN_SET = ("clip_value_eps", "target_kl", "torch_threads")
 NON_NEGATIVE = ("seed", "eval_every", "checkpoint_every", "micro_batch_size", "top_k", "kl_coef", "ent_coef", "lora_r",
-                "vf_coef", "cg_damping", "max_grad_norm", "reward_retries")
+                "vf_coef", "cg_damping", "max_grad_norm", "reward_retries", "ptx_coef")
 UNIT_INTERVAL = ("gamma", "gae_lambda", "line_search_shrink", "top_p", "fvp_fraction", "lora_dropout")
 
 # Keys only one kind of run reads. Every key has a default, so only a key the user set (file,
@@ -292,7 +306,8 @@ LM_KEYS = ("model", "prompts_per_step", "samples_per_prompt", "max_new_tokens", 
            "top_k", "baseline", "kl_coef", "kl_estimator", "kl_in", "adaptive_kl", "kl_target", "kl_horizon",
            "use_value_head", "whiten_rewards", "micro_batch_size", "gradient_checkpointing", "share_prompts",
            "logprob_chunk", "eval_prompts", "reward_timeout", "reward_retries", "dtype", "lora_r", "lora_alpha",
-           "lora_dropout", "lora_target_modules", "adapter", "lora_reference")
+           "lora_dropout", "lora_target_modules", "adapter", "lora_reference", "ptx_data", "ptx_coef",
+           "ptx_batch_size", "ptx_max_length", "reward_normalize")
 LORA_SHAPE_KEYS = ("lora_alpha", "lora_dropout", "lora_target_modules")
 CONTROL_KEYS = ("env", "num_envs", "n_steps", "vectorization", "hidden_sizes", "activation", "log_std_init",
                 "ortho_init", "normalize_obs", "normalize_reward", "clip_obs", "eval_episodes", "stop_at_return")
@@ -342,6 +357,8 @@ IGNORED: list[tuple[tuple[str, ...], Check, str]] = [
     (("lora_reference",), lambda c: c.adapter is None,
      "lora_reference chooses between the starting adapter and the bare base model as the KL "
      "reference; without adapter=PATH the two are the same model: drop it, or give adapter=PATH"),
+    (("ptx_batch_size", "ptx_max_length"), lambda c: c.ptx_coef == 0,
+     "{key} shapes the data loss, which is off (ptx_coef=0): set ptx_coef > 0 with ptx_data, or drop {key}"),
     (("kl_target", "kl_horizon"), lambda c: not c.adaptive_kl,
      "{key} steers the adaptive KL controller, which is off: set adaptive_kl=true, or drop {key}"),
 ]
@@ -375,6 +392,12 @@ CONFLICTS: list[tuple[Check, str]] = [
     (lambda c: c.is_lm and c.algo == "trpo" and c.dtype == "float16",
      "dtype=float16 with TRPO: its natural-gradient step works on raw gradients and Fisher-vector "
      "products, which float16 underflows without a loss scale: use dtype=bfloat16 or float32"),
+    (lambda c: c.ptx_coef > 0 and not c.ptx_data,
+     "ptx_coef={ptx_coef} weighs a data loss, and no ptx_data names its data: set ptx_data=FILE "
+     "(text, prompt/completion or chat rows), or ptx_coef=0"),
+    (lambda c: bool(c.ptx_data) and c.ptx_coef == 0,
+     "ptx_data={ptx_data} is read only with a data loss, and ptx_coef is 0: set ptx_coef > 0 "
+     "(0.1 to 1 is a usual start), or drop ptx_data"),
     (lambda c: c.lora_target_modules is not None and len(c.lora_target_modules) == 0,
      "lora_target_modules=[] names no module: list module names such as [q_proj, v_proj], or null "
      "for every linear layer of attention and MLP"),

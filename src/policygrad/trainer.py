@@ -175,10 +175,11 @@ def run_update(cfg: Config, work, algo, opts: Optimizers, state: RunState, gener
     state.env_steps += cfg.rollout_size
     # 2. advantages and value targets
     batch = advantages.compute(batch, cfg, reduce=dist.total)
-    # 3. update the policy (and critic); a non-finite step is skipped, not taken. A checkpoint
-    #    still being written reads the weights and optimiser state: the first step waits for it.
-    metrics = algo.update(work.policy, opts, batch, cfg,
-                          Progress(remaining, generators["shuffle"], before_step=writer.wait))
+    # 3. update the policy (and critic), with the data loss if there is one; a non-finite step is
+    #    skipped, not taken. A checkpoint still being written reads the weights and optimiser
+    #    state: the first step waits for it.
+    progress = Progress(remaining, generators["shuffle"], before_step=writer.wait, data=work.data_term())
+    metrics = algo.update(work.policy, opts, batch, cfg, progress)
     metrics.update(work.after_update(batch, metrics))
     note_bad_update(state, metrics, cfg, out_dir)
     step_s = time.perf_counter() - step_start

@@ -227,6 +227,10 @@ class ControlWorkload:
         """Warnings for the user raised since the last call; control runs have none yet."""
         return []
 
+    def data_term(self) -> None:
+        """Control runs have no data loss (J_data is a language model's)."""
+        return None
+
     def stop_early(self) -> bool:
         """Decided on numbers every rank shares (collect's gathered returns): all ranks stop together."""
         return getattr(self, "_stop", False)

@@ -262,6 +262,14 @@ class LMPolicy(nn.Module):
     def log_prob(self, batch: Batch) -> torch.Tensor:
         return self._log_probs(self.model, batch, False)[1]
 
+    def data_log_prob(self, batch: Batch) -> torch.Tensor:
+        """(B, T) log-probabilities of given tokens (real data: SFT, the PTX loss) under the model
+        itself, at temperature 1 whatever the sampling temperature; 0 where mask is 0."""
+        hidden = self.hidden_states(self.model, batch)
+        log_prob, _ = chunked_log_probs(hidden, self.model.get_output_embeddings(), batch.actions, 1.0,
+                                        self.chunk, False, False)
+        return log_prob * batch.mask
+
     @torch.no_grad()
     def reference_log_prob(self, batch: Batch) -> torch.Tensor:
         with self.reference_switch():

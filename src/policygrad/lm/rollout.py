@@ -17,10 +17,10 @@ import torch
 from .. import config as config_mod
 from .. import dist
 from .. import placement as placement_mod
-from ..algos import ALGOS
+from ..algos import ALGOS, DataTerm
 from ..batch import Batch
 from ..core.losses import KL_ESTIMATORS
-from . import adapters, models, tasks
+from . import adapters, models, supervised, tasks
 from .tasks import prompt_text
 from .policy import build_policy
 
@@ -132,6 +132,8 @@ class LMWorkload:
             # torch's fused CPU attention kernels have no double backward; the eager path has
             self.policy.model.set_attn_implementation("eager")
         self.cursor = PromptCursor(len(self.task.rows("train")), seed)
+        self.ptx = self._ptx_examples() if cfg.ptx_coef > 0 else None
+        self.ptx_cursor = PromptCursor(len(self.ptx), seed) if self.ptx else None
         self.kl = KLController(cfg)
         self.moving_baseline = 0.0
         self.steps = 0
@@ -224,6 +226,31 @@ class LMWorkload:
             # every rank's tokens over this rank's generation time: ranks generate side by side
             "time/tokens_per_s": float(lengths.sum()) / max(generate_s, 1e-9)}
 
+    # --- the data loss (J_data) ---
+    def _ptx_examples(self) -> list[supervised.Example]:
+        rows = tasks.rows_of(self.cfg.ptx_data, "ptx_data", supervised.check_row)
+        return supervised.encode_rows(rows, self.policy.tokenizer, supervised.eos_of(self.policy),
+                                      self.cfg.ptx_max_length, f"ptx_data '{self.cfg.ptx_data}'")
+
+    def data_term(self) -> Optional[DataTerm]:
+        """This update's data loss (ptx_coef > 0): the next ptx_batch_size rows of the data's
+        shuffled order (the same on every rank), this rank's every world-th of them, in
+        micro-batches of micro_batch_size rows (as many on every rank when the weights are sharded)."""
+        if self.ptx is None:
+            return None
+        cfg = self.cfg
+        examples = [self.ptx[i] for i in self.ptx_cursor.take(cfg.ptx_batch_size)]
+        mine = examples[dist.rank()::dist.world()] or examples[:1]
+        size = cfg.micro_batch_size or len(mine)
+        pad, device = self.policy.tokenizer.pad_token_id, self.placement.device
+        micros = [supervised.collate(mine[s:s + size], pad, device) for s in range(0, len(mine), size)]
+        if not examples[dist.rank()::dist.world()]:  # more ranks than rows: this one's pass weighs nothing
+            micros = [m.stand_in() for m in micros]
+        if self.policy.sharded:
+            micros += [micros[0].stand_in()] * (dist.most(len(micros)) - len(micros))
+        tokens = float(sum(sum(e.loss) for e in examples))
+        return DataTerm(cfg.ptx_coef, micros, tokens, lambda b: supervised.nll_sum(self.policy, b))
+
     def after_update(self, batch: Batch, metrics: dict) -> dict:
         self.kl.update(float(self._last_kl.mean()), len(self._last_kl))
         self.moving_baseline = 0.9 * self.moving_baseline + 0.1 * float(self._last_scores.mean())
@@ -315,7 +342,8 @@ class LMWorkload:
         derive from it) and the no-signal window, so a resumed run samples exactly what the
         uninterrupted one would and warns no second time."""
         return {"cursor": self.cursor.state(), "kl_coef": self.kl.coef, "moving_baseline": self.moving_baseline,
-                "steps": self.steps, "flat_recent": self.signal_watch.recent, "flat_warned": self.signal_watch.warned}
+                "steps": self.steps, "flat_recent": self.signal_watch.recent, "flat_warned": self.signal_watch.warned,
+                **({"ptx_cursor": self.ptx_cursor.state()} if self.ptx_cursor else {})}
 
     def load_state(self, state: dict, update: int) -> None:
         cursor = state["cursor"]
@@ -325,5 +353,8 @@ class LMWorkload:
         self.steps = int(state["steps"])
         self.signal_watch.recent = [float(x) for x in state.get("flat_recent", [])]  # older runs lack it
         self.signal_watch.warned = bool(state.get("flat_warned", False))
+        if self.ptx_cursor is not None and "ptx_cursor" in state:
+            ptx = state["ptx_cursor"]
+            self.ptx_cursor = PromptCursor(len(self.ptx), self.init_seed, int(ptx["epoch"]), int(ptx["position"]))
 
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import gymnasium as gym
 import yaml
@@ -73,7 +73,7 @@ class Task:
 
 
 # --- reading data -----------------------------------------------------------------------------
-def _check_row(row: Any, where: str) -> dict:
+def _check_prompt_row(row: Any, where: str) -> dict:
     if not isinstance(row, dict):
         raise TaskError(f"{where}: expected an object with a 'prompt' field")
     if "prompt" not in row and "messages" not in row:
@@ -88,7 +88,10 @@ def _check_row(row: Any, where: str) -> dict:
     return row
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, check: Optional[Callable[[Any, str], dict]] = None) -> list[dict]:
+    """The rows of a JSONL, CSV or Parquet file, each passed through `check` (a task's prompt rows
+    by default)."""
+    _check_row = check or _check_prompt_row
     if not path.is_file():
         raise TaskError(f"data file '{path}' not found")
     suffix = path.suffix.lower()
@@ -126,7 +129,7 @@ def cut_splits(rows: list[dict], held_out: tuple[str, ...] = ("validation", "tes
     """80/10/10 (10% for each held-out split, the rest train) by a hash of each row's prompt:
     deterministic, and stable when rows are added."""
     def key(row: dict) -> str:
-        text = row.get("prompt") or json.dumps(row.get("messages"), sort_keys=True)
+        text = row.get("prompt") or json.dumps(row.get("messages") or row.get("text"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
     ordered = sorted(rows, key=key)
     n = len(ordered)
@@ -276,11 +279,12 @@ REGISTERED: dict[str, Task] = {}
 """Tasks built in Python, by the name a run's config records (`<base>@<fingerprint>`)."""
 
 
-def rows_of(data: Any, where: str) -> list[dict]:
+def rows_of(data: Any, where: str, check: Optional[Callable[[Any, str], dict]] = None) -> list[dict]:
     """Rows from a list of dicts, a `datasets.Dataset` or a pandas DataFrame (neither imported
-    here: `datasets` stays optional), or a data file's path."""
+    here: `datasets` stays optional), or a data file's path; each passed through `check`."""
+    _check_row = check or _check_prompt_row
     if isinstance(data, (str, os.PathLike)):
-        return read_rows(Path(data))
+        return read_rows(Path(data), _check_row)
     if callable(getattr(data, "to_list", None)):  # datasets.Dataset
         data = data.to_list()
     elif callable(getattr(data, "to_dict", None)) and hasattr(data, "columns"):  # pandas
@@ -293,17 +297,17 @@ def rows_of(data: Any, where: str) -> list[dict]:
     return [_check_row(row, f"{where}, row {n}") for n, row in enumerate(data, 1)]
 
 
-def splits_of(data: Any) -> dict[str, list[dict]]:
+def splits_of(data: Any, check: Optional[Callable[[Any, str], dict]] = None) -> dict[str, list[dict]]:
     """Train/validation/test rows from a mapping of splits (a datasets.DatasetDict, or a dict of
     lists or files), a missing validation or test split cut from train; or from one collection,
     cut 80/10/10 as a single data file is."""
     if not isinstance(data, Mapping):
-        return cut_splits(rows_of(data, "data"))
+        return cut_splits(rows_of(data, "data", check))
     unknown = sorted(set(data) - set(SPLITS))
     if unknown or "train" not in data:
         raise TaskError(f"data splits must be train (required), validation and test; got "
                         f"{', '.join(map(str, data)) or 'none'}")
-    given = {s: rows_of(data[s], f"data['{s}']") for s in SPLITS if s in data}
+    given = {s: rows_of(data[s], f"data['{s}']", check) for s in SPLITS if s in data}
     missing = tuple(s for s in ("validation", "test") if s not in given)
     return {**given, **cut_splits(given["train"], missing)} if missing else given
 
