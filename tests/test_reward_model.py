@@ -110,3 +110,40 @@ def test_a_reward_model_object_is_a_reward_and_a_bare_model_is_refused(scalar_rm
         RewardModel.load(f"rm:{scalar_rm}")(PROMPTS[:2], COMPLETIONS[:2]), abs=1e-6)
     with pytest.raises(policygrad.RewardError, match="wrap a sequence-classification model"):
         build(model)
+
+
+def test_reward_normalize_standardises_with_the_saved_statistics(tmp_path):
+    import json
+    path = make_classifier(tmp_path / "stats")
+    raw = RewardModel.load(f"rm:{path}")(PROMPTS, COMPLETIONS)
+    with pytest.raises(policygrad.RewardError, match="needs the mean and std"):
+        RewardModel.load(f"rm:{path}").normalize(True)
+    (path / "reward_stats.json").write_text(json.dumps({"mean": 0.25, "std": 2.0, "n": 10}))
+    rewards = policygrad.RewardSet([build(f"rm:{path}")])
+    rewards.configure(timeout=30, retries=0, normalize=True)
+    got = rewards(PROMPTS, COMPLETIONS, {})
+    assert got.tolist() == pytest.approx([(x - 0.25) / 2.0 for x in raw], abs=1e-6)
+    with pytest.raises(policygrad.RewardError, match="include none"):
+        policygrad.RewardSet([build("vader")]).configure(timeout=30, retries=0, normalize=True)
+
+
+def test_a_zero_weight_reward_is_watched_beside_the_one_trained_on(scalar_rm, tmp_path, tiny_lm):
+    """rm: as the only trained reward and VADER at weight 0: the run's reward is the proxy's, and the
+    gold rule's mean is logged beside it on every evaluation and training step."""
+    import json
+
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    rows = [{"prompt": f"Say something about item {i}."} for i in range(30)]
+    spec = f"rm:{scalar_rm}"
+    result = policygrad.train(algo="reinforce", model=str(tiny_lm), data=rows, rewards=[spec, ("vader", 0.0)],
+                              max_new_tokens=6, total_steps=2, prompts_per_step=2, samples_per_prompt=2,
+                              eval_every=1, eval_prompts=4, out=tmp_path / "watch", progress=False)
+    assert {f"eval/reward/{spec}", "eval/reward/vader", f"train/reward/{spec}", "train/reward/vader"} <= \
+        set(result.history[0])
+    assert result.history[0]["eval/reward_mean"] == pytest.approx(result.history[0][f"eval/reward/{spec}"])
+    analyzer = SentimentIntensityAnalyzer()
+    samples = result.final.samples
+    gold = [analyzer.polarity_scores(s["completion"])["compound"] for s in samples]
+    final = json.loads((tmp_path / "watch" / "final_eval.json").read_text())
+    assert final["test/reward/vader"] == pytest.approx(sum(gold) / len(gold))
+    assert final["test/reward_mean"] == pytest.approx(final[f"test/reward/{spec}"])

@@ -5,16 +5,20 @@ PATH is any folder `AutoModelForSequenceClassification` loads. Each completion i
 through its chat template when it has one: the policy's token ids mean other tokens in another
 vocabulary, a mistake that gives wrong rewards without any error. One scalar head (num_labels = 1,
 as a Bradley-Terry reward model has) gives its logit; a classifier's LABEL gives that label's
-probability. Scoring runs in batches, without gradients, on the run's device.
+probability. Scoring runs in batches, without gradients, on the run's device; with
+reward_normalize=true, scores are standardised with the statistics saved beside the model.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .rewards import RewardError
+
+STATS_FILE = "reward_stats.json"
 
 
 def scored_text(tokenizer, prompt: str, completion: str) -> str:
@@ -56,6 +60,9 @@ class RewardModel:
         # the classifier reads the last token that is not padding: it must know which id pads
         model.config.pad_token_id = tokenizer.pad_token_id
         self.index = _label_index(model.config, label, name)
+        self.stats: Optional[dict] = None
+        """Mean and std of its rewards on its training answers (reward_stats.json, from `policygrad rm`)."""
+        self.normalized = False
 
     @classmethod
     def load(cls, spec: str, base: Path = Path(".")) -> "RewardModel":
@@ -76,10 +83,22 @@ class RewardModel:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, KeyError) as e:
             raise RewardError(f"reward '{spec}' cannot be loaded: {str(e).splitlines()[0]}") from None
-        return cls(model, tokenizer, label or None, name=spec)
+        scorer = cls(model, tokenizer, label or None, name=spec)
+        if (path / STATS_FILE).is_file():
+            scorer.stats = json.loads((path / STATS_FILE).read_text())
+        return scorer
 
     def place(self, device: torch.device | str) -> None:
         self.model.to(device)
+
+    def normalize(self, on: bool) -> None:
+        """Score (reward - mean) / std with the saved statistics (reward_normalize=true), so that a
+        learned reward has the scale kl_coef and the other rewards' weights were set for."""
+        if on and not (self.stats and self.stats.get("std", 0) > 0):
+            raise RewardError(f"reward '{self.name}': reward_normalize=true needs the mean and std of its "
+                              f"rewards in {STATS_FILE} beside the model (`policygrad rm` writes it); set "
+                              "reward_normalize=false")
+        self.normalized = on
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
@@ -94,4 +113,9 @@ class RewardModel:
                 scores.append(logits[:, 0])
             else:
                 scores.append(torch.softmax(logits, -1)[:, self.index])
-        return torch.cat(scores).tolist() if scores else []
+        if not scores:
+            return []
+        values = torch.cat(scores)                                                   # (N,)
+        if self.normalized:
+            values = (values - self.stats["mean"]) / self.stats["std"]
+        return values.tolist()

@@ -344,17 +344,24 @@ class RewardSet:
     """Seconds one reward call may take; for a remote reward, each attempt of it."""
     retries: int = 3
     """Extra attempts a remote reward makes after a failed request (not after a 4xx answer)."""
+    parts: dict[str, np.ndarray] = field(default_factory=dict)
+    """The last call's values of each reward, by part_names (only with several rewards)."""
 
-    def configure(self, timeout: float, retries: int, device: Any = "cpu") -> None:
-        """device: where reward models score (the run's)."""
+    def configure(self, timeout: float, retries: int, device: Any = "cpu", normalize: bool = False) -> None:
+        """device: where reward models score (the run's); normalize: learned rewards standardised
+        with their saved statistics (reward_normalize)."""
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise RewardError(f"reward timeout must be a positive number of seconds, not {timeout!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise RewardError(f"reward retries must be a whole number >= 0, not {retries!r}")
         self.timeout, self.retries = float(timeout), retries
+        if normalize and not any(r.model is not None for r in self.rewards):
+            raise RewardError(f"reward_normalize=true standardises learned rewards (rm:PATH), and this task's "
+                              f"rewards ({', '.join(self.names)}) include none: drop reward_normalize")
         for r in self.rewards:
             if r.model is not None:
                 r.model.place(device)
+                r.model.normalize(normalize)
 
     def _values(self, r: WeightedReward, prompts: list[str], completions: list[str], extras: dict) -> list:
         if isinstance(r.fn, RemoteReward):
@@ -363,8 +370,11 @@ class RewardSet:
         return _in_thread(r, prompts, completions, extras, self.timeout)
 
     def __call__(self, prompts: list[str], completions: list[str], extras: dict[str, list]) -> np.ndarray:
-        """(B,) weighted sum of every reward; RewardError names a misbehaving one."""
+        """(B,) weighted sum of every reward; RewardError names a misbehaving one. With several
+        rewards, each one's own (unweighted) values are kept in `parts` for the metrics: a reward
+        of weight 0 is watched, not trained on (a gold rule beside a learned proxy)."""
         total = np.zeros(len(completions))
+        self.parts = {}
         for r in self.rewards:
             try:
                 values = self._values(r, list(prompts), list(completions), extras)
@@ -384,7 +394,15 @@ class RewardSet:
                 if not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise RewardError(f"reward '{r.name}' returned {value!r} for completion {completion[:60]!r}")
             total += r.weight * np.asarray(values, dtype=np.float64)
+            if len(self.rewards) > 1:
+                self.parts[self.part_names[len(self.parts)]] = np.asarray(values, dtype=np.float64)
         return total
+
+    @property
+    def part_names(self) -> list[str]:
+        """Each reward's metric name: its name, numbered when two share one."""
+        names = self.names
+        return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names, 1)]
 
     @property
     def names(self) -> list[str]:

@@ -126,7 +126,7 @@ class LMWorkload:
         self.task = tasks.load(cfg.task, set(config_mod.field_names()))
         self.placement = placement_mod.resolve(cfg)
         self.task.rewards.configure(timeout=cfg.reward_timeout, retries=cfg.reward_retries,
-                                    device=self.placement.device)
+                                    device=self.placement.device, normalize=cfg.reward_normalize)
         self.policy, self.adapted = build_policy(cfg, self.placement, seed, model_path)
         if ALGOS[cfg.algo].double_backward:
             # torch's fused CPU attention kernels have no double backward; the eager path has
@@ -158,6 +158,7 @@ class LMWorkload:
         completions = self.policy.decode(batch.actions, batch.mask)
         expanded = [r for r in rows for _ in range(n)]
         rewards = self.task.rewards([prompt_text(r) for r in expanded], completions, extras_of(expanded))
+        self.reward_parts = dict(self.task.rewards.parts)  # each reward's own values (several rewards)
         scored = time.perf_counter()
         ref = self.policy.reference_log_prob(batch) if reference and self.policy.reference is not None \
             else batch.log_prob
@@ -215,11 +216,13 @@ class LMWorkload:
                                batch.mask.sum(1)], 1)                             # (B, 3)
         scores, kls, lengths = torch.from_numpy(dist.gather_rows(per_row.float().cpu().numpy())).unbind(1)
         self._last_scores, self._last_kl = scores, kls                            # (B_global,) each
+        parts = {f"train/reward/{name}": float(dist.gather_rows(values).mean())
+                 for name, values in self.reward_parts.items()}
         flat_groups, flat_batch = no_signal(all_reward, cfg.samples_per_prompt)
         self._warnings.extend(filter(None, [self.signal_watch.add(flat_groups)]))
         return batch, {
             "train/reward_mean": float(all_reward.mean()), "train/reward_std": float(all_reward.std()),
-            "train/flat_group_share": flat_groups, "train/flat_batch": flat_batch,
+            **parts, "train/flat_group_share": flat_groups, "train/flat_batch": flat_batch,
             "kl/to_reference": float(kls.mean()), "kl/coef": self.kl.coef,
             "train/completion_length": float(lengths.mean()), **self.sample_times,
             "time/collect_s": time.perf_counter() - start,
@@ -280,11 +283,13 @@ class LMWorkload:
                 batch, completions, reward = self.sample(chunk, 1, seed=10_000_019 + start)
                 mine.append((start, reward.tolist(), kl_per_completion(batch).tolist(),
                              [{"prompt": prompt_text(r), "completion": c, "reward": float(x)}
-                              for r, c, x in zip(chunk, completions, reward)]))
+                              for r, c, x in zip(chunk, completions, reward)],
+                             {name: v.tolist() for name, v in self.reward_parts.items()}))
         chunks = sorted((c for part in dist.gather_objects(mine) for c in part), key=lambda c: c[0])
         rewards = [x for c in chunks for x in c[1]]
         kls = [x for c in chunks for x in c[2]]
         samples = [x for c in chunks for x in c[3]]
+        parts = {name: [x for c in chunks for x in c[4][name]] for name in (chunks[0][4] if chunks else {})}
         if out_dir is not None and dist.is_main():
             folder = out_dir / "samples"
             folder.mkdir(exist_ok=True)
@@ -294,6 +299,7 @@ class LMWorkload:
         prefix = "eval" if split == "validation" else split
         return {f"{prefix}/reward_mean": float(np.mean(rewards)), f"{prefix}/reward_std": float(np.std(rewards)),
                 f"{prefix}/kl_to_reference": float(np.mean(kls)), f"{prefix}/n": len(rewards),
+                **{f"{prefix}/reward/{name}": float(np.mean(v)) for name, v in parts.items()},
                 **({"samples": samples} if out_dir is None else {})}
 
     # --- what a checkpoint holds ---

@@ -27,7 +27,7 @@ from .. import checkpoint
 from ..config import ConfigError
 from ..core.losses import bradley_terry_loss
 from ..lm import models, tasks
-from ..lm.reward_model import scored_text
+from ..lm.reward_model import STATS_FILE, scored_text
 from ..log import RunLogger
 
 OUTPUT = "reward-model"
@@ -263,6 +263,6 @@ def write_output(out: Path, model, tokenizer, stats: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "reward_stats.json").write_text(json.dumps(stats, indent=1))
+    (tmp / STATS_FILE).write_text(json.dumps(stats, indent=1))
     shutil.rmtree(out / OUTPUT, ignore_errors=True)
     tmp.rename(out / OUTPUT)
