@@ -153,3 +153,15 @@ def test_seeds_with_no_common_x_are_a_plot_error(tmp_path):
     a = make_run(tmp_path, "ppo-seed1", control_rows([1.0, 2.0], every=100))
     b = make_run(tmp_path, "ppo-seed2", control_rows([1.0, 2.0], every=70))
     raises_one_line("group 'ppo' share no env_steps values", [a, b], "eval/return_mean", tmp_path / "c.png")
+
+
+def test_several_metrics_go_into_one_figure_a_line_per_run_and_metric(tmp_path):
+    """A learned proxy reward and the rule it learnt from, side by side; a run lacking one is
+    named with the metric it lacks."""
+    rows = [{"update": i, "step": i, "eval/reward/rm": 0.1 * i, "eval/reward/vader": 0.05 * i} for i in (1, 2, 3)]
+    proxy_only = [{"update": 1, "step": 1, "eval/reward/rm": 0.2}]
+    runs = [make_run(tmp_path, "rl", rows, task="t"), make_run(tmp_path, "other", proxy_only, task="t")]
+    summary = plot_runs(runs, ["eval/reward/rm", "eval/reward/vader"], tmp_path / "c.png", smooth=0.0)
+    assert summary["groups"] == {"rl: eval/reward/rm": 1, "rl: eval/reward/vader": 1, "other: eval/reward/rm": 1}
+    assert summary["points"] == 7 and summary["skipped"] == [f"{runs[1]} (eval/reward/vader)"]
+    assert (tmp_path / "c.png").read_bytes().startswith(PNG)

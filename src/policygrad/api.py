@@ -328,13 +328,15 @@ def merge(run: Union[str, os.PathLike], out: Union[str, os.PathLike], checkpoint
     return merge_run(Path(run), Path(out), checkpoint)
 
 
-def plot(runs_: Sequence[Union[str, os.PathLike]], metric: Optional[str] = None, out: Union[str, os.PathLike] = "curves.png",
-         smooth: float = 0.6, x: Optional[str] = None) -> dict:
+def plot(runs_: Sequence[Union[str, os.PathLike]], metric: Union[str, Sequence[str], None] = None,
+         out: Union[str, os.PathLike] = "curves.png", smooth: float = 0.6, x: Optional[str] = None) -> dict:
     """Learning curves of runs (seeds of one run: mean and min-max band) into an image; what was
-    plotted and which runs lack the metric. metric: by default the held-out curve of the first
-    run's kind."""
+    plotted and which runs lack the metric. metric: one or several (one figure); by default the
+    held-out curve of the first run's kind."""
     from .curves import plot_runs
     folders = [Path(r) for r in ([runs_] if _is_name(runs_) else runs_)]
+    if metric is not None and not isinstance(metric, str):
+        metric = list(metric)[0] if len(metric) == 1 else list(metric)
     if metric is None:
         first = folders[0] if folders else Path(".")
         is_lm = bool((runs.saved_config(first) if (first / "config.yaml").is_file() else {}).get("task"))

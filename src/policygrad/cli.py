@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("tasks", help="list the built-in text tasks and rewards")
     plot = sub.add_parser("plot", help="learning curves of one or more runs (seeds of a run: mean and min-max band)")
     plot.add_argument("runs", nargs="+", help="run folders")
-    plot.add_argument("--metric", default=None,
-                      help="metric to plot (default: eval/reward_mean for text tasks, eval/return_mean for control)")
+    plot.add_argument("--metric", default=None, action="append",
+                      help="metric to plot; repeat it for several in one figure (default: eval/reward_mean for "
+                           "text tasks, eval/return_mean for control)")
     plot.add_argument("--out", default="curves.png", help="image to write (.png, .pdf, .svg, .jpg)")
     plot.add_argument("--smooth", type=float, default=0.6, help="exponential smoothing weight in [0, 1)")
     plot.add_argument("--x", default=None, help="x-axis key (default: step for text tasks, env_steps for control)")
@@ -230,7 +231,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     summary = api.plot(args.runs, args.metric, args.out, args.smooth, args.x)
     for run in summary.get("skipped", []):
-        print(f"policygrad: note: run '{run}' has no '{summary['metric']}'; left out of the plot", file=sys.stderr)
+        what = summary["metric"] if isinstance(summary["metric"], str) else "that metric"
+        print(f"policygrad: note: run '{run}' has no '{what}'; left out of the plot", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 

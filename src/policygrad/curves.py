@@ -115,9 +115,13 @@ def save_atomic(fig, out: Path) -> None:
         raise
 
 
-def plot_runs(run_dirs: list[Path], metric: str, out: Path, smooth: float = 0.6, x: str | None = None) -> dict:
-    """Plot `metric` of each run (seed groups as mean + min-max band) into `out`; return a summary:
-    {"out", "groups": {name: n_runs}, "points": finite metric values read, "skipped": runs without it}."""
+def plot_runs(run_dirs: list[Path], metric: str | list[str], out: Path, smooth: float = 0.6,
+              x: str | None = None) -> dict:
+    """Plot `metric` of each run (seed groups as mean + min-max band) into `out`; several metrics
+    (a learned proxy reward and the rule it learnt from, say) go into one figure, a line per run
+    and metric. Return a summary: {"out", "groups": {name: n_runs}, "points": finite metric values
+    read, "skipped": runs without a metric}."""
+    metrics = [metric] if isinstance(metric, str) else list(metric)
     run_dirs, out = [Path(r) for r in run_dirs], Path(out)
     check_args(run_dirs, out, smooth)
     groups: dict[str, list] = {}
@@ -126,18 +130,21 @@ def plot_runs(run_dirs: list[Path], metric: str, out: Path, smooth: float = 0.6,
         rows = read_rows(run)
         seen.update(k for row in rows for k, v in row.items() if "/" in k and finite(v))
         key = x or default_x(run)
-        xs, ys = series(rows, key, metric)
-        if not xs:
-            skipped.append(str(run))
-            continue
-        x_keys.add(key)
-        points += len(xs)
-        groups.setdefault(group_name(run.resolve().name), []).append((xs, ema(ys, smooth)))
+        for name in metrics:
+            xs, ys = series(rows, key, name)
+            if not xs:
+                skipped.append(str(run) if len(metrics) == 1 else f"{run} ({name})")
+                continue
+            x_keys.add(key)
+            points += len(xs)
+            label = group_name(run.resolve().name) + (f": {name}" if len(metrics) > 1 else "")
+            groups.setdefault(label, []).append((xs, ema(ys, smooth)))
     if not groups:
         known = sorted(seen)
         listed = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
         where = f" with a finite '{x}'" if x else ""
-        raise PlotError(f"metric '{metric}' is in none of the runs{where}; metrics found: {listed or 'none'}")
+        raise PlotError(f"metric '{', '.join(metrics)}' is in none of the runs{where}; metrics found: "
+                        f"{listed or 'none'}")
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # a bare Figure on Agg: no pyplot, no global backend switch
@@ -156,7 +163,7 @@ def plot_runs(run_dirs: list[Path], metric: str, out: Path, smooth: float = 0.6,
         line, = ax.plot(bx, mean, label=f"{name} (mean of {len(curves)}, min-max)",
                         marker="o" if len(bx) == 1 else None)
         ax.fill_between(bx, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set(title=metric, xlabel=" / ".join(sorted(x_keys)), ylabel=metric)
+    ax.set(title=", ".join(metrics), xlabel=" / ".join(sorted(x_keys)), ylabel=" / ".join(metrics))
     ax.grid(alpha=0.3)
     ax.legend()
     save_atomic(fig, out)
