@@ -221,3 +221,4 @@ def test_bad_data_loss_settings_are_one_line_errors(tmp_path, tiny_lm, task_file
         assert cli.main([*base, "--out", str(tmp_path / f"run{i}"), *extra]) == 2, extra
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+

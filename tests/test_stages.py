@@ -121,3 +121,16 @@ def test_pairs_that_cannot_be_used_are_one_line_errors(rows, words, tmp_path, ca
     assert main(["rm", "--data", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_task_file_extends_a_built_in_task_with_its_own_rewards(tmp_path):
+    from policygrad.lm import tasks
+    path = tmp_path / "watched.yaml"
+    path.write_text("extends: positive-review\nrewards:\n  - {reward: vader, weight: 0}\n  - chrf\nkl_coef: 0.2\n")
+    task = tasks.from_yaml(path, {"kl_coef", "reward_normalize"})
+    parent = tasks.builtin("positive-review")
+    assert task.splits == parent.splits and task.rewards.names == ["vader", "chrf"]
+    assert task.defaults == {**parent.defaults, "kl_coef": 0.2}
+    path.write_text("extends: nowhere\nrewards: [vader]\n")
+    with pytest.raises(policygrad.TaskError, match="not a built-in task"):
+        tasks.from_yaml(path, set())

@@ -193,7 +193,9 @@ def from_yaml(path: Path, config_keys: set[str]) -> Task:
     if not isinstance(spec, dict):
         raise TaskError(f"task file '{path}' must be a mapping with 'data' and 'rewards'")
     base = path.parent
-    data, reward_specs = spec.pop("data", None), spec.pop("rewards", None)
+    data, reward_specs, parent = spec.pop("data", None), spec.pop("rewards", None), spec.pop("extends", None)
+    if parent is not None:
+        return _extended(path, parent, data, reward_specs, spec, config_keys)
     if data is None:
         raise TaskError(f"task file '{path}' has no 'data' (a file, or train/validation/test files)")
     if isinstance(data, str):
@@ -209,6 +211,24 @@ def from_yaml(path: Path, config_keys: set[str]) -> Task:
     if unknown:
         raise TaskError(f"task file '{path}': unknown key '{unknown[0]}' (data, rewards, or any config key)")
     return Task(path.stem, splits, rewards, spec)
+
+
+def _extended(path: Path, parent: Any, data: Any, reward_specs: Any, spec: dict, config_keys: set[str]) -> Task:
+    """`extends: NAME`: a built-in task's prompts and defaults with this file's own rewards (a
+    learned reward model on positive-review's prompts, say) and keys."""
+    if parent not in BUILTIN_DESCRIPTIONS:
+        raise TaskError(f"task file '{path}': extends '{parent}' is not a built-in task "
+                        f"({', '.join(BUILTIN_DESCRIPTIONS)})")
+    if data is not None:
+        raise TaskError(f"task file '{path}': a task that extends '{parent}' takes its data; drop 'data'")
+    if not reward_specs or not isinstance(reward_specs, list):
+        raise TaskError(f"task file '{path}' needs 'rewards': a list of reward names or {{reward, weight}}")
+    unknown = sorted(set(spec) - config_keys)
+    if unknown:
+        raise TaskError(f"task file '{path}': unknown key '{unknown[0]}' (extends, rewards, or any config key)")
+    inherited = builtin(parent)
+    return Task(path.stem, inherited.splits, RewardSet([build(r, path.parent) for r in reward_specs]),
+                {**inherited.defaults, **spec})
 
 
 # --- tasks and Gymnasium environments --------------------------------------------------------
