@@ -18,18 +18,22 @@ class LMEvaluation:
     kl_to_reference: float
     """Mean over completions of the summed per-token log-ratio to the reference (nats)."""
     n: int
+    rewards: dict[str, float] = field(default_factory=dict)
+    """With several rewards, each one's own mean (unweighted; a weight-0 reward is watched here)."""
     samples: list[dict] = field(default_factory=list, repr=False)
     """prompt, completion and reward of each held-out prompt."""
 
     @classmethod
     def from_metrics(cls, metrics: dict, split: str, samples: Optional[list] = None) -> "LMEvaluation":
         prefix = "eval" if split == "validation" else split
+        parts = {k[len(prefix) + len("/reward/"):]: v for k, v in metrics.items()
+                 if k.startswith(f"{prefix}/reward/")}
         return cls(split, metrics[f"{prefix}/reward_mean"], metrics[f"{prefix}/reward_std"],
-                   metrics[f"{prefix}/kl_to_reference"], metrics[f"{prefix}/n"],
+                   metrics[f"{prefix}/kl_to_reference"], metrics[f"{prefix}/n"], parts,
                    samples if samples is not None else metrics.get("samples", []))
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "samples"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "samples" and (k != "rewards" or v)}
 
 
 @dataclass

@@ -1,0 +1,86 @@
+"""RL on a learned reward: REINFORCE on positive-review's prompts with only the reward model that
+`benchmarks/reward_model.py` learnt from VADER (`rm:`, normalised with its saved statistics) as
+the reward; VADER, the rule (gold), is watched at weight 0. Within 40 steps the *rule's* test
+reward must rise by 0.2 or more with KL below 5 nats; the run goes on to 80 steps to see whether
+the proxy is over-optimised (Gao et al., 2022): the proxy still rising while the gold falls.
+
+Test rewards (proxy and gold) are measured at the base model and at the checkpoints of steps 20,
+40, 60 and 80; validation curves of both go into one figure (`policygrad plot`, two metrics).
+Prints one JSON line.
+
+Usage: .venv/bin/python benchmarks/learned_reward.py [--rm runs/bench-rm/rm/reward-model] [--steps 80]
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+THRESHOLD_GAIN, KL_LIMIT, AT_STEP = 0.2, 5.0, 40
+
+
+def cpu_name() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+
+
+def policygrad(*args: str) -> dict:
+    """Run a policygrad command; the JSON line it prints last (train prints a table: {})."""
+    done = subprocess.run([sys.executable, "-m", "policygrad", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"policygrad {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    last = (done.stdout.strip().splitlines() or ["{}"])[-1]
+    return json.loads(last) if last.startswith("{") else {}
+
+
+def test_point(result: dict, proxy: str) -> dict:
+    return {"proxy": result["rewards"][proxy], "gold": result["rewards"]["vader"],
+            "kl": result["kl_to_reference"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rm", default="runs/bench-rm/rm/reward-model")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", default="runs/bench-learned-reward")
+    args = parser.parse_args()
+    out, rm = Path(args.out), Path(args.rm).resolve()
+    if not (rm / "config.json").is_file():
+        sys.exit(f"no reward model at {rm}: run benchmarks/reward_model.py first")
+    out.mkdir(parents=True, exist_ok=True)
+    proxy = f"rm:{rm}"
+    task = out / "positive-review-rm.yaml"
+    task.write_text(f"extends: positive-review\nrewards:\n  - {proxy}\n  - {{reward: vader, weight: 0}}\n"
+                    "reward_normalize: true\n")
+    start = time.perf_counter()
+    policygrad("train", "--algo", "reinforce", "--task", str(task), "--model", args.model, "--out", str(out / "run"),
+               "--steps",
+               str(args.steps), "--seed", "1", "--overwrite", "--no-progress", "checkpoint_every=20",
+               "keep_checkpoints=5")
+    train_s = time.perf_counter() - start
+    points = {0: test_point(policygrad("eval", "--task", str(task), "--model", args.model, "--split", "test"), proxy)}
+    for step in range(20, args.steps + 1, 20):
+        points[step] = test_point(policygrad("eval", str(out / "run"), "--checkpoint", f"update-{step:06d}",
+                                             "--split", "test"), proxy)
+    figure = out / "proxy-vs-gold.png"
+    policygrad("plot", str(out / "run"), "--metric", f"eval/reward/{proxy}", "--metric", "eval/reward/vader",
+               "--smooth", "0", "--out", str(figure))
+    at = points[min(AT_STEP, max(points))]
+    gain = at["gold"] - points[0]["gold"]
+    best_gold = max(points, key=lambda s: points[s]["gold"])
+    last = max(points)
+    over = points[last]["gold"] < points[best_gold]["gold"] and points[last]["proxy"] >= points[best_gold]["proxy"]
+    print(json.dumps({"benchmark": "learned_reward", "cpu": cpu_name(), "model": args.model, "steps": args.steps,
+                      "reward_model": str(rm),
+                      "test": {str(s): p for s, p in points.items()},
+                      f"gold_gain_at_{AT_STEP}": gain, f"kl_at_{AT_STEP}": at["kl"],
+                      "threshold_gain": THRESHOLD_GAIN, "kl_limit": KL_LIMIT,
+                      "passed": gain >= THRESHOLD_GAIN and at["kl"] < KL_LIMIT,
+                      "gold_best_step": best_gold, "proxy_over_optimised": over, "figure": str(figure),
+                      "train_wall_s": train_s, "wall_s": time.perf_counter() - start}))
+
+
+if __name__ == "__main__":
+    main()
