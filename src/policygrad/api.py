@@ -384,6 +384,53 @@ def reward_model(data: Any, *, out: Union[str, os.PathLike], model: Any = "smoll
     return {"reward_model": str(folder / stage.OUTPUT), **summary}
 
 
+def sft(data: Any = None, *, out: Union[str, os.PathLike], model: Any = "smollm2-135m", tokenizer: Any = None,
+        task: Any = None, best_of: int = 0, from_run: Union[str, os.PathLike, None] = None, overwrite: bool = False,
+        progress: bool = True, **keys) -> dict:
+    """Supervised fine-tuning on data (a file's path, rows, a Dataset or a dict of splits of
+    prompt/completion, messages or text rows), or best-of-N: `best_of` samples per training
+    prompt of `task`, the best by its reward kept and learnt. from_run: start from a trained run's
+    model and take its task. The model is written to out/model; the same call again resumes the
+    run in `out`. Returns the closing numbers."""
+    from .lm import models, supervised, tasks
+    from .stages import sft as stage
+    if out is None:
+        raise UsageError("sft needs out= (the folder its model is written to)")
+    if task is not None and not best_of:
+        raise UsageError("task (--task) is read only by best-of-N (--best-of N): drop it to fine-tune on data")
+    if from_run is not None:
+        model, task = _from_run(Path(from_run), task)
+    if (data is None) == (not best_of):
+        raise UsageError("sft needs either data (--data FILE) or best-of-N (--best-of N with --task or --from-run)")
+    folder = Path(out)
+    if not _is_name(model):  # a model object: kept in the run folder, named by its path
+        if not (folder / runs.BASE_MODEL / "config.json").is_file():
+            models.write_model(model, tokenizer, folder / runs.BASE_MODEL)
+        model = str((folder / runs.BASE_MODEL).resolve())
+    task_name = tasks.from_python(task) if task is not None else None
+    label = None if data is None else str(data) if _is_name(data) else \
+        f"rows@{tasks.fingerprint(tasks.Task('rows', tasks.splits_of(data, supervised.check_row), tasks.RewardSet()))}"
+    cfg = stage.make_config({"model": str(model), **({"data": label} if label else {}),
+                             **({"task": task_name, "best_of": best_of} if best_of else {}), **keys})
+    resume, complete = runs.prepare_run(folder, cfg, overwrite)
+    if complete:
+        return {"model": str(folder / stage.OUTPUT), "already_complete": True,
+                **_read_json(folder / "final_eval.json")}
+    return stage.train(cfg, folder, None if data is None or _is_name(data) else data, progress=progress,
+                       resume=resume)
+
+
+def _from_run(run: Path, task: Any) -> tuple[str, Any]:
+    """A trained run's final model folder and (unless given) its task."""
+    saved = runs.saved_config(run) if (run / "config.yaml").is_file() else {}
+    if not saved.get("task"):
+        raise UsageError(f"--from-run '{run}' is not a language-model run folder (no config.yaml with a task)")
+    if saved.get("lora_r") or saved.get("adapter"):
+        raise UsageError(f"--from-run '{run}' trained a LoRA adapter: merge it first (policygrad merge {run} "
+                         "--out MODEL), then sft --model MODEL --task TASK")
+    return str(checkpoint_mod.named(run, "latest").resolve() / "policy"), task if task is not None else saved["task"]
+
+
 def pairs(task: Any, out: Union[str, os.PathLike], *, model: Any = "smollm2-135m", samples: int = 4,
           min_gap: float = 0.3, split: str = "train", data: Any = None, rewards: Any = None, **keys) -> dict:
     """Preference pairs from a task with a rule reward: `samples` completions per prompt of

@@ -82,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     rm.add_argument("overrides", nargs="*", metavar="key=value",
                     help="epochs, batch_size, lr, max_grad_norm, max_length, seed, checkpoint_every, device")
+    sft = sub.add_parser("sft", help="supervised fine-tuning on prompt/completion, chat or text rows, or best-of-N "
+                                     "on a task's prompts; the model is written to OUT/model")
+    sft.add_argument("--data", help="rows file (JSONL, CSV or Parquet): prompt and completion, messages, or text")
+    sft.add_argument("--model", help="model to fine-tune: a local Hugging Face folder or smollm2-135m (the default)")
+    sft.add_argument("--task", help="best-of-N: the task whose training prompts are sampled and reward ranks them")
+    sft.add_argument("--best-of", type=int, default=0, metavar="N",
+                     help="best-of-N: N completions per training prompt, the best by the task's reward learnt")
+    sft.add_argument("--from-run", metavar="RUN", help="start from a trained run's model (and take its task)")
+    sft.add_argument("--out", required=True, help="run folder; the same command again resumes it")
+    sft.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    sft.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sft.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="epochs, batch_size, micro_batch_size, lr, max_length, seed, lora_r, lora_alpha, "
+                          "device, dtype, ...")
     pairs = sub.add_parser("pairs", help="preference pairs from a task with a rule reward, for `policygrad rm`")
     pairs.add_argument("--task", required=True, help="a built-in task or a task YAML")
     pairs.add_argument("--model", default="smollm2-135m", help="the model that samples the completions")
@@ -210,6 +224,17 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    if args.from_run is not None and args.model is not None:
+        raise UsageError("--from-run starts from that run's model: drop --model")
+    summary = api.sft(args.data, out=args.out, model=args.model or "smollm2-135m", task=args.task, best_of=args.best_of,
+                      from_run=args.from_run, overwrite=args.overwrite, progress=not args.no_progress,
+                      **config_mod.parse_overrides(args.overrides))
+    print(format_table(summary), file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_pairs(args: argparse.Namespace) -> int:
     print(json.dumps(api.pairs(args.task, args.out, model=args.model, samples=args.samples, min_gap=args.min_gap,
                                split=args.split, **config_mod.parse_overrides(args.overrides))))
@@ -258,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         from .launch import without_nproc
         args.argv_without_nproc = without_nproc(list(sys.argv[1:] if argv is None else argv))
     commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "tasks": cmd_tasks,
-                "plot": cmd_plot, "serve-reward": cmd_serve_reward, "merge": cmd_merge, "rm": cmd_rm,
+                "plot": cmd_plot, "serve-reward": cmd_serve_reward, "merge": cmd_merge, "rm": cmd_rm, "sft": cmd_sft,
                 "pairs": cmd_pairs}
     from . import dist
     from .trainer import TrainingError

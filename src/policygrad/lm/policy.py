@@ -323,14 +323,15 @@ class LMPolicy(nn.Module):
         return groups + ([(self.critic_parameters(), cfg.value_lr)] if self.value_head is not None else [])
 
 
-def build_policy(cfg, placement: Placement, seed: int, model_path=None
+def build_policy(cfg, placement: Placement, seed: int, model_path=None, with_reference: bool = True
                  ) -> tuple[LMPolicy, Optional[adapters.Adapted]]:
     """The policy and its KL reference (and, with LoRA, the adapter's handle). Full fine-tuning:
     float32 weights to train and a frozen copy of the starting model (in the compute dtype) as the
     reference; model_path, a trained checkpoint's policy/ folder, is loaded to train or evaluate
     further, the reference staying the base model. LoRA: the base model in the compute dtype with a
     float32 adapter (new, the adapter= folder's, or model_path's trained one); the reference is the
-    same model with the adapter off or the starting adapter switched in."""
+    same model with the adapter off or the starting adapter switched in. with_reference=False
+    (supervised fine-tuning): a full fine-tune has no frozen copy."""
     if cfg.uses_lora:
         base, tokenizer = models.load(cfg.model, placement.frozen_dtype, placement.device)
         cuda = [placement.device.index or 0] if placement.device.type == "cuda" else []
@@ -339,9 +340,9 @@ def build_policy(cfg, placement: Placement, seed: int, model_path=None
             adapted = adapters.attach(base, cfg, trained=model_path)
         reference = Reference(adapted.model, adapted.reference())
         return LMPolicy(adapted.model, tokenizer, cfg, placement=placement, reference=reference), adapted
-    if model_path is None:
-        model, tokenizer = models.load(cfg.model, placement.trainable_dtype, placement.device)
-        policy = LMPolicy(model, tokenizer, cfg, placement=placement)
+    if model_path is None or not with_reference:
+        model, tokenizer = models.load(str(model_path or cfg.model), placement.trainable_dtype, placement.device)
+        policy = LMPolicy(model, tokenizer, cfg, placement=placement, with_reference=with_reference)
     else:
         trained, tokenizer = models.load(str(model_path), placement.trainable_dtype, placement.device)
         base, _ = models.load(cfg.model, placement.frozen_dtype, placement.device)

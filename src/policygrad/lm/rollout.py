@@ -114,6 +114,44 @@ def kl_per_completion(batch: Batch) -> torch.Tensor:
     return ((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1)
 
 
+def policy_files(policy, adapted) -> dict[str, dict[str, torch.Tensor]]:
+    """The policy's weights as policy/model.safetensors, by reference (the caller waits for the
+    write before it next changes them); tied weights once, as save_pretrained stores them. With
+    LoRA, only the adapter: policy/adapter_model.safetensors (the base model is the config's)."""
+    if adapted is not None:
+        return {f"policy/{adapters.ADAPTER_WEIGHTS}": adapted.trainable_tensors()}
+    if policy.sharded:  # gathered whole onto rank 0 (every rank must call this)
+        weights = dist.full_state_dict(policy.model)
+        if getattr(policy.model.config, "tie_word_embeddings", False):
+            head = next(n for n, m in policy.model.named_modules() if m is policy.model.get_output_embeddings())
+            weights.pop(f"{head}.weight", None)
+        return {"policy/model.safetensors": weights}
+    seen, weights = set(), {}
+    for name, t in policy.model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            weights[name] = t.detach()
+    return {"policy/model.safetensors": weights}
+
+
+def write_policy_config(policy, adapted, base_model: str, folder: Path) -> None:
+    """Beside policy/model.safetensors: config, generation config and tokenizer, so that plain
+    transformers loads it: AutoModelForCausalLM.from_pretrained(folder / "policy") (with LoRA,
+    PeftModel.from_pretrained(base, folder / "policy"))."""
+    model, target = policy.model, folder / "policy"
+    target.mkdir(parents=True, exist_ok=True)
+    if adapted is not None:
+        adapted.write_config(target, str(models.resolve(base_model)))
+        policy.tokenizer.save_pretrained(target)
+        return
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(target)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(target)
+    policy.tokenizer.save_pretrained(target)
+
+
 class LMWorkload:
     headline = "train/reward_mean"
     eval_headline = "eval/reward_mean"
@@ -308,40 +346,10 @@ class LMWorkload:
         return {} if head is None else {f"value_head.{k}": v.detach().clone() for k, v in head.state_dict().items()}
 
     def model_files(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The policy's weights as policy/model.safetensors, by reference (the trainer waits for the
-        write before it next changes them); tied weights once, as save_pretrained stores them. With
-        LoRA, only the adapter: policy/adapter_model.safetensors (the base model is cfg.model)."""
-        if self.adapted is not None:
-            return {f"policy/{adapters.ADAPTER_WEIGHTS}": self.adapted.trainable_tensors()}
-        if self.policy.sharded:  # gathered whole onto rank 0 (every rank must call this)
-            weights = dist.full_state_dict(self.policy.model)
-            if getattr(self.policy.model.config, "tie_word_embeddings", False):
-                head = next(n for n, m in self.policy.model.named_modules()
-                            if m is self.policy.model.get_output_embeddings())
-                weights.pop(f"{head}.weight", None)
-            return {"policy/model.safetensors": weights}
-        seen, weights = set(), {}
-        for name, t in self.policy.model.state_dict().items():
-            key = (t.data_ptr(), tuple(t.shape))
-            if key not in seen:
-                seen.add(key)
-                weights[name] = t.detach()
-        return {"policy/model.safetensors": weights}
+        return policy_files(self.policy, self.adapted)
 
     def write_model_config(self, folder: Path) -> None:
-        """Beside policy/model.safetensors: config, generation config and tokenizer, so that plain
-        transformers loads it: AutoModelForCausalLM.from_pretrained(folder / "policy")."""
-        model, target = self.policy.model, folder / "policy"
-        target.mkdir(parents=True, exist_ok=True)
-        if self.adapted is not None:  # PeftModel.from_pretrained(base, folder / "policy") loads it
-            self.adapted.write_config(target, str(models.resolve(self.cfg.model)))
-            self.policy.tokenizer.save_pretrained(target)
-            return
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(target)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(target)
-        self.policy.tokenizer.save_pretrained(target)
+        write_policy_config(self.policy, self.adapted, self.cfg.model, folder)
 
     def state(self) -> dict:
         """JSON: the data cursor, KL controller, moving baseline, step count (the generation seeds

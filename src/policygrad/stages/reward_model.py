@@ -28,6 +28,7 @@ from ..config import ConfigError
 from ..core.losses import bradley_terry_loss
 from ..lm import models, tasks
 from ..lm.reward_model import STATS_FILE, scored_text
+from . import stage_config
 from ..log import RunLogger
 
 OUTPUT = "reward-model"
@@ -66,21 +67,7 @@ class RewardModelConfig:
 
 
 def make_config(values: dict) -> RewardModelConfig:
-    names = [f.name for f in dataclasses.fields(RewardModelConfig)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown rm key '{unknown[0]}'; valid keys: {', '.join(names)}")
-    hints = {f.name: f.type for f in dataclasses.fields(RewardModelConfig)}
-    cast = {}
-    for key, value in values.items():
-        kind = {"float": float, "int": int}.get(hints[key], str)
-        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{key} must be {hints[key]}; got {value!r}")
-        try:
-            cast[key] = kind(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be {hints[key]}; got {value!r}") from None
-    return RewardModelConfig(**cast).check()
+    return stage_config(RewardModelConfig, values, "rm")
 
 
 # --- data -------------------------------------------------------------------------------------
