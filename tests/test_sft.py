@@ -115,3 +115,18 @@ def test_bad_sft_input_is_one_line(args, words, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err, err
+
+
+def test_nll_reads_a_model_an_sft_run_and_a_training_run(trained, tiny_lm, task_file, tmp_path):
+    """policygrad.nll: the SFT run's held-out NLL is its test_nll (the same rows and loss tokens);
+    a model folder gives the NLL before; a training run's model is read at its checkpoint."""
+    from policygrad.lm import supervised, tasks
+    out, summary = trained
+    test_rows = tasks.splits_of(rows(), supervised.check_row)["test"]
+    assert policygrad.nll(out, test_rows, max_length=64) == pytest.approx(summary["test_nll"], rel=1e-5)
+    assert policygrad.nll(str(tiny_lm), test_rows, max_length=64) == pytest.approx(summary["test_nll_before"], rel=1e-5)
+    run = policygrad.train(algo="reinforce", task=str(task_file), model=str(tiny_lm), out=tmp_path / "rl",
+                           total_steps=1, prompts_per_step=2, samples_per_prompt=2, eval_every=0, lr=1e-2,
+                           progress=False)
+    moved = policygrad.nll(run, test_rows)
+    assert moved != policygrad.nll(str(tiny_lm), test_rows) and moved == policygrad.nll(tmp_path / "rl", test_rows)

@@ -10,8 +10,8 @@ cause is a PolicygradError, by its own type (ConfigError, TaskError, RewardError
 
 __version__ = "0.1.0"
 
-from .api import (evaluate, make_config, merge, pairs, plot, reward_model, sample, serve_reward,  # noqa: E402
-                  sft, train)
+from .api import (evaluate, make_config, merge, nll, pairs, plot, reward_model, sample,  # noqa: E402
+                  serve_reward, sft, train)
 from .checkpoint import CheckpointError  # noqa: E402
 from .config import Config, ConfigError  # noqa: E402
 from .control.rollout import EnvError  # noqa: E402
@@ -25,7 +25,7 @@ from .runs import UsageError  # noqa: E402
 from .trainer import Callback, TrainingError  # noqa: E402
 
 __all__ = ["train", "evaluate", "sample", "make_config", "merge", "plot", "serve_reward", "reward_model", "pairs",
-           "sft", "Config", "Task", "TaskEnv", "WeightedReward", "RewardSet", "RewardModel",
+           "sft", "nll", "Config", "Task", "TaskEnv", "WeightedReward", "RewardSet", "RewardModel",
            "TrainResult", "LMEvaluation", "ControlEvaluation", "Sample", "Callback", "PolicygradError",
            "ConfigError", "TaskError", "RewardError", "ModelError", "EnvError", "CheckpointError",
            "TrainingError", "UsageError"]

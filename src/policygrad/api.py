@@ -420,6 +420,36 @@ def sft(data: Any = None, *, out: Union[str, os.PathLike], model: Any = "smollm2
                        resume=resume)
 
 
+def nll(model: Any, data: Any, *, checkpoint: str = "latest", max_length: int = 512, batch_size: int = 8,
+        device: str = "auto") -> float:
+    """The mean token NLL of data (a file's path, rows or a Dataset of text, prompt/completion or
+    chat rows; loss on the tokens SFT learns) under a model: a folder or alias, a training run (a
+    folder or TrainResult, at `checkpoint`) or an SFT run folder (its model/)."""
+    from . import placement as placement_mod
+    from .lm import supervised, tasks
+    from .lm.policy import build_policy
+    if isinstance(model, TrainResult):
+        model = model.out if model.out is not None else model.policy
+    from .stages.sft import OUTPUT as SFT_OUTPUT
+    folder = Path(model) if _is_name(model) else None
+    if folder is not None and (folder / SFT_OUTPUT / "config.json").is_file():
+        folder = model = folder / SFT_OUTPUT  # an SFT run: its output model
+    if folder is not None and (folder / "checkpoints").is_dir():  # a training run
+        work, _ = trainer.load_workload(checkpoint_mod.named(folder, checkpoint), device=device)
+        policy = work.policy
+    else:
+        cfg = Config(task="nll", model=str(model) if folder is not None else "", device=device)
+        if folder is None:  # a transformers model object
+            from .lm.policy import LMPolicy
+            from transformers import AutoTokenizer
+            policy = LMPolicy(model, AutoTokenizer.from_pretrained(model.name_or_path), cfg, with_reference=False)
+        else:
+            policy, _ = build_policy(cfg, placement_mod.resolve(cfg), 0, with_reference=False)
+    rows = tasks.rows_of(data, "data", supervised.check_row)
+    examples = supervised.encode_rows(rows, policy.tokenizer, supervised.eos_of(policy), max_length, "data")
+    return supervised.mean_nll(policy, examples, batch_size)
+
+
 def _from_run(run: Path, task: Any) -> tuple[str, Any]:
     """A trained run's final model folder and (unless given) its task."""
     saved = runs.saved_config(run) if (run / "config.yaml").is_file() else {}
