@@ -414,8 +414,9 @@ def sft(data: Any = None, *, out: Union[str, os.PathLike], model: Any = "smollm2
                              **({"task": task_name, "best_of": best_of} if best_of else {}), **keys})
     resume, complete = runs.prepare_run(folder, cfg, overwrite)
     if complete:
+        sampled = _read_json(folder / f"best-of-{best_of}.json") if best_of else {}
         return {"model": str(folder / stage.OUTPUT), "already_complete": True,
-                **_read_json(folder / "final_eval.json")}
+                **{k.replace("/", "_"): v for k, v in _read_json(folder / "final_eval.json").items()}, **sampled}
     return stage.train(cfg, folder, None if data is None or _is_name(data) else data, progress=progress,
                        resume=resume)
 
