@@ -10,8 +10,8 @@ cause is a PolicygradError, by its own type (ConfigError, TaskError, RewardError
 
 __version__ = "0.1.0"
 
-from .api import (evaluate, make_config, merge, nll, pairs, plot, reward_model, sample,  # noqa: E402
-                  serve_reward, sft, train)
+from .api import evaluate, make_config, merge, plot, sample, serve_reward, train  # noqa: E402
+from .pipeline import nll, pairs, reward_model, sft  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
 from .config import Config, ConfigError  # noqa: E402
 from .control.rollout import EnvError  # noqa: E402

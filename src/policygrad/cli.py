@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__, api, checkpoint, runs
+from . import __version__, api, checkpoint, pipeline, runs
 from . import config as config_mod
 from .errors import PolicygradError
 from .log import format_table
@@ -217,8 +217,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    summary = api.reward_model(args.data, out=args.out, model=args.model, overwrite=args.overwrite,
-                               progress=not args.no_progress, **config_mod.parse_overrides(args.overrides))
+    summary = pipeline.reward_model(args.data, out=args.out, model=args.model, overwrite=args.overwrite,
+                                    progress=not args.no_progress, **config_mod.parse_overrides(args.overrides))
     print(format_table(summary), file=sys.stderr)
     print(json.dumps(summary))
     return 0
@@ -227,16 +227,16 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     if args.from_run is not None and args.model is not None:
         raise UsageError("--from-run starts from that run's model: drop --model")
-    summary = api.sft(args.data, out=args.out, model=args.model or "smollm2-135m", task=args.task, best_of=args.best_of,
-                      from_run=args.from_run, overwrite=args.overwrite, progress=not args.no_progress,
-                      **config_mod.parse_overrides(args.overrides))
+    summary = pipeline.sft(args.data, out=args.out, model=args.model or "smollm2-135m", task=args.task,
+                           best_of=args.best_of, from_run=args.from_run, overwrite=args.overwrite,
+                           progress=not args.no_progress, **config_mod.parse_overrides(args.overrides))
     print(format_table(summary), file=sys.stderr)
     print(json.dumps(summary))
     return 0
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    print(json.dumps(api.pairs(args.task, args.out, model=args.model, samples=args.samples, min_gap=args.min_gap,
+    print(json.dumps(pipeline.pairs(args.task, args.out, model=args.model, samples=args.samples, min_gap=args.min_gap,
                                split=args.split, **config_mod.parse_overrides(args.overrides))))
     return 0
 
