@@ -27,36 +27,32 @@ SUPERVISED = [{"prompt": "Name a colour.", "completion": "Blue."},
 
 
 def naive_nll(model, tokenizer, rows, chat: bool) -> float:
-    """The mean token NLL the obvious way: render each row whole, label only the learnt tokens
-    (found by rendering the prefix before each), transformers' own shifted cross-entropy."""
+    """The mean token NLL the obvious way: each row rendered whole in one string, the learnt
+    characters found by searching it (an assistant's reply through its end-of-turn marker),
+    tokens labelled by their character offsets, transformers' own shifted cross-entropy."""
+    eos = tokenizer.eos_token
     losses, counts = 0.0, 0
     for row in rows:
         if "text" in row:
-            pieces = [(row["text"][:1], False), (row["text"][1:], True)]
+            full, spans = row["text"], [(1, len(row["text"]))]
         elif "completion" in row:
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+            prefix = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
                                                    add_generation_prompt=True, tokenize=False) if chat else row["prompt"]
-            pieces = [(prompt, False), (row["completion"] + "<eos>", True)]
+            full = prefix + row["completion"] + eos
+            spans = [(len(prefix), len(full))]
         else:
-            pieces, done = [], ""
-            for i, m in enumerate(row["messages"]):
-                if m["role"] == "assistant":
-                    before = tokenizer.apply_chat_template(row["messages"][:i], add_generation_prompt=True,
-                                                           tokenize=False) if chat else None
-                    through = tokenizer.apply_chat_template(row["messages"][:i + 1], tokenize=False) if chat \
-                        else None
-                    if chat:
-                        pieces += [(before[len(done):], False), (through[len(before):], True)]
-                        done = through
-                    else:
-                        pieces += [(m["content"] + "\n<eos>", True)]
-                elif not chat:
-                    pieces += [(m["content"] + "\n", False)]
-        ids, labels = [], []
-        for text, learn in pieces:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += piece
-            labels += piece if learn else [-100] * len(piece)
+            full = tokenizer.apply_chat_template(row["messages"], tokenize=False) if chat else "".join(
+                m["content"] + "\n" + (eos if m["role"] == "assistant" else "") for m in row["messages"])
+            spans, at = [], 0
+            for m in row["messages"]:
+                at = full.index(m["content"], at)
+                if m["role"] == "assistant":  # the reply, (a newline without a template,) its marker
+                    end = full.index(eos, at) + len(eos)
+                    spans.append((at, end))
+                at += len(m["content"])
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        labels = [t if any(a <= start < b for a, b in spans) else -100 for t, (start, _) in zip(ids, enc["offset_mapping"])]
         logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
         target = torch.tensor(labels[1:])
         keep = target != -100

@@ -123,6 +123,10 @@ def test_reward_normalize_standardises_with_the_saved_statistics(tmp_path):
     rewards.configure(timeout=30, retries=0, normalize=True)
     got = rewards(PROMPTS, COMPLETIONS, {})
     assert got.tolist() == pytest.approx([(x - 0.25) / 2.0 for x in raw], abs=1e-6)
+    labelled = make_classifier(tmp_path / "three", num_labels=3)
+    (labelled / "reward_stats.json").write_text(json.dumps({"mean": 0.25, "std": 2.0, "n": 10}))
+    with pytest.raises(policygrad.RewardError, match="is a label's probability"):
+        RewardModel.load(f"rm:{labelled}#pos").normalize(True)
     with pytest.raises(policygrad.RewardError, match="include none"):
         policygrad.RewardSet([build("vader")]).configure(timeout=30, retries=0, normalize=True)
 

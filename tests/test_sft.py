@@ -103,6 +103,7 @@ def test_best_of_n_keeps_each_prompts_best_sample_and_learns_it(tmp_path, tiny_l
     ([], "needs either data"),
     (["--data", "{good}", "epochs=0"], "epochs must be positive"),
     (["--data", "{good}", "lora=4"], "unknown sft key 'lora'"),
+    (["--data", "{good}", "dtype=float16"], "dtype=float16 would need a loss scale"),
     (["--data", "{good}", "--task", "positive-review"], "best-of-N"),
     (["--from-run", "{good}", "--best-of", "2"], "is not a language-model run folder"),
 ])
@@ -130,3 +131,17 @@ def test_nll_reads_a_model_an_sft_run_and_a_training_run(trained, tiny_lm, task_
                            progress=False)
     moved = policygrad.nll(run, test_rows)
     assert moved != policygrad.nll(str(tiny_lm), test_rows) and moved == policygrad.nll(tmp_path / "rl", test_rows)
+
+
+def test_nll_of_a_lora_sft_run_and_of_a_model_object(tmp_path, tiny_lm):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from policygrad.lm import supervised, tasks
+    out = tmp_path / "lora"
+    summary = policygrad.sft(rows(), out=out, model=str(tiny_lm), progress=False, lora_r=4, **{**KEYS, "epochs": 1})
+    test_rows = tasks.splits_of(rows(), supervised.check_row)["test"]
+    assert policygrad.nll(out, test_rows, max_length=64) == pytest.approx(summary["test_nll"], rel=1e-5)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_lm), AutoTokenizer.from_pretrained(tiny_lm)
+    assert policygrad.nll(model, test_rows, tokenizer=tokenizer, max_length=64) == \
+        pytest.approx(summary["test_nll_before"], rel=1e-5)
+    with pytest.raises(policygrad.UsageError, match="needs tokenizer="):
+        policygrad.nll(model, test_rows)

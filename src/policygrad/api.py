@@ -336,6 +336,8 @@ def plot(runs_: Sequence[Union[str, os.PathLike]], metric: Union[str, Sequence[s
     from .curves import plot_runs
     folders = [Path(r) for r in ([runs_] if _is_name(runs_) else runs_)]
     if metric is not None and not isinstance(metric, str):
+        if not metric:
+            raise UsageError("metric is an empty list: name at least one metric, or None for the default")
         metric = list(metric)[0] if len(metric) == 1 else list(metric)
     if metric is None:
         first = folders[0] if folders else Path(".")

@@ -225,9 +225,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    if args.from_run is not None and args.model is not None:
-        raise UsageError("--from-run starts from that run's model: drop --model")
-    summary = pipeline.sft(args.data, out=args.out, model=args.model or "smollm2-135m", task=args.task,
+    summary = pipeline.sft(args.data, out=args.out, model=args.model, task=args.task,
                            best_of=args.best_of, from_run=args.from_run, overwrite=args.overwrite,
                            progress=not args.no_progress, **config_mod.parse_overrides(args.overrides))
     print(format_table(summary), file=sys.stderr)
@@ -256,8 +254,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     summary = api.plot(args.runs, args.metric, args.out, args.smooth, args.x)
     for run in summary.get("skipped", []):
-        what = summary["metric"] if isinstance(summary["metric"], str) else "that metric"
-        print(f"policygrad: note: run '{run}' has no '{what}'; left out of the plot", file=sys.stderr)
+        what = f" has no '{summary['metric']}'" if isinstance(summary["metric"], str) else " lacks that metric"
+        print(f"policygrad: note: run '{run}'{what}; left out of the plot", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 

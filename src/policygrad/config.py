@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -639,7 +640,10 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any], flags: dict[
     probe = apply(Config(), layered)  # find algo/env/task (and reject unknown keys) before defaults
     base = lm_defaults(probe.task, probe.algo, layered) if probe.task else preset(probe.env, probe.algo)
     cfg = apply(Config(), base)
-    return validate(apply(cfg, layered), user={key.replace("-", "_") for key in layered})
+    cfg = validate(apply(cfg, layered), user={key.replace("-", "_") for key in layered})
+    if cfg.ptx_data and os.path.isfile(cfg.ptx_data):  # a run (and its resume) finds it from any folder
+        cfg = dataclasses.replace(cfg, ptx_data=os.path.abspath(cfg.ptx_data))
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def reward_model(data: Any, *, out: Union[str, os.PathLike], model: Any = "smoll
     return {"reward_model": str(folder / stage.OUTPUT), **summary}
 
 
-def sft(data: Any = None, *, out: Union[str, os.PathLike], model: Any = "smollm2-135m", tokenizer: Any = None,
+def sft(data: Any = None, *, out: Union[str, os.PathLike], model: Any = None, tokenizer: Any = None,
         task: Any = None, best_of: int = 0, from_run: Union[str, os.PathLike, None] = None, overwrite: bool = False,
         progress: bool = True, **keys) -> dict:
     """Supervised fine-tuning on data (a file's path, rows, a Dataset or a dict of splits of
@@ -53,7 +53,10 @@ def sft(data: Any = None, *, out: Union[str, os.PathLike], model: Any = "smollm2
     if task is not None and not best_of:
         raise UsageError("task (--task) is read only by best-of-N (--best-of N): drop it to fine-tune on data")
     if from_run is not None:
+        if model is not None:
+            raise UsageError("from_run (--from-run) starts from that run's model: drop model (--model)")
         model, task = _from_run(Path(from_run), task)
+    model = "smollm2-135m" if model is None else model
     if (data is None) == (not best_of):
         raise UsageError("sft needs either data (--data FILE) or best-of-N (--best-of N with --task or --from-run)")
     folder = Path(out)
@@ -75,34 +78,43 @@ def sft(data: Any = None, *, out: Union[str, os.PathLike], model: Any = "smollm2
                        resume=resume)
 
 
-def nll(model: Any, data: Any, *, checkpoint: str = "latest", max_length: int = 512, batch_size: int = 8,
-        device: str = "auto") -> float:
+def nll(model: Any, data: Any, *, tokenizer: Any = None, checkpoint: str = "latest", max_length: int = 512,
+        batch_size: int = 8, device: str = "auto") -> float:
     """The mean token NLL of data (a file's path, rows or a Dataset of text, prompt/completion or
-    chat rows; loss on the tokens SFT learns) under a model: a folder or alias, a training run (a
-    folder or TrainResult, at `checkpoint`) or an SFT run folder (its model/)."""
-    from . import placement as placement_mod
+    chat rows; loss on the tokens SFT learns) under a model: a folder, an alias or a transformers
+    object (where it is), a training run (a folder or TrainResult, at `checkpoint`) or an SFT run
+    folder (its model/, an adapter with LoRA)."""
     from .lm import supervised, tasks
-    from .lm.policy import build_policy
-    if isinstance(model, TrainResult):
-        model = model.out if model.out is not None else model.policy
-    from .stages.sft import OUTPUT as SFT_OUTPUT
-    folder = Path(model) if _is_name(model) else None
-    if folder is not None and (folder / SFT_OUTPUT / "config.json").is_file():
-        folder = model = folder / SFT_OUTPUT  # an SFT run: its output model
-    if folder is not None and (folder / "checkpoints").is_dir():  # a training run
-        work, _ = trainer.load_workload(checkpoint_mod.named(folder, checkpoint), device=device)
-        policy = work.policy
-    else:
-        cfg = Config(task="nll", model=str(model) if folder is not None else "", device=device)
-        if folder is None:  # a transformers model object
-            from .lm.policy import LMPolicy
-            from transformers import AutoTokenizer
-            policy = LMPolicy(model, AutoTokenizer.from_pretrained(model.name_or_path), cfg, with_reference=False)
-        else:
-            policy, _ = build_policy(cfg, placement_mod.resolve(cfg), 0, with_reference=False)
+    policy = _scoring_policy(model, tokenizer, checkpoint, device)
     rows = tasks.rows_of(data, "data", supervised.check_row)
     examples = supervised.encode_rows(rows, policy.tokenizer, supervised.eos_of(policy), max_length, "data")
     return supervised.mean_nll(policy, examples, batch_size)
+
+
+def _scoring_policy(model: Any, tokenizer: Any, checkpoint: str, device: str):
+    """The policy class around `model` (no reference): what computes log-probabilities of data."""
+    import torch
+
+    from . import placement as placement_mod
+    from .lm.policy import LMPolicy, build_policy
+    from .stages import sft as sft_stage
+    if isinstance(model, TrainResult):
+        model, tokenizer = (model.out, None) if model.out is not None else (model.policy, model.tokenizer)
+    if not _is_name(model):  # an object: scored where it is
+        if tokenizer is None:
+            raise UsageError("nll of a model object needs tokenizer= (its tokenizer)")
+        where = placement_mod.Placement(next(model.parameters()).device, torch.float32)
+        return LMPolicy(model, tokenizer, Config(task="nll"), with_reference=False, placement=where)
+    folder = Path(model)
+    if (folder / sft_stage.OUTPUT).is_dir() and (folder / "config.yaml").is_file():  # an SFT run
+        saved = runs.saved_config(folder)
+        cfg = Config(task="nll", model=str(saved.get("model")), lora_r=int(saved.get("lora_r") or 0),
+                     lora_alpha=float(saved.get("lora_alpha") or 32.0), device=device)
+        return build_policy(cfg, placement_mod.resolve(cfg), 0, folder / sft_stage.OUTPUT, with_reference=False)[0]
+    if (folder / "checkpoints").is_dir():  # a training run
+        return trainer.load_workload(checkpoint_mod.named(folder, checkpoint), device=device)[0].policy
+    cfg = Config(task="nll", model=str(model), device=device)
+    return build_policy(cfg, placement_mod.resolve(cfg), 0, with_reference=False)[0]
 
 
 def _from_run(run: Path, task: Any) -> tuple[str, Any]:

@@ -52,6 +52,9 @@ def preflight(cfg) -> None:
         folder = models.resolve(cfg.model)
         if cfg.uses_lora:
             adapters.check(cfg, folder)
+        if cfg.ptx_coef > 0:  # its rows' columns (tokenising them waits for the first update)
+            from .lm import supervised, tasks
+            tasks.rows_of(cfg.ptx_data, "ptx_data", supervised.check_row)
     else:
         from .control.rollout import make_envs
         make_envs(cfg.env, 1).close()

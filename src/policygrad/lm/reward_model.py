@@ -94,6 +94,9 @@ class RewardModel:
     def normalize(self, on: bool) -> None:
         """Score (reward - mean) / std with the saved statistics (reward_normalize=true), so that a
         learned reward has the scale kl_coef and the other rewards' weights were set for."""
+        if on and self.index is not None:
+            raise RewardError(f"reward '{self.name}' is a label's probability; reward_normalize standardises a "
+                              "scalar reward model's logit: drop reward_normalize or use a scalar model")
         if on and not (self.stats and self.stats.get("std", 0) > 0):
             raise RewardError(f"reward '{self.name}': reward_normalize=true needs the mean and std of its "
                               f"rewards in {STATS_FILE} beside the model (`policygrad rm` writes it); set "

@@ -170,8 +170,11 @@ class LMWorkload:
             # torch's fused CPU attention kernels have no double backward; the eager path has
             self.policy.model.set_attn_implementation("eager")
         self.cursor = PromptCursor(len(self.task.rows("train")), seed)
-        self.ptx = self._ptx_examples() if cfg.ptx_coef > 0 else None
-        self.ptx_cursor = PromptCursor(len(self.ptx), seed) if self.ptx else None
+        # the data loss's rows load at the first update (evaluating or sampling a run never reads
+        # them); a resumed run's position waits there too
+        self.ptx: Optional[list[supervised.Example]] = None
+        self.ptx_cursor: Optional[PromptCursor] = None
+        self._ptx_position = {"epoch": 0, "position": 0}
         self.kl = KLController(cfg)
         self.moving_baseline = 0.0
         self.steps = 0
@@ -277,9 +280,13 @@ class LMWorkload:
         """This update's data loss (ptx_coef > 0): the next ptx_batch_size rows of the data's
         shuffled order (the same on every rank), this rank's every world-th of them, in
         micro-batches of micro_batch_size rows (as many on every rank when the weights are sharded)."""
-        if self.ptx is None:
-            return None
         cfg = self.cfg
+        if cfg.ptx_coef == 0:
+            return None
+        if self.ptx is None:
+            self.ptx = self._ptx_examples()
+            self.ptx_cursor = PromptCursor(len(self.ptx), self.init_seed, int(self._ptx_position["epoch"]),
+                                           int(self._ptx_position["position"]))
         examples = [self.ptx[i] for i in self.ptx_cursor.take(cfg.ptx_batch_size)]
         mine = examples[dist.rank()::dist.world()] or examples[:1]
         size = cfg.micro_batch_size or len(mine)
@@ -357,7 +364,8 @@ class LMWorkload:
         uninterrupted one would and warns no second time."""
         return {"cursor": self.cursor.state(), "kl_coef": self.kl.coef, "moving_baseline": self.moving_baseline,
                 "steps": self.steps, "flat_recent": self.signal_watch.recent, "flat_warned": self.signal_watch.warned,
-                **({"ptx_cursor": self.ptx_cursor.state()} if self.ptx_cursor else {})}
+                **({"ptx_cursor": self.ptx_cursor.state() if self.ptx_cursor else self._ptx_position}
+                   if self.cfg.ptx_coef > 0 else {})}
 
     def load_state(self, state: dict, update: int) -> None:
         cursor = state["cursor"]
@@ -367,8 +375,8 @@ class LMWorkload:
         self.steps = int(state["steps"])
         self.signal_watch.recent = [float(x) for x in state.get("flat_recent", [])]  # older runs lack it
         self.signal_watch.warned = bool(state.get("flat_warned", False))
-        if self.ptx_cursor is not None and "ptx_cursor" in state:
-            ptx = state["ptx_cursor"]
-            self.ptx_cursor = PromptCursor(len(self.ptx), self.init_seed, int(ptx["epoch"]), int(ptx["position"]))
+        if "ptx_cursor" in state:
+            self._ptx_position = dict(state["ptx_cursor"])
+            self.ptx = self.ptx_cursor = None  # reloaded at the next update, from that position
 
 

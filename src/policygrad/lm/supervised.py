@@ -61,12 +61,20 @@ def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    except Exception as e:  # jinja's own errors: roles that must alternate, a missing system turn
+        raise TaskError(f"the tokenizer's chat template refuses this chat ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
+
+
 def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     """The conversation's text in pieces, each marked whether it is an assistant's (loss).
 
     Each assistant piece is what the template adds for that message after the generation prompt:
     the reply and its end-of-turn marker, the tokens the model itself would sample."""
-    render = lambda ms, gen: tokenizer.apply_chat_template(ms, add_generation_prompt=gen, tokenize=False)
+    render = lambda ms, gen: _render(tokenizer, ms, gen)  # noqa: E731
     pieces, done = [], ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -93,8 +101,7 @@ def encode(row: dict, tokenizer, eos_id: int, max_length: int) -> Optional[Examp
         ids = _ids(tokenizer, row["text"], special=not template)
         context, target, loss = ids[:1], ids[1:], [1] * (len(ids) - 1)
     elif "completion" in row:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
-                                               add_generation_prompt=True, tokenize=False) if template \
+        prompt = _render(tokenizer, [{"role": "user", "content": row["prompt"]}], True) if template \
             else row["prompt"]
         context = _ids(tokenizer, prompt, special=not template)
         target = _ids(tokenizer, row["completion"]) + [eos_id]
@@ -106,8 +113,11 @@ def encode(row: dict, tokenizer, eos_id: int, max_length: int) -> Optional[Examp
             piece = _ids(tokenizer, text, special=not template and not ids)
             if learn and not template:
                 piece = piece + [eos_id]
+            # loss up to and including the end-of-turn id: what a template writes after it (a
+            # newline) the model never samples
+            stop = piece.index(eos_id) + 1 if learn and eos_id in piece else len(piece)
             ids += piece
-            marks += [int(learn)] * len(piece)
+            marks += [int(learn)] * stop + [0] * (len(piece) - stop)
         first = marks.index(1) if 1 in marks else len(ids)
         context, target, loss = ids[:max(first, 1)], ids[max(first, 1):], marks[max(first, 1):]
     context = context[-max(1, max_length // 2):] if len(context) >= max_length else context

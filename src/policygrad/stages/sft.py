@@ -46,8 +46,8 @@ class SFTConfig:
     model: str = "smollm2-135m"
     """Model to fine-tune: a local Hugging Face folder or an alias."""
     data: str = ""
-    """Rows: a JSONL, CSV or Parquet file of prompt/completion, messages or text rows (with
-    best_of: the file the chosen completions are written to, inside the run folder)."""
+    """Rows: a JSONL, CSV or Parquet file of prompt/completion, messages or text rows (rows given
+    from Python: their fingerprint; with best_of: empty, the rows are sampled)."""
     epochs: int = 2
     """Passes over the training rows."""
     batch_size: int = 8
@@ -69,7 +69,7 @@ class SFTConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N | mps."""
     dtype: str = "auto"
-    """Compute precision: auto | float32 | bfloat16 | float16 (weights and AdamW stay float32)."""
+    """Compute precision: auto | float32 | bfloat16 (weights and AdamW stay float32)."""
     lora_r: int = 0
     """Rank of LoRA adapters; 0: every weight is fine-tuned."""
     lora_alpha: float = 32.0
@@ -86,6 +86,9 @@ class SFTConfig:
         for key in ("micro_batch_size", "max_grad_norm", "lora_r", "seed"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0; got {getattr(self, key)}")
+        if self.dtype == "float16":
+            raise ConfigError("dtype=float16 would need a loss scale, which sft does not keep: use dtype=bfloat16 "
+                              "or float32")
         if self.best_of == 1 or self.best_of < 0:
             raise ConfigError(f"best_of must be 2 or more (0: plain SFT on data); got {self.best_of}")
         if self.best_of and not self.task:
@@ -120,8 +123,11 @@ def best_of_rows(cfg: SFTConfig) -> tuple[list[dict], dict]:
         for i, row in enumerate(chunk):
             own = rewards[i * n:(i + 1) * n]
             best = int(np.argmax(own))
-            chosen.append({"prompt": tasks.prompt_text(row), "completion": completions[i * n + best],
-                           "reward": float(own[best])})
+            reply = completions[i * n + best]
+            # a chat prompt keeps its whole conversation: the context the reply was sampled in
+            kept = {"messages": [*row["messages"], {"role": "assistant", "content": reply}]} if row.get("messages") \
+                else {"prompt": row["prompt"], "completion": reply}
+            chosen.append({**kept, "reward": float(own[best])})
             means.append(float(np.mean(own)))
     return chosen, {"prompts": len(rows), "sample_reward_mean": float(np.mean(means)),
                     "best_reward_mean": float(np.mean([r["reward"] for r in chosen]))}
@@ -216,12 +222,14 @@ def _epochs(cfg: SFTConfig, out: Path, policy, adapted, opt, params, data: dict,
             opt.zero_grad(set_to_none=True)
             nll, tokens = step_loss(policy, batch, cfg.micro_batch_size)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            opt.step()
+            finite = math.isfinite(nll) and math.isfinite(norm.item())
+            if finite:  # a non-finite step would poison the weights and AdamW's moments for good
+                opt.step()
             run["update"] += 1
             run["position"] += len(batch)
             row = {"update": run["update"], "step": run["update"], "epoch": epoch,
                    "time/elapsed_s": time.perf_counter() - start, "train/nll": nll, "train/tokens": tokens,
-                   "grad/norm": norm.item()}
+                   "grad/norm": norm.item(), "update/nonfinite": float(not finite)}
             if run["position"] >= len(train_rows):  # the epoch's end: held-out NLL
                 run["epoch"], run["position"] = epoch + 1, 0
                 row["eval/nll"] = supervised.mean_nll(policy, data["validation"], cfg.batch_size)
