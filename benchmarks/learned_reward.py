@@ -48,6 +48,7 @@ def main() -> None:
     # over samples is wider than VADER's [-1, 1]): a nat must cost more here
     parser.add_argument("--kl-coef", type=float, default=0.3)
     parser.add_argument("--out", default="runs/bench-learned-reward")
+    parser.add_argument("--reuse-run", action="store_true", help="evaluate an earlier complete run again")
     args = parser.parse_args()
     out, rm = Path(args.out), Path(args.rm).resolve()
     if not (rm / "config.json").is_file():
@@ -70,7 +71,7 @@ def main() -> None:
     figure = out / "proxy-vs-gold.png"
     policygrad("plot", str(out / "run"), "--metric", f"eval/reward/{proxy}", "--metric", "eval/reward/vader",
                "--smooth", "0", "--out", str(figure))
-    at = points[min(AT_STEP, max(points))]
+    at = points[AT_STEP] if AT_STEP in points else points[max(points)]
     gain = at["gold"] - points[0]["gold"]
     best_gold = max(points, key=lambda s: points[s]["gold"])
     last = max(points)
