@@ -39,6 +39,23 @@ def test_point(result: dict, proxy: str) -> dict:
             "kl": result["kl_to_reference"]}
 
 
+def plot_test(points: dict, path: Path) -> Path:
+    """The test split's proxy and gold rewards at each evaluated step, in one figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps = sorted(points)
+    ax.plot(steps, [points[s]["proxy"] for s in steps], marker="o", label="proxy: the learned reward (rm:, normalised)")
+    ax.plot(steps, [points[s]["gold"] for s in steps], marker="o", label="gold: the rule it learnt from (VADER)")
+    ax.set(title="RL on a learned reward: test split", xlabel="step", ylabel="test reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rm", default="runs/bench-rm/rm/reward-model")
@@ -68,6 +85,7 @@ def main() -> None:
     for step in range(20, args.steps + 1, 20):
         points[step] = test_point(policygrad("eval", str(out / "run"), "--checkpoint", f"update-{step:06d}",
                                              "--split", "test"), proxy)
+    test_figure = plot_test(points, out / "proxy-vs-gold-test.png")
     figure = out / "proxy-vs-gold.png"
     policygrad("plot", str(out / "run"), "--metric", f"eval/reward/{proxy}", "--metric", "eval/reward/vader",
                "--smooth", "0", "--out", str(figure))
@@ -84,6 +102,7 @@ def main() -> None:
                       "threshold_gain": THRESHOLD_GAIN, "kl_limit": KL_LIMIT,
                       "passed": gain >= THRESHOLD_GAIN and at["kl"] < KL_LIMIT,
                       "gold_best_step": best_gold, "proxy_over_optimised": over, "figure": str(figure),
+                      "test_figure": str(test_figure),
                       "train_wall_s": train_s, "wall_s": time.perf_counter() - start}))
 
 
