@@ -76,15 +76,18 @@ def main() -> None:
     task.write_text(f"extends: positive-review\nrewards:\n  - {proxy}\n  - {{reward: vader, weight: 0}}\n"
                     f"reward_normalize: true\nkl_coef: {args.kl_coef}\n")
     start = time.perf_counter()
-    policygrad("train", "--algo", "reinforce", "--task", str(task), "--model", args.model, "--out", str(out / "run"),
-               "--steps",
-               str(args.steps), "--seed", "1", "--overwrite", "--no-progress", "checkpoint_every=20",
-               "keep_checkpoints=5")
+    if not (args.reuse_run and (out / "run" / "final_eval.json").is_file()):
+        # a checkpoint every 10 steps (a new best validation result writes one too), all kept
+        policygrad("train", "--algo", "reinforce", "--task", str(task), "--model", args.model, "--out",
+                   str(out / "run"), "--steps", str(args.steps), "--seed", "1", "--overwrite", "--no-progress",
+                   "checkpoint_every=10", f"keep_checkpoints={args.steps // 10 + 1}")
     train_s = time.perf_counter() - start
     points = {0: test_point(policygrad("eval", "--task", str(task), "--model", args.model, "--split", "test"), proxy)}
-    for step in range(20, args.steps + 1, 20):
-        points[step] = test_point(policygrad("eval", str(out / "run"), "--checkpoint", f"update-{step:06d}",
-                                             "--split", "test"), proxy)
+    for folder in sorted((out / "run" / "checkpoints").glob("update-*")):
+        step = int(folder.name.split("-")[1])
+        if step % 20 == 0 or step == args.steps:  # the test split every 20 steps (those kept)
+            points[step] = test_point(policygrad("eval", str(out / "run"), "--checkpoint", folder.name,
+                                                 "--split", "test"), proxy)
     test_figure = plot_test(points, out / "proxy-vs-gold-test.png")
     figure = out / "proxy-vs-gold.png"
     policygrad("plot", str(out / "run"), "--metric", f"eval/reward/{proxy}", "--metric", "eval/reward/vader",
