@@ -163,7 +163,9 @@ def plot_runs(run_dirs: list[Path], metric: str | list[str], out: Path, smooth: 
         line, = ax.plot(bx, mean, label=f"{name} (mean of {len(curves)}, min-max)",
                         marker="o" if len(bx) == 1 else None)
         ax.fill_between(bx, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set(title=", ".join(metrics), xlabel=" / ".join(sorted(x_keys)), ylabel=" / ".join(metrics))
+    name = metrics[0] if len(metrics) == 1 else "value (metric in the legend)"  # long names overflow an axis
+    ax.set(title=name if len(metrics) == 1 else f"{len(metrics)} metrics", xlabel=" / ".join(sorted(x_keys)),
+           ylabel=name)
     ax.grid(alpha=0.3)
     ax.legend()
     save_atomic(fig, out)
