@@ -25,9 +25,22 @@ def brevity(prompts, completions, answer):
 
 
 def metrics_of(folder):
-    """metrics.jsonl without wall-clock times."""
+    """metrics.jsonl without wall-clock times, each reward's own metrics by position."""
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+    return [by_position({k: v for k, v in row.items() if not k.startswith("time/")}) for row in rows]
+
+
+def by_position(row: dict) -> dict:
+    """`.../reward/NAME` keys as `.../reward/#i` in the rewards' order: the same reward is named
+    `python:rewards.py:brevity` in a task file and `brevity` as a Python function."""
+    out, seen = {}, {}
+    for k, v in row.items():
+        prefix, part, _ = k.partition("/reward/")
+        if part:
+            seen[prefix] = seen.get(prefix, 0) + 1
+            k = f"{prefix}/reward/#{seen[prefix]}"
+        out[k] = v
+    return out
 
 
 def final_weights(folder):
@@ -38,7 +51,8 @@ def assert_same_run(a, b):
     assert metrics_of(a) == metrics_of(b)
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert json.loads((a / "final_eval.json").read_text()) == json.loads((b / "final_eval.json").read_text())
+    assert by_position(json.loads((a / "final_eval.json").read_text())) == \
+        by_position(json.loads((b / "final_eval.json").read_text()))
 
 
 def cli_args(task, model, out):
