@@ -12,26 +12,13 @@ Usage: .venv/bin/python benchmarks/learned_reward.py [--rm runs/bench-rm/rm/rewa
 """
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import cpu_name, run_cli  # benchmarks/common.py
+
 THRESHOLD_GAIN, KL_LIMIT, AT_STEP = 0.2, 5.0, 40
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-
-
-def policygrad(*args: str) -> dict:
-    """Run a policygrad command; the JSON line it prints last (train prints a table: {})."""
-    done = subprocess.run([sys.executable, "-m", "policygrad", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"policygrad {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
-    last = (done.stdout.strip().splitlines() or ["{}"])[-1]
-    return json.loads(last) if last.startswith("{") else {}
 
 
 def test_point(result: dict, proxy: str) -> dict:
@@ -78,19 +65,19 @@ def main() -> None:
     start = time.perf_counter()
     if not (args.reuse_run and (out / "run" / "final_eval.json").is_file()):
         # a checkpoint every 10 steps (a new best validation result writes one too), all kept
-        policygrad("train", "--algo", "reinforce", "--task", str(task), "--model", args.model, "--out",
+        run_cli("train", "--algo", "reinforce", "--task", str(task), "--model", args.model, "--out",
                    str(out / "run"), "--steps", str(args.steps), "--seed", "1", "--overwrite", "--no-progress",
                    "checkpoint_every=10", f"keep_checkpoints={args.steps // 10 + 1}")
     train_s = time.perf_counter() - start
-    points = {0: test_point(policygrad("eval", "--task", str(task), "--model", args.model, "--split", "test"), proxy)}
+    points = {0: test_point(run_cli("eval", "--task", str(task), "--model", args.model, "--split", "test"), proxy)}
     for folder in sorted((out / "run" / "checkpoints").glob("update-*")):
         step = int(folder.name.split("-")[1])
         if step % 20 == 0 or step == args.steps:  # the test split every 20 steps (those kept)
-            points[step] = test_point(policygrad("eval", str(out / "run"), "--checkpoint", folder.name,
+            points[step] = test_point(run_cli("eval", str(out / "run"), "--checkpoint", folder.name,
                                                  "--split", "test"), proxy)
     test_figure = plot_test(points, out / "proxy-vs-gold-test.png")
     figure = out / "proxy-vs-gold.png"
-    policygrad("plot", str(out / "run"), "--metric", f"eval/reward/{proxy}", "--metric", "eval/reward/vader",
+    run_cli("plot", str(out / "run"), "--metric", f"eval/reward/{proxy}", "--metric", "eval/reward/vader",
                "--smooth", "0", "--out", str(figure))
     at = points[AT_STEP] if AT_STEP in points else points[max(points)]
     gain = at["gold"] - points[0]["gold"]

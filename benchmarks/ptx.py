@@ -14,17 +14,12 @@ Usage: .venv/bin/python benchmarks/ptx.py [--coef 0.5] [--steps 40]
 import argparse
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from common import cpu_name, run_cli  # benchmarks/common.py
+
 NLL_RISE_SHARE, GAIN_SHARE = 0.5, 0.8
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def python_docs_text(out: Path) -> tuple[Path, Path]:
@@ -40,15 +35,6 @@ def python_docs_text(out: Path) -> tuple[Path, Path]:
     train.write_text("".join(json.dumps({"text": t}) + "\n" for i, t in enumerate(paragraphs) if i % 5))
     held_out.write_text("".join(json.dumps({"text": t}) + "\n" for i, t in enumerate(paragraphs) if i % 5 == 0))
     return train, held_out
-
-
-def run_cli(*args: str) -> dict:
-    """Run a policygrad command; the JSON line it prints last (train prints a table: {})."""
-    done = subprocess.run([sys.executable, "-m", "policygrad", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"policygrad {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
-    last = (done.stdout.strip().splitlines() or ["{}"])[-1]
-    return json.loads(last) if last.startswith("{") else {}
 
 
 def main() -> None:

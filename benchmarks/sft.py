@@ -8,25 +8,12 @@ Usage: .venv/bin/python benchmarks/sft.py [--best-of 8] [--epochs 2] [--lr 2e-5]
 """
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from common import cpu_name, run_cli  # benchmarks/common.py
+
 THRESHOLD = 0.15
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-
-
-def run_cli(*args: str) -> dict:
-    """Run a policygrad command; the JSON line it prints last."""
-    done = subprocess.run([sys.executable, "-m", "policygrad", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"policygrad {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
