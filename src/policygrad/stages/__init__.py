@@ -7,7 +7,15 @@ import dataclasses
 import typing
 from typing import Any
 
+import numpy as np
+
 from ..config import ConfigError
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of n training rows in an epoch: from (seed, epoch) alone, so a resumed run takes
+    the rows the uninterrupted one would."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def stage_config(cls: type, values: dict[str, Any], stage: str) -> Any:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import yaml
 
@@ -28,7 +27,7 @@ from ..config import ConfigError
 from ..core.losses import bradley_terry_loss
 from ..lm import models, tasks
 from ..lm.reward_model import STATS_FILE, scored_text
-from . import stage_config
+from . import epoch_order, stage_config
 from ..log import RunLogger
 
 OUTPUT = "reward-model"
@@ -163,10 +162,6 @@ def device_of(cfg: RewardModelConfig) -> torch.device:
                         else "cpu")
 
 
-def order(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
 def save(out: Path, model, tokenizer, opt, cfg: RewardModelConfig, run: dict, writer) -> None:
     def small_files(folder: Path) -> None:
         model.config.save_pretrained(folder / OUTPUT)
@@ -205,7 +200,7 @@ def train(cfg: RewardModelConfig, out: Path, pairs: Any = None, progress: bool =
     try:
         while run["epoch"] < cfg.epochs:
             epoch = run["epoch"]
-            shuffled = order(len(train_rows), cfg.seed, epoch)
+            shuffled = epoch_order(len(train_rows), cfg.seed, epoch)
             while run["epoch"] == epoch:  # the epoch's last step moves run["epoch"] on
                 batch = [train_rows[i] for i in shuffled[run["position"]:run["position"] + cfg.batch_size]]
                 writer.wait()  # a checkpoint being written reads these weights

@@ -36,7 +36,7 @@ from ..lm import supervised, tasks
 from ..lm.policy import build_policy
 from ..lm.rollout import policy_files, write_policy_config
 from ..log import RunLogger
-from . import stage_config
+from . import epoch_order, stage_config
 
 OUTPUT = "model"
 
@@ -134,10 +134,6 @@ def best_of_rows(cfg: SFTConfig) -> tuple[list[dict], dict]:
 
 
 # --- the stage ----------------------------------------------------------------------------------
-def order(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
 def step_loss(policy, examples: list[supervised.Example], micro: int) -> tuple[float, int]:
     """Backward passes of the mean token NLL of `examples` over micro-batches; (mean NLL, tokens)."""
     tokens = sum(sum(e.loss) for e in examples)
@@ -215,7 +211,7 @@ def _epochs(cfg: SFTConfig, out: Path, policy, adapted, opt, params, data: dict,
     train_rows = data["train"]
     while run["epoch"] < cfg.epochs:
         epoch = run["epoch"]
-        shuffled = order(len(train_rows), cfg.seed, epoch)
+        shuffled = epoch_order(len(train_rows), cfg.seed, epoch)
         while run["epoch"] == epoch:  # the epoch's last step moves run["epoch"] on
             batch = [train_rows[i] for i in shuffled[run["position"]:run["position"] + cfg.batch_size]]
             writer.wait()  # a checkpoint being written reads these weights
