@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -351,3 +352,41 @@ def build_policy(cfg, placement: Placement, seed: int, model_path=None, with_ref
     if cfg.shard == "fsdp" and dist.world() > 1:
         policy.shard()
     return policy, None
+
+
+def policy_files(policy, adapted) -> dict[str, dict[str, torch.Tensor]]:
+    """The policy's weights as policy/model.safetensors, by reference (the caller waits for the
+    write before it next changes them); tied weights once, as save_pretrained stores them. With
+    LoRA, only the adapter: policy/adapter_model.safetensors (the base model is the config's)."""
+    if adapted is not None:
+        return {f"policy/{adapters.ADAPTER_WEIGHTS}": adapted.trainable_tensors()}
+    if policy.sharded:  # gathered whole onto rank 0 (every rank must call this)
+        weights = dist.full_state_dict(policy.model)
+        if getattr(policy.model.config, "tie_word_embeddings", False):
+            head = next(n for n, m in policy.model.named_modules() if m is policy.model.get_output_embeddings())
+            weights.pop(f"{head}.weight", None)
+        return {"policy/model.safetensors": weights}
+    seen, weights = set(), {}
+    for name, t in policy.model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            weights[name] = t.detach()
+    return {"policy/model.safetensors": weights}
+
+
+def write_policy_config(policy, adapted, base_model: str, folder: Path) -> None:
+    """Beside policy/model.safetensors: config, generation config and tokenizer, so that plain
+    transformers loads it: AutoModelForCausalLM.from_pretrained(folder / "policy") (with LoRA,
+    PeftModel.from_pretrained(base, folder / "policy"))."""
+    model, target = policy.model, folder / "policy"
+    target.mkdir(parents=True, exist_ok=True)
+    if adapted is not None:
+        adapted.write_config(target, str(models.resolve(base_model)))
+        policy.tokenizer.save_pretrained(target)
+        return
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(target)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(target)
+    policy.tokenizer.save_pretrained(target)

@@ -20,9 +20,9 @@ from .. import placement as placement_mod
 from ..algos import ALGOS, DataTerm
 from ..batch import Batch
 from ..core.losses import KL_ESTIMATORS
-from . import adapters, models, supervised, tasks
+from . import supervised, tasks
 from .tasks import prompt_text
-from .policy import build_policy
+from .policy import build_policy, policy_files, write_policy_config
 
 
 class PromptCursor:
@@ -112,44 +112,6 @@ class NoSignalWatch:
 def kl_per_completion(batch: Batch) -> torch.Tensor:
     """(B,) sum over a completion's tokens of log pi - log pi_ref (k1): nats per completion."""
     return ((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1)
-
-
-def policy_files(policy, adapted) -> dict[str, dict[str, torch.Tensor]]:
-    """The policy's weights as policy/model.safetensors, by reference (the caller waits for the
-    write before it next changes them); tied weights once, as save_pretrained stores them. With
-    LoRA, only the adapter: policy/adapter_model.safetensors (the base model is the config's)."""
-    if adapted is not None:
-        return {f"policy/{adapters.ADAPTER_WEIGHTS}": adapted.trainable_tensors()}
-    if policy.sharded:  # gathered whole onto rank 0 (every rank must call this)
-        weights = dist.full_state_dict(policy.model)
-        if getattr(policy.model.config, "tie_word_embeddings", False):
-            head = next(n for n, m in policy.model.named_modules() if m is policy.model.get_output_embeddings())
-            weights.pop(f"{head}.weight", None)
-        return {"policy/model.safetensors": weights}
-    seen, weights = set(), {}
-    for name, t in policy.model.state_dict().items():
-        key = (t.data_ptr(), tuple(t.shape))
-        if key not in seen:
-            seen.add(key)
-            weights[name] = t.detach()
-    return {"policy/model.safetensors": weights}
-
-
-def write_policy_config(policy, adapted, base_model: str, folder: Path) -> None:
-    """Beside policy/model.safetensors: config, generation config and tokenizer, so that plain
-    transformers loads it: AutoModelForCausalLM.from_pretrained(folder / "policy") (with LoRA,
-    PeftModel.from_pretrained(base, folder / "policy"))."""
-    model, target = policy.model, folder / "policy"
-    target.mkdir(parents=True, exist_ok=True)
-    if adapted is not None:
-        adapted.write_config(target, str(models.resolve(base_model)))
-        policy.tokenizer.save_pretrained(target)
-        return
-    model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(target)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(target)
-    policy.tokenizer.save_pretrained(target)
 
 
 class LMWorkload:

@@ -33,8 +33,7 @@ from .. import config as config_mod
 from .. import placement as placement_mod
 from ..config import ConfigError
 from ..lm import supervised, tasks
-from ..lm.policy import build_policy
-from ..lm.rollout import policy_files, write_policy_config
+from ..lm.policy import build_policy, policy_files, write_policy_config
 from ..log import RunLogger
 from . import epoch_order, stage_config
 
