@@ -145,3 +145,14 @@ def test_nll_of_a_lora_sft_run_and_of_a_model_object(tmp_path, tiny_lm):
         pytest.approx(summary["test_nll_before"], rel=1e-5)
     with pytest.raises(policygrad.UsageError, match="needs tokenizer="):
         policygrad.nll(model, test_rows)
+
+
+def test_a_model_object_is_kept_in_the_sft_run_and_overwrite_keeps_it(tmp_path, tiny_lm):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_lm), AutoTokenizer.from_pretrained(tiny_lm)
+    keys = {**KEYS, "epochs": 1}
+    first = policygrad.sft(rows(), out=tmp_path / "obj", model=model, tokenizer=tokenizer, progress=False, **keys)
+    assert (tmp_path / "obj" / "base-model" / "config.json").is_file()
+    again = policygrad.sft(rows(), out=tmp_path / "obj", model=model, tokenizer=tokenizer, progress=False,
+                           overwrite=True, **{**keys, "lr": 1e-3})
+    assert (tmp_path / "obj" / "base-model" / "config.json").is_file() and again["test_nll"] != first["test_nll"]

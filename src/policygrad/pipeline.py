@@ -60,9 +60,8 @@ def sft(data: Any = None, *, out: Union[str, os.PathLike], model: Any = None, to
     if (data is None) == (not best_of):
         raise UsageError("sft needs either data (--data FILE) or best-of-N (--best-of N with --task or --from-run)")
     folder = Path(out)
-    if not _is_name(model):  # a model object: kept in the run folder, named by its path
-        if not (folder / runs.BASE_MODEL / "config.json").is_file():
-            models.write_model(model, tokenizer, folder / runs.BASE_MODEL)
+    model_object = None if _is_name(model) else model  # kept in the run folder, named by its path
+    if model_object is not None:
         model = str((folder / runs.BASE_MODEL).resolve())
     task_name = tasks.from_python(task) if task is not None else None
     label = None if data is None else str(data) if _is_name(data) else \
@@ -70,6 +69,8 @@ def sft(data: Any = None, *, out: Union[str, os.PathLike], model: Any = None, to
     cfg = stage.make_config({"model": str(model), **({"data": label} if label else {}),
                              **({"task": task_name, "best_of": best_of} if best_of else {}), **keys})
     resume, complete = runs.prepare_run(folder, cfg, overwrite)
+    if model_object is not None and not (folder / runs.BASE_MODEL / "config.json").is_file():
+        models.write_model(model_object, tokenizer, folder / runs.BASE_MODEL)
     if complete:
         sampled = _read_json(folder / f"best-of-{best_of}.json") if best_of else {}
         return {"model": str(folder / stage.OUTPUT), "already_complete": True,
