@@ -6,22 +6,12 @@ Usage: .venv/bin/python benchmarks/reward_model.py [--samples 8] [--epochs 2] [-
 """
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from common import cpu_name, run_cli  # benchmarks/common.py
+
 THRESHOLD = 0.80
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-
-
-def policygrad(*args: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "policygrad", *args], check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -38,11 +28,11 @@ def main() -> None:
     if args.reuse_pairs and (out / "pairs.jsonl").is_file():
         made = {"pairs": len((out / "pairs.jsonl").read_text().splitlines()), "prompts": 256}
     else:
-        made = policygrad("pairs", "--task", "positive-review", "--samples", str(args.samples), "--min-gap", "0.3",
+        made = run_cli("pairs", "--task", "positive-review", "--samples", str(args.samples), "--min-gap", "0.3",
                           "--out", str(out / "pairs.jsonl"), "seed=1")
     pairs_s = time.perf_counter() - start
     start = time.perf_counter()
-    trained = policygrad("rm", "--data", str(out / "pairs.jsonl"), "--out", str(out / "rm"), "--overwrite",
+    trained = run_cli("rm", "--data", str(out / "pairs.jsonl"), "--out", str(out / "rm"), "--overwrite",
                          "--no-progress", f"epochs={args.epochs}", f"lr={args.lr}")
     rows = [json.loads(line) for line in (out / "rm" / "metrics.jsonl").read_text().splitlines()]
     print(json.dumps({"benchmark": "reward_model", "cpu": cpu_name(), "pairs": made["pairs"],
