@@ -315,8 +315,9 @@ def test_training_data_from_a_users_text_env(tmp_path, monkeypatch):
     task = tasks.load("my_text_env:Echo", set())
     rows = task.rows("validation")
     word = rows[0]["prompt"].split()[-1]
-    extras = {"env_seed": [rows[0]["env_seed"]] * 2}
-    assert task.rewards([rows[0]["prompt"]] * 2, [f"ok {word}", "nothing"], extras).tolist() == [1.0, 0.0]
+    env = task.env()  # a new env for each episode, reset to the row's seed
+    env.reset(seed=rows[0]["env_seed"])
+    assert env.step(f"ok {word}")[1] == 1.0 and env.step("nothing")[1] == 0.0
     assert {r["env_seed"] for r in task.rows("train")}.isdisjoint(r["env_seed"] for r in rows)
     with pytest.raises(tasks.TaskError, match="not found"):
         tasks.load("my_text_env:Missing", set())

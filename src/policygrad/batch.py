@@ -50,6 +50,9 @@ class Batch:
     """(B, T) filled by an advantage estimator."""
     returns: Optional[torch.Tensor] = None
     """(B, T) value targets, filled by an advantage estimator."""
+    turn: Optional[torch.Tensor] = None
+    """(B, T) long: a multi-turn episode's turn index of each token (the model's tokens of turn k
+    and the environment's answer after them), -1 on padding; None for single-turn batches."""
     kl_coef: float = 0.0
     """Weight of KL(policy || reference) in force for this batch (the adaptive controller's value
     when it adapts); the loss uses it when cfg.kl_in == 'loss'."""

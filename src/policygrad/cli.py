@@ -241,11 +241,12 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     from .lm.rewards import BUILTIN
-    from .lm.tasks import BUILTIN_DESCRIPTIONS
+    from .lm.tasks import BUILTIN_DESCRIPTIONS, BUILTIN_ENVS
 
     print("built-in tasks:")
-    for name, text in BUILTIN_DESCRIPTIONS.items():
+    for name, text in {**BUILTIN_DESCRIPTIONS, **BUILTIN_ENVS}.items():
         print(f"  {name:<16} {text}")
+    print("a text env: module:Class (a gymnasium.Env whose observations and actions are text)")
     print("rewards: " + ", ".join(BUILTIN) + ", python:path/to/file.py:function, http://host:port/path, "
           "rm:MODEL_FOLDER[#LABEL]")
     return 0

@@ -185,6 +185,16 @@ class Config:
     KV cache (sampling, reference, training); false: every row in full, as a check."""
     logprob_chunk: int = 8
     """Completion positions per chunk when computing log-probabilities over the vocabulary."""
+    max_turns: int = 8
+    """Multi-turn tasks (a text env): the most replies in an episode; one that reaches it is
+    truncated."""
+    max_episode_tokens: int = 1024
+    """Multi-turn tasks: the most tokens of an episode after its first prompt (the model's and the
+    environment's); an episode that spends them is truncated."""
+    turn_advantage: str = "outcome"
+    """Multi-turn tasks' credit assignment: outcome (the episode's return on every turn, minus the
+    baseline) | discounted (each turn's discounted return-to-go, gamma over turns, minus the
+    baseline) | gae (GAE over turns from a value head: use_value_head=true, advantage=gae)."""
     eval_prompts: int = 40
     """Validation prompts per periodic evaluation (the test split is evaluated whole)."""
 
@@ -286,6 +296,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "baseline": ("none", "moving-average", "rloo", "group"),
     "kl_estimator": ("k1", "k2", "k3"),
     "kl_in": ("reward", "loss"),
+    "turn_advantage": ("outcome", "discounted", "gae"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "lora_reference": ("initial", "base"),
     "shard": ("ddp", "fsdp"),
@@ -295,7 +306,7 @@ POSITIVE = ("total_steps", "num_envs", "n_steps", "n_epochs", "batch_size", "cg_
             "max_kl", "clip_eps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
             "temperature", "logprob_chunk", "eval_prompts", "kl_horizon", "keep_checkpoints", "lora_alpha",
             "max_bad_updates", "reward_timeout", "kl_target", "clip_obs", "ptx_batch_size",
-            "ptx_max_length")
+            "ptx_max_length", "max_turns", "max_episode_tokens")
 POSITIVE_WHEN_SET = ("clip_value_eps", "target_kl", "torch_threads")
 NON_NEGATIVE = ("seed", "eval_every", "checkpoint_every", "micro_batch_size", "top_k", "kl_coef", "ent_coef", "lora_r",
                 "vf_coef", "cg_damping", "max_grad_norm", "reward_retries", "ptx_coef")
@@ -308,7 +319,8 @@ LM_KEYS = ("model", "prompts_per_step", "samples_per_prompt", "max_new_tokens", 
            "use_value_head", "whiten_rewards", "micro_batch_size", "gradient_checkpointing", "share_prompts",
            "logprob_chunk", "eval_prompts", "reward_timeout", "reward_retries", "dtype", "lora_r", "lora_alpha",
            "lora_dropout", "lora_target_modules", "adapter", "lora_reference", "ptx_data", "ptx_coef",
-           "ptx_batch_size", "ptx_max_length", "reward_normalize")
+           "ptx_batch_size", "ptx_max_length", "reward_normalize", "max_turns", "max_episode_tokens",
+           "turn_advantage")
 LORA_SHAPE_KEYS = ("lora_alpha", "lora_dropout", "lora_target_modules")
 CONTROL_KEYS = ("env", "num_envs", "n_steps", "vectorization", "hidden_sizes", "activation", "log_std_init",
                 "ortho_init", "normalize_obs", "normalize_reward", "clip_obs", "eval_episodes", "stop_at_return")
@@ -381,6 +393,9 @@ CONFLICTS: list[tuple[Check, str]] = [
      and c.samples_per_prompt < 2,
      "baseline={baseline} compares the completions of one prompt and needs samples_per_prompt >= 2 "
      "(got {samples_per_prompt}): raise it, or use baseline=moving-average or none"),
+    (lambda c: c.is_lm and c.turn_advantage == "gae" and c.advantage != "gae",
+     "turn_advantage=gae reads a value head at every turn: set use_value_head=true and advantage=gae, "
+     "or use turn_advantage=outcome or discounted"),
     (lambda c: c.adaptive_kl and c.kl_coef == 0,
      "adaptive_kl=true multiplies kl_coef, and from 0 it stays 0: set kl_coef > 0, or adaptive_kl=false"),
     (lambda c: c.target_kl is not None and c.algo != "ppo",
@@ -631,6 +646,8 @@ def lm_defaults(task: str, algo: str, user: dict[str, Any]) -> dict[str, Any]:
                 **tasks.load(task, set(field_names())).defaults}
     if user.get("use_value_head") and "advantage" not in user:
         defaults["advantage"] = "gae"  # a value head is there to be used
+    if user.get("use_value_head") and user.get("advantage", "gae") == "gae" and "turn_advantage" not in user:
+        defaults["turn_advantage"] = "gae"  # over the turns of a multi-turn task too
     return defaults
 
 

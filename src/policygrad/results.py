@@ -21,19 +21,24 @@ class LMEvaluation:
     rewards: dict[str, float] = field(default_factory=dict)
     """With several rewards, each one's own mean (unweighted; a weight-0 reward is watched here)."""
     samples: list[dict] = field(default_factory=list, repr=False)
-    """prompt, completion and reward of each held-out prompt."""
+    """prompt, completion and reward of each held-out prompt (a multi-turn task's: the whole
+    conversation, its per-turn rewards and return)."""
+    episode: dict[str, float] = field(default_factory=dict)
+    """Multi-turn tasks: return_mean, turns_mean and (where the env reports success) success_rate;
+    mean_reward is then the mean reward per turn."""
 
     @classmethod
     def from_metrics(cls, metrics: dict, split: str, samples: Optional[list] = None) -> "LMEvaluation":
         prefix = "eval" if split == "validation" else split
-        parts = {k[len(prefix) + len("/reward/"):]: v for k, v in metrics.items()
-                 if k.startswith(f"{prefix}/reward/")}
+        grouped = {group: {k[len(prefix) + len(group) + 2:]: v for k, v in metrics.items()
+                           if k.startswith(f"{prefix}/{group}/")} for group in ("reward", "episode")}
         return cls(split, metrics[f"{prefix}/reward_mean"], metrics[f"{prefix}/reward_std"],
-                   metrics[f"{prefix}/kl_to_reference"], metrics[f"{prefix}/n"], parts,
-                   samples if samples is not None else metrics.get("samples", []))
+                   metrics[f"{prefix}/kl_to_reference"], metrics[f"{prefix}/n"], grouped["reward"],
+                   samples if samples is not None else metrics.get("samples", []), grouped["episode"])
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "samples" and (k != "rewards" or v)}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k != "samples" and (k not in ("rewards", "episode") or v)}
 
 
 @dataclass

@@ -139,11 +139,99 @@ ADVANTAGES: dict[str, Callable[[Batch, object], tuple[torch.Tensor, torch.Tensor
 }
 
 
+# --- multi-turn episodes: turns are the steps ---------------------------------------------------
+def turn_view(batch: Batch) -> dict[str, torch.Tensor]:
+    """A multi-turn batch's tokens gathered into turns, each (B, K) with K = the most turns:
+    `rewards` (the turn's token rewards summed: the environment's reward on the turn's last model
+    token, and with kl_in=reward each token's KL penalty), `values` (the value head read at the
+    turn's last model token), `next_values` (the next turn's value; after the final turn the
+    token-level next_values at its last token, the bootstrap of a truncated episode), `terminated`
+    and `truncated` (set on an episode's final turn only), `valid` (1 on turns the episode has), and
+    `last` (long: the position of each turn's last model token)."""
+    B, T = batch.mask.shape
+    K = int(batch.turn.max()) + 1
+    model = batch.mask > 0                                                       # (B, T)
+    turn = torch.where(model, batch.turn, torch.full_like(batch.turn, K))       # (B, T) env/pad -> K
+    positions = torch.arange(T, device=batch.mask.device).expand(B, T)          # (B, T)
+    last = torch.full((B, K + 1), -1, dtype=torch.long, device=batch.mask.device)
+    last = last.scatter_reduce(1, turn, positions, "amax")[:, :K]               # (B, K)
+    valid = (last >= 0).float()                                                 # (B, K)
+    at = last.clamp(min=0)                                                      # (B, K)
+    rewards = torch.zeros(B, K + 1, device=batch.mask.device).scatter_add(
+        1, turn, batch.rewards * batch.mask)[:, :K]                             # (B, K)
+    pick = lambda x: x.gather(1, at) * valid                                    # noqa: E731 (B, K)
+    values = pick(batch.values) if batch.values is not None else torch.zeros_like(rewards)
+    final = (valid.cumsum(1) == valid.sum(1, keepdim=True)) * valid             # (B, K) 1 on the last turn
+    following = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)  # (B, K)
+    boot = pick(batch.next_values) if batch.next_values is not None else torch.zeros_like(rewards)
+    next_values = torch.where(final > 0, boot, following)                       # (B, K)
+    return {"rewards": rewards, "values": values, "next_values": next_values,
+            "terminated": pick(batch.terminated) * final, "truncated": pick(batch.truncated) * final,
+            "valid": valid, "last": last}
+
+
+def _baselined(returns: torch.Tensor, first: torch.Tensor, batch: Batch, cfg) -> torch.Tensor:
+    """(B, K) each turn's return minus the critic-free baseline of the episode's return `first`
+    (B,) (rloo and group compare the episodes that start from the same seed); group also divides
+    by the group's std."""
+    if cfg.baseline == "group":
+        _, mean, std = group_stats(first, batch.group)
+        return (returns - mean[:, None]) / (std[:, None] + 1e-6)
+    offset = first - SEQUENCE_BASELINES[cfg.baseline](first, batch)                # (B,)
+    return returns - offset[:, None]
+
+
+def _outcome(turns: dict, batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every turn gets the episode's undiscounted return minus the baseline: with one turn, exactly
+    the single-turn `sequence` advantage."""
+    score = turns["rewards"].sum(1)                                                # (B,)
+    returns = score[:, None].expand_as(turns["rewards"])                           # (B, K)
+    return _baselined(returns, score, batch, cfg), returns
+
+
+def _discounted(turns: dict, batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each turn's discounted return-to-go (gamma over turns; no critic, so a truncated episode
+    bootstraps from 0) minus the baseline of the episode's return from its first turn."""
+    returns = discounted_returns(turns["rewards"], turns["terminated"], turns["truncated"], cfg.gamma)  # (B, K)
+    return _baselined(returns, returns[:, 0], batch, cfg), returns
+
+
+def _turn_gae(turns: dict, batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The core's GAE with turns as steps: a truncated episode bootstraps from next_values, a
+    terminated one does not."""
+    if batch.values is None:
+        raise ValueError("turn_advantage=gae needs a critic (use_value_head=true)")
+    return gae(turns["rewards"], turns["values"], turns["next_values"], turns["terminated"], turns["truncated"],
+               cfg.gamma, cfg.gae_lambda)
+
+
+# Credit assignment over the turns of an episode, by name: fn(turns, batch, cfg) -> (advantages,
+# returns), each (B, K).
+TURN_ADVANTAGES: dict[str, Callable[[dict, Batch, object], tuple[torch.Tensor, torch.Tensor]]] = {
+    "outcome": _outcome,
+    "discounted": _discounted,
+    "gae": _turn_gae,
+}
+
+
+def _turns(batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn-level advantages and returns, broadcast to every model token of the turn."""
+    turns = turn_view(batch)
+    advantages, returns = TURN_ADVANTAGES[cfg.turn_advantage](turns, batch, cfg)    # (B, K) each
+    index = batch.turn.clamp(min=0)                                                # (B, T)
+    return advantages.gather(1, index) * batch.mask, returns.gather(1, index) * batch.mask
+
+
+ADVANTAGES["turns"] = _turns
+
+
 def compute(batch: Batch, cfg, reduce: Reduce = _alone) -> Batch:
     """The batch with advantages (whitened if cfg.normalize_advantages, with the moments of every
     worker's part when reduce sums over them) and returns filled in. The estimators themselves
     need no other worker's rows: a worker holds whole episodes and whole prompt groups."""
-    advantages, returns = ADVANTAGES[cfg.advantage](batch, cfg)
+    # a batch of multi-turn episodes carries its turn index: its credit is assigned over turns
+    estimator = cfg.advantage if batch.turn is None else "turns"
+    advantages, returns = ADVANTAGES[estimator](batch, cfg)
     advantages = advantages * batch.mask
     if cfg.normalize_advantages:
         advantages = normalize(advantages, batch.mask, reduce=reduce)

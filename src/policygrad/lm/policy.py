@@ -22,7 +22,7 @@ from .. import dist
 from ..core.losses import batch_mean
 from ..placement import Placement
 from . import adapters, models
-from .generation import Sampling, TransformersGenerator, cache_name, completion_mask, repeated_cache
+from .generation import Generated, Sampling, TransformersGenerator, cache_name, completion_mask, repeated_cache
 
 
 def chunked_log_probs(hidden: torch.Tensor, head: nn.Module, tokens: torch.Tensor, temperature: float,
@@ -183,6 +183,20 @@ class LMPolicy(nn.Module):
             # itself, so that a ratio is exactly 1 before the first step (as TRL and veRL recompute).
             batch = batch.replace(log_prob=self.log_prob(batch))
         return batch
+
+    @torch.no_grad()
+    def generate_ids(self, contexts: list[list[int]], cfg, seed: int, max_new_tokens: int,
+                     samples_per_prompt: int = 1) -> Generated:
+        """Sample a continuation of each context given as token ids (a multi-turn conversation so
+        far, kept as ids so that nothing is re-tokenised), left-padded into one batch."""
+        width = max(len(c) for c in contexts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=self.placement.device)
+        attention = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts],
+                                 device=self.placement.device)
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            top_k=cfg.top_k)
+        return self.generator.generate(ids, attention, sampling, seed, samples_per_prompt)
 
     def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(t[m.bool()], skip_special_tokens=True).strip()

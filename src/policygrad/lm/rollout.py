@@ -20,7 +20,7 @@ from .. import placement as placement_mod
 from ..algos import ALGOS, DataTerm
 from ..batch import Batch
 from ..core.losses import KL_ESTIMATORS
-from . import supervised, tasks
+from . import episodes, supervised, tasks
 from .tasks import prompt_text
 from .policy import build_policy, policy_files, write_policy_config
 
@@ -142,12 +142,17 @@ class LMWorkload:
         self.steps = 0
         self.signal_watch, self._warnings = NoSignalWatch(), []
         self.sample_times: dict[str, float] = {}
+        # a text env's task (multi-turn) collects and evaluates episodes; the rest is shared
+        self.episodes = episodes.EpisodeCollector(self) if self.task.env is not None else None
 
     # --- rollouts ---
     def sample(self, rows: list[dict], n: int, seed: int, reference: bool = True
                ) -> tuple[Batch, list[str], np.ndarray]:
         """n completions per row: the batch (with ref log-probs unless reference=False: a caller
         that only reads completions and rewards skips that pass), completions and task rewards."""
+        if self.episodes is not None:
+            raise tasks.TaskError(f"task '{self.cfg.task}' is a multi-turn text env: single completions of its "
+                                  "prompts (pairs, best-of) are not defined for it")
         texts = [self.policy.render(r) for r in rows for _ in range(n)]
         self._check_context(texts)
         with self.policy.gathered():
@@ -186,6 +191,8 @@ class LMWorkload:
         """This rank's block of the step's prompts, sampled and scored; the statistics (reward
         whitening, metrics, the KL controller's and moving baseline's inputs) are the global
         batch's, computed from every rank's rows exactly as one process computes them."""
+        if self.episodes is not None:
+            return self.episodes.collect()
         cfg = self.cfg
         start = time.perf_counter()
         row_ids = self.cursor.take(cfg.prompts_per_step)  # the global step's prompts, on every rank
@@ -279,6 +286,8 @@ class LMWorkload:
         """One sampled completion per held-out prompt (a fixed seed per chunk of prompts):
         reward, KL to the reference. Over several ranks each samples every world-th chunk, with
         that chunk's own seed, and all ranks get every result: the numbers are a single process's."""
+        if self.episodes is not None:
+            return self.episodes.evaluate(split, out_dir)
         rows = self.task.rows(split)
         if split == "validation":
             rows = rows[:self.cfg.eval_prompts]

@@ -6,6 +6,7 @@ deterministically 80/10/10 from one. Built-in tasks ship their data as package d
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -26,7 +27,7 @@ import yaml
 from gymnasium import spaces
 
 from ..errors import PolicygradError
-from .rewards import RewardError, RewardSet, WeightedReward, build
+from .rewards import RewardError, RewardSet, build
 
 SPLITS = ("train", "validation", "test")
 
@@ -42,6 +43,9 @@ class Task:
     rewards: RewardSet
     defaults: dict[str, Any] = field(default_factory=dict)
     """Config values the task sets (generation length, learning rate, ...), below the user's own."""
+    env: Optional[Callable[[], gym.Env]] = None
+    """A text env's maker, for a multi-turn task (lm/episodes.py): a row is then an env seed, and
+    rewards come from the env's steps."""
 
     def rows(self, split: str) -> list[dict]:
         return self.splits[split]
@@ -69,7 +73,9 @@ class Task:
             raise TaskError(f"task '{name}' is not a text env: calling it raised {e.__class__.__name__}: {e}") from None
         if not isinstance(made, gym.Env):
             raise TaskError(f"task '{name}' made a {type(made).__name__}, not a gymnasium.Env")
-        return env_task(made, type(made).__name__)
+        # every episode of a batch needs its own env: copies of an instance, or the factory's new ones
+        make = (lambda: copy.deepcopy(env)) if isinstance(env, gym.Env) else env
+        return env_task(make, type(made).__name__, first=made)
 
 
 # --- reading data -----------------------------------------------------------------------------
@@ -166,6 +172,14 @@ BUILTIN_DESCRIPTIONS = {
     "translation": "translate English to French; reward = chrF against the reference",
 }
 
+BUILTIN_ENVS = {
+    "guess-number": "multi-turn: find a number in 1..32 from 'higher'/'lower' answers; reward 1 when "
+                    "guessed, minus 0.05 a turn",
+    "dialogue": "multi-turn: a scripted user asks for something, then two follow-ups on the reply; "
+                "reward per turn = VADER of the reply",
+}
+"""Built-in multi-turn tasks (text envs, lm/text_envs.py)."""
+
 
 def builtin(name: str) -> Task:
     if name == "positive-review":
@@ -194,6 +208,11 @@ def from_yaml(path: Path, config_keys: set[str]) -> Task:
         raise TaskError(f"task file '{path}' must be a mapping with 'data' and 'rewards'")
     base = path.parent
     data, reward_specs, parent = spec.pop("data", None), spec.pop("rewards", None), spec.pop("extends", None)
+    env, env_kwargs = spec.pop("env", None), spec.pop("env_kwargs", None)
+    if env is not None:
+        return _env_yaml(path, env, env_kwargs, data, reward_specs, spec, config_keys)
+    if env_kwargs is not None:
+        raise TaskError(f"task file '{path}': env_kwargs are the arguments of a text env; add env: module:Class")
     if parent is not None:
         return _extended(path, parent, data, reward_specs, spec, config_keys)
     if data is None:
@@ -231,6 +250,27 @@ def _extended(path: Path, parent: Any, data: Any, reward_specs: Any, spec: dict,
                 {**inherited.defaults, **spec})
 
 
+def _env_yaml(path: Path, env: Any, env_kwargs: Any, data: Any, reward_specs: Any, spec: dict,
+              config_keys: set[str]) -> Task:
+    """`env: module:Class` (or a built-in multi-turn task's name) with `env_kwargs` and config keys."""
+    if data is not None or reward_specs is not None:
+        raise TaskError(f"task file '{path}': a text env's prompts come from its resets and its rewards from "
+                        "its steps; drop 'data' and 'rewards' (give the env its own in env_kwargs)")
+    if env_kwargs is not None and not isinstance(env_kwargs, dict):
+        raise TaskError(f"task file '{path}': env_kwargs must be a mapping of the env's arguments")
+    unknown = sorted(set(spec) - config_keys)
+    if unknown:
+        raise TaskError(f"task file '{path}': unknown key '{unknown[0]}' (env, env_kwargs, or any config key)")
+    if env in BUILTIN_ENVS:
+        from . import text_envs  # it builds on this module
+        return text_envs.builtin_task(str(env), env_kwargs or {}, spec, name=path.stem)
+    if not isinstance(env, str) or ":" not in env:
+        raise TaskError(f"task file '{path}': env must be module:Class (a text gymnasium.Env) or one of "
+                        f"{', '.join(BUILTIN_ENVS)}; got {env!r}")
+    task = from_env(env, env_kwargs, spec)
+    return dataclasses.replace(task, name=path.stem)
+
+
 # --- tasks and Gymnasium environments --------------------------------------------------------
 def prompt_text(row: dict) -> str:
     """A row's prompt as the rewards see it: its `prompt`, or its chat's last message."""
@@ -262,36 +302,46 @@ class TaskEnv(gym.Env):
 ENV_SEEDS = {"train": (0, 2000), "validation": (1_000_000, 50), "test": (2_000_000, 100)}
 
 
-def from_env(spec: str) -> Task:
-    """A task from a user's text env `module:Class` (see env_task)."""
+def env_class(spec: str) -> Callable[..., gym.Env]:
+    """A user's text env class from `module:Class` (the module found beside the user, as `python -m`
+    finds it)."""
     module_name, _, class_name = spec.partition(":")
     if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's module beside them
+        sys.path.insert(0, os.getcwd())
     try:
-        env_cls = getattr(importlib.import_module(module_name), class_name)
+        return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as e:
         raise TaskError(f"text env '{spec}' not found ({e.__class__.__name__}: {e})") from None
-    return env_task(env_cls(), spec)
 
 
-def env_task(env: gym.Env, spec: str) -> Task:
-    """A task from a text env: prompts are the observations of seeded resets (disjoint seed ranges
-    per split); a completion's reward is the step reward after the same reset."""
-    def prompt_at(seed: int) -> dict:
-        obs, _ = env.reset(seed=seed)
-        if not isinstance(obs, str):
-            raise TaskError(f"text env '{spec}' returned a {type(obs).__name__} observation; it must be text")
-        return {"prompt": obs, "env_seed": seed}
+def from_env(spec: str, env_kwargs: Optional[dict] = None, defaults: Optional[dict] = None) -> Task:
+    """A task from a user's text env `module:Class`, made with env_kwargs (see env_task)."""
+    cls, kwargs = env_class(spec), dict(env_kwargs or {})
 
-    def reward(prompts, completions, extras):
-        out = []
-        for seed, completion in zip(extras["env_seed"], completions):
-            env.reset(seed=seed)
-            out.append(float(env.step(completion)[1]))
-        return out
+    def make() -> gym.Env:
+        try:
+            return cls(**kwargs)
+        except Exception as e:  # the user's code
+            raise TaskError(f"text env '{spec}' could not be made: {e.__class__.__name__}: {e}") from None
+    return env_task(make, spec, defaults=defaults)
 
-    splits = {s: [prompt_at(start + i) for i in range(n)] for s, (start, n) in ENV_SEEDS.items()}
-    return Task(spec, splits, RewardSet([WeightedReward(spec, reward)]), {})
+
+def env_task(make: Callable[[], gym.Env], spec: str, defaults: Optional[dict] = None,
+             first: Optional[gym.Env] = None) -> Task:
+    """A multi-turn task from a text env's maker: each split's rows are env seeds from its own
+    range, with the first message of that seed's reset (shown in samples); episodes are played by
+    lm/episodes.py, one env per episode."""
+    from .episodes import reset  # episodes imports this module
+
+    env = first if first is not None else make()
+
+    def row_at(seed: int) -> dict:
+        messages = reset(env, seed, spec)
+        return {"prompt": messages[-1]["content"], "env_seed": seed} if len(messages) == 1 \
+            else {"messages": messages, "env_seed": seed}
+
+    splits = {s: [row_at(start + i) for i in range(n)] for s, (start, n) in ENV_SEEDS.items()}
+    return Task(spec, splits, RewardSet(), dict(defaults or {}), env=make)
 
 
 # --- tasks from Python objects (policygrad.train(data=..., rewards=..., task=...)) ---------------
@@ -368,8 +418,12 @@ def from_python(task: Any = None, data: Any = None, rewards: Any = None, config_
     else:
         raise TaskError(f"task must be a name, a task YAML, a policygrad.Task or a text gymnasium.Env; "
                         f"got {type(task).__name__}")
+    if base.env is not None and (data is not None or rewards is not None):
+        raise TaskError(f"task '{base.name}' is a text env: its prompts come from its resets and its rewards "
+                        "from its steps; drop data= and rewards=")
     return register(Task(base.name, splits_of(data) if data is not None else base.splits,
-                         reward_set(rewards) if rewards is not None else base.rewards, dict(base.defaults)))
+                         reward_set(rewards) if rewards is not None else base.rewards, dict(base.defaults),
+                         env=base.env))
 
 
 def _rebuilt(name: str, config_keys: set[str]) -> Task:
@@ -398,6 +452,9 @@ def load(name: str, config_keys: set[str]) -> Task:
                         "task, data and rewards to policygrad.train or policygrad.evaluate to use it again")
     if name in BUILTIN_DESCRIPTIONS:
         return builtin(name)
+    if name in BUILTIN_ENVS:
+        from . import text_envs  # it builds on this module
+        return text_envs.builtin_task(name)
     if ":" in name and not name.endswith((".yaml", ".yml")):
         return from_env(name)
     path = Path(name)
@@ -405,7 +462,7 @@ def load(name: str, config_keys: set[str]) -> Task:
         if not path.is_file():
             raise TaskError(f"task file '{name}' not found")
         return from_yaml(path, config_keys)
-    raise TaskError(f"unknown task '{name}'; built-in tasks: {', '.join(BUILTIN_DESCRIPTIONS)}, "
+    raise TaskError(f"unknown task '{name}'; built-in tasks: {', '.join({**BUILTIN_DESCRIPTIONS, **BUILTIN_ENVS})}, "
                     "a task .yaml file, or a text env as module:Class")
 
 

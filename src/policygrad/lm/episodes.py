@@ -1,0 +1,371 @@
+"""Multi-turn episodes: the model replies, a text Gymnasium env answers, the model replies again.
+
+The protocol is Gymnasium's: `reset(seed=...) -> (observation, info)` gives the first user message
+(or a list of chat messages), `step(reply) -> (observation, reward, terminated, truncated, info)`
+takes the model's reply and gives the next user message and the turn's reward.
+
+An episode is kept as token ids. The ids the model sampled stay exactly as sampled; only the
+environment's text is tokenised (with the chat template's turn markers around it) and appended, so
+what is trained on is what was sampled: re-tokenising a decoded conversation would silently change
+ids (and masks) at turn boundaries.
+
+Batch layout (one row per episode): obs = the first prompt (left-padded) then every token after it;
+actions (B, T) = the tokens after the first prompt, the model's and the environment's; mask = 1 on
+the model's tokens only (environment tokens carry no loss, KL or entropy); turn (B, T) = the turn
+index; each turn's reward sits on the turn's last model token.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from .. import dist
+from ..batch import Batch
+from ..core.losses import KL_ESTIMATORS
+from .tasks import TaskError
+
+REPLY_MARKER = "@@policygrad-reply@@"
+"""Stands in for the model's reply when the chat template renders the environment's answer: the
+text after it is what the template writes between a reply and the next one."""
+
+
+class EpisodeError(TaskError):
+    """A text env that misbehaved (raised, answered with something that is not text, gave a
+    non-finite reward); shown as one line naming the env and the turn."""
+
+
+@dataclass
+class Episode:
+    """One conversation, as token ids from its first prompt on."""
+    seed: int
+    prompt_ids: list[int]
+    messages: list[dict]
+    """The conversation as text (the first messages, then each reply and answer): for display."""
+    ids: list[int] = field(default_factory=list)
+    """Every token after the first prompt: the model's and the environment's."""
+    model: list[int] = field(default_factory=list)
+    """1 on the model's tokens, 0 on the environment's."""
+    turn: list[int] = field(default_factory=list)
+    log_prob: list[float] = field(default_factory=list)
+    """The sampled tokens' log-probabilities (0 on environment tokens)."""
+    rewards: list[float] = field(default_factory=list)
+    """One per turn."""
+    ends: list[int] = field(default_factory=list)
+    """Position in ids of each turn's last model token."""
+    terminated: bool = False
+    truncated: bool = False
+    success: Optional[bool] = None
+    done: bool = False
+
+    def add_reply(self, ids: list[int], log_prob: list[float]) -> None:
+        k = len(self.ends)
+        self.ids += ids
+        self.model += [1] * len(ids)
+        self.turn += [k] * len(ids)
+        self.log_prob += log_prob
+        self.ends.append(len(self.ids) - 1)
+
+    def add_answer(self, ids: list[int]) -> None:
+        """The environment's tokens after the latest reply (they belong to its turn)."""
+        self.ids += ids
+        self.model += [0] * len(ids)
+        self.turn += [len(self.ends) - 1] * len(ids)
+        self.log_prob += [0.0] * len(ids)
+
+    def check(self) -> None:
+        """Every per-token list as long as ids; one reward and one model token ending each turn."""
+        n = len(self.ids)
+        if not (len(self.model) == len(self.turn) == len(self.log_prob) == n and len(self.rewards) == len(self.ends)
+                and all(self.model[e] == 1 for e in self.ends) and self.ends == sorted(set(self.ends))):
+            raise AssertionError(f"episode of seed {self.seed}: inconsistent lengths")
+
+    @property
+    def tail(self) -> int:
+        """Environment tokens after the last reply (its final answer)."""
+        return len(self.ids) - 1 - self.ends[-1] if self.ends else 0
+
+    def as_sample(self) -> dict:
+        """The conversation for samples files and `eval`: prompt, the rest as a transcript, the
+        return as `reward`."""
+        first = next((m["content"] for m in self.messages if m["role"] == "user"), "")
+        rest = self.messages[[m["role"] for m in self.messages].index("assistant"):] if self.ends else []
+        return {"prompt": first, "completion": "\n".join(f"[{m['role']}] {m['content']}" for m in rest),
+                "reward": float(sum(self.rewards)), "turn_rewards": list(self.rewards), "turns": len(self.ends),
+                "env_seed": self.seed, "conversation": self.messages,
+                **({"success": self.success} if self.success is not None else {})}
+
+
+# --- the environment's side -------------------------------------------------------------------
+def first_messages(observation: Any, spec: str) -> list[dict]:
+    """reset's observation as chat messages: a text is the first user message."""
+    if isinstance(observation, str):
+        return [{"role": "user", "content": observation}]
+    if isinstance(observation, list) and observation and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in observation):
+        return [dict(m) for m in observation]
+    raise EpisodeError(f"text env '{spec}' reset returned an observation of type {type(observation).__name__}; "
+                       "it must be text or a list of {role, content} messages")
+
+
+def reset(env: gym.Env, seed: int, spec: str) -> list[dict]:
+    try:
+        observation, _ = env.reset(seed=seed)
+    except Exception as e:  # the user's code: one line, never a traceback
+        raise EpisodeError(f"text env '{spec}' reset(seed={seed}) raised {e.__class__.__name__}: {e}") from None
+    return first_messages(observation, spec)
+
+
+def step(env: gym.Env, reply: str, spec: str, turn: int) -> tuple[str, float, bool, bool, dict]:
+    """env.step(reply), checked: a text observation, a finite reward."""
+    try:
+        observation, reward, terminated, truncated, info = env.step(reply)
+    except Exception as e:
+        raise EpisodeError(f"text env '{spec}' step at turn {turn + 1} raised {e.__class__.__name__}: {e}") from None
+    if not isinstance(observation, str):
+        raise EpisodeError(f"text env '{spec}' step at turn {turn + 1} returned an observation of type "
+                           f"{type(observation).__name__}; it must be text ('' when there is nothing to say)")
+    try:
+        reward = float(reward)
+    except (TypeError, ValueError):
+        raise EpisodeError(f"text env '{spec}' step at turn {turn + 1} returned the reward {reward!r}; it must be "
+                           "a number") from None
+    if not math.isfinite(reward):
+        raise EpisodeError(f"text env '{spec}' step at turn {turn + 1} returned the reward {reward}; it must be "
+                           "finite")
+    return observation, reward, bool(terminated), bool(truncated), info if isinstance(info, dict) else {}
+
+
+def answer_ids(policy, history: list[dict], observation: str, ended_with: Optional[int], more: bool) -> list[int]:
+    """The environment's answer as token ids, as the chat template frames it after a reply: the
+    template's text between the reply and the next one (its end-of-turn marker dropped when the
+    model sampled it itself), with the next reply's header when `more` turns follow. Without a chat
+    template: the answer on its own line."""
+    tokenizer = policy.tokenizer
+    if getattr(tokenizer, "chat_template", None):
+        conversation = history + [{"role": "assistant", "content": REPLY_MARKER},
+                                  {"role": "user", "content": observation}]
+        rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=more, tokenize=False)
+        text = rendered[rendered.rindex(REPLY_MARKER) + len(REPLY_MARKER):]
+        if ended_with is not None:
+            sampled_end = tokenizer.decode([ended_with])
+            if text.startswith(sampled_end):
+                text = text[len(sampled_end):]
+    else:
+        text = f"\n{observation}\n"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# --- rollouts ---------------------------------------------------------------------------------
+def context_limit(policy) -> int:
+    return getattr(policy.model.config, "max_position_embeddings", None) or 1 << 30
+
+
+def play(policy, make_env: Callable[[], gym.Env], spec: str, seeds: list[int], cfg, seed: int,
+         samples_per_prompt: int = 1) -> list[Episode]:
+    """One episode per env seed, played turn by turn: each turn the live episodes' next replies are
+    sampled in one batch. An episode ends on terminated, on truncated, at max_turns, or when
+    max_episode_tokens (or the model's context) is spent; the last three truncate it."""
+    envs = [make_env() for _ in seeds]
+    episodes = []
+    for env, env_seed in zip(envs, seeds):
+        messages = reset(env, env_seed, spec)
+        text = policy.render({"messages": messages})
+        ids = policy.tokenizer(text, add_special_tokens=policy.add_special_tokens)["input_ids"]
+        episodes.append(Episode(env_seed, ids, messages))
+    limit = context_limit(policy)
+    longest = max(len(e.prompt_ids) for e in episodes)
+    if longest >= limit:
+        raise TaskError(f"text env '{spec}' opened with a prompt of {longest} tokens, which fills the model's "
+                        f"context of {limit}")
+    for k in range(cfg.max_turns):
+        live = [i for i, e in enumerate(episodes) if not e.done]
+        if not live:
+            break
+        room = [min(cfg.max_new_tokens, cfg.max_episode_tokens - len(episodes[i].ids),
+                    limit - len(episodes[i].prompt_ids) - len(episodes[i].ids)) for i in live]
+        out = policy.generate_ids([episodes[i].prompt_ids + episodes[i].ids for i in live], cfg,
+                                  seed=seed * 1009 + k, max_new_tokens=max(room),
+                                  samples_per_prompt=samples_per_prompt if k == 0 else 1)
+        for row, (i, budget) in enumerate(zip(live, room)):
+            n = min(int(out.mask[row].sum()), budget)
+            reply = out.tokens[row, :n].tolist()
+            log_prob = out.log_prob[row, :n].tolist() if out.log_prob is not None else [0.0] * n
+            _take_turn(policy, episodes[i], envs[i], spec, k, reply, log_prob, cfg, limit)
+    for episode in episodes:
+        episode.check()
+    return episodes
+
+
+def _take_turn(policy, episode: Episode, env: gym.Env, spec: str, k: int, reply: list[int],
+               log_prob: list[float], cfg, limit: int) -> None:
+    """Append the reply, step the env with its text, append the answer; end the episode if due."""
+    episode.add_reply(reply, log_prob)
+    text = policy.tokenizer.decode(reply, skip_special_tokens=True).strip()
+    observation, reward, terminated, truncated, info = step(env, text, spec, k)
+    episode.rewards.append(reward)
+    if "success" in info:
+        episode.success = bool(info["success"])
+    history = list(episode.messages)
+    episode.messages.append({"role": "assistant", "content": text})
+    ended_with = reply[-1] if reply and reply[-1] in policy.eos_ids else None
+    over = terminated or truncated or k + 1 >= cfg.max_turns
+    answer = answer_ids(policy, history, observation, ended_with, more=not over) if (observation or not over) else []
+    if answer:
+        episode.add_answer(answer)
+        episode.messages.append({"role": "user", "content": observation})
+    spent = len(episode.ids) >= min(cfg.max_episode_tokens, limit - len(episode.prompt_ids))
+    if over or spent:
+        episode.done, episode.terminated = True, terminated
+        episode.truncated = not terminated
+
+
+def to_batch(episodes: list[Episode], pad_id: int, device: torch.device) -> Batch:
+    """The episodes as one Batch (module docstring's layout), rewards on each turn's last model
+    token, terminated/truncated on the final one; log_prob the sampled one (recompute it when the
+    sampler gave none)."""
+    B = len(episodes)
+    P = max(len(e.prompt_ids) for e in episodes)
+    T = max(max(len(e.ids) for e in episodes), 1)
+    prompts = torch.full((B, P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros(B, P)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    real, mask, log_prob = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
+    turn = torch.full((B, T), -1, dtype=torch.long)
+    rewards, terminated, truncated = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
+    for b, e in enumerate(episodes):
+        p, n = len(e.prompt_ids), len(e.ids)
+        prompts[b, P - p:] = torch.tensor(e.prompt_ids)
+        prompt_mask[b, P - p:] = 1.0
+        if n:
+            ids[b, :n] = torch.tensor(e.ids)
+            real[b, :n] = 1.0
+            mask[b, :n] = torch.tensor(e.model, dtype=torch.float32)
+            log_prob[b, :n] = torch.tensor(e.log_prob)
+            turn[b, :n] = torch.tensor(e.turn)
+            rewards[b, e.ends] = torch.tensor(e.rewards)
+            terminated[b, e.ends[-1]] = float(e.terminated)
+            truncated[b, e.ends[-1]] = float(e.truncated)
+    to = lambda x: x.to(device)  # noqa: E731
+    return Batch(obs=to(torch.cat([prompts, ids], 1)), obs_mask=to(torch.cat([prompt_mask, real], 1)),
+                 actions=to(ids), log_prob=to(log_prob * mask), rewards=to(rewards), terminated=to(terminated),
+                 truncated=to(truncated), mask=to(mask), turn=to(turn))
+
+
+def bootstrap_positions(episodes: list[Episode]) -> torch.Tensor:
+    """(B,) where a truncated episode's bootstrap value is read: the last token of the env's final
+    answer (the value of the state the episode was cut in), or the final reply's last token when
+    the env said nothing more."""
+    return torch.tensor([len(e.ids) - 1 if e.tail else e.ends[-1] for e in episodes], dtype=torch.long)
+
+
+# --- the workload's side: collecting and evaluating episodes ------------------------------------
+def episode_stats(episodes: list[Episode], kl: torch.Tensor) -> np.ndarray:
+    """(B, 6) per episode: mean reward per turn, return, turns, success (nan: the env does not
+    say), model tokens, KL to the reference (nats)."""
+    return np.array([[float(np.mean(e.rewards)), float(sum(e.rewards)), len(e.ends),
+                      np.nan if e.success is None else float(e.success), float(sum(e.model)), float(k)]
+                     for e, k in zip(episodes, kl.tolist())], dtype=np.float64).reshape(-1, 6)
+
+
+def episode_metrics(stats: np.ndarray, prefix: str) -> dict:
+    """Means of episode_stats rows (every rank's), as `{prefix}/reward_mean` (the mean reward per
+    turn, each episode weighing the same) and `{prefix}/episode/...`."""
+    success = stats[:, 3][~np.isnan(stats[:, 3])]
+    episode = "episode" if prefix == "train" else f"{prefix}/episode"
+    return {f"{prefix}/reward_mean": float(stats[:, 0].mean()), f"{prefix}/reward_std": float(stats[:, 0].std()),
+            f"{episode}/return_mean": float(stats[:, 1].mean()), f"{episode}/turns_mean": float(stats[:, 2].mean()),
+            **({f"{episode}/success_rate": float(success.mean())} if len(success) else {})}
+
+
+class EpisodeCollector:
+    """An LMWorkload's rollouts and evaluation when its task is a text env (task.env): the same
+    prompt cursor, KL controller, baselines and seeds, over episodes instead of completions."""
+
+    def __init__(self, work):
+        self.work = work
+
+    def play(self, rows: list[dict], n: int, seed: int) -> tuple[list[Episode], Batch]:
+        """n episodes from each row's env seed, as a batch with the reference's log-probs."""
+        work = self.work
+        seeds = [int(r["env_seed"]) for r in rows for _ in range(n)]
+        with work.policy.gathered():
+            start = time.perf_counter()
+            episodes = play(work.policy, work.task.env, work.task.name, seeds, work.cfg, seed, n)
+            played = time.perf_counter()
+            batch = to_batch(episodes, work.policy.tokenizer.pad_token_id, work.placement.device)
+            if work.placement.mixed:  # sampled under autocast: the old log-probs come from the training pass
+                batch = batch.replace(log_prob=work.policy.log_prob(batch))
+            ref = work.policy.reference_log_prob(batch) if work.policy.reference is not None else batch.log_prob
+        work.sample_times = {"time/generate_s": played - start, "time/reference_s": time.perf_counter() - played}
+        return episodes, batch.replace(ref_log_prob=ref)
+
+    def collect(self) -> tuple[Batch, dict]:
+        """This rank's block of the step's env seeds, samples_per_prompt episodes each (the group of
+        the rloo and group baselines); statistics over every rank's episodes."""
+        work, cfg = self.work, self.work.cfg
+        start = time.perf_counter()
+        row_ids = work.cursor.take(cfg.prompts_per_step)
+        lo, hi = dist.share(cfg.prompts_per_step)
+        rows = [work.task.rows("train")[i] for i in row_ids[lo:hi]]
+        episodes, batch = self.play(rows, cfg.samples_per_prompt, seed=work.seed * 1_000_003 + work.steps)
+        work.steps += 1
+        B, device = len(episodes), batch.mask.device
+        kl = ((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1)                    # (B,)
+        rewards = batch.rewards                                                              # (B, T)
+        if cfg.kl_in == "reward" and work.kl.coef:
+            estimate = KL_ESTIMATORS[cfg.kl_estimator](batch.ref_log_prob - batch.log_prob)  # (B, T)
+            rewards = rewards - work.kl.coef * estimate * batch.mask
+        values = next_values = None
+        if work.policy.value_head is not None:
+            with torch.no_grad():
+                raw = work.policy.values(batch)                                             # (B, T)
+            values = raw * batch.mask
+            rows_ = torch.arange(B, device=device)
+            finals = torch.tensor([e.ends[-1] for e in episodes], device=device)            # (B,)
+            next_values = torch.zeros_like(values)
+            next_values[rows_, finals] = raw[rows_, bootstrap_positions(episodes).to(device)]
+        group = torch.arange(hi - lo, device=device).repeat_interleave(cfg.samples_per_prompt)
+        baseline = torch.full((B,), work.moving_baseline, device=device)
+        batch = batch.replace(rewards=rewards, values=values, next_values=next_values, group=group,
+                              baseline=baseline, kl_coef=work.kl.coef)
+        stats = dist.gather_rows(episode_stats(episodes, kl))                               # (B_global, 6)
+        scores = dist.gather_rows((rewards * batch.mask).sum(1).float().cpu().numpy().astype(np.float64))
+        work._last_scores, work._last_kl = torch.from_numpy(scores), torch.from_numpy(stats[:, 5])
+        return batch, {
+            **episode_metrics(stats, "train"), "kl/to_reference": float(stats[:, 5].mean()), "kl/coef": work.kl.coef,
+            "train/completion_length": float(stats[:, 4].mean()), **work.sample_times,
+            "time/collect_s": time.perf_counter() - start,
+            "time/tokens_per_s": float(stats[:, 4].sum()) / max(work.sample_times["time/generate_s"], 1e-9)}
+
+    def evaluate(self, split: str, out_dir: Optional[Path] = None) -> dict:
+        """One episode per held-out env seed (a fixed sampling seed per chunk), over the ranks as
+        LMWorkload.evaluate: mean reward per turn, return, turns, success rate, KL."""
+        work = self.work
+        rows = work.task.rows(split)
+        if split == "validation":
+            rows = rows[:work.cfg.eval_prompts]
+        size, mine = work.cfg.completions_per_step, []
+        for start in range(0, len(rows), size)[dist.rank()::dist.world()]:
+            episodes, batch = self.play(rows[start:start + size], 1, seed=10_000_019 + start)
+            kl = ((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1)
+            mine.append((start, episode_stats(episodes, kl).tolist(), [e.as_sample() for e in episodes]))
+        chunks = sorted((c for part in dist.gather_objects(mine) for c in part), key=lambda c: c[0])
+        stats = np.array([row for c in chunks for row in c[1]], dtype=np.float64).reshape(-1, 6)
+        samples = [s for c in chunks for s in c[2]]
+        if out_dir is not None and dist.is_main():
+            folder = out_dir / "samples"
+            folder.mkdir(exist_ok=True)
+            with open(folder / f"{split}-step{work.steps:05d}.jsonl", "w", encoding="utf-8") as f:
+                for s in samples:
+                    f.write(json.dumps(s, ensure_ascii=False) + "\n")
+        prefix = "eval" if split == "validation" else split
+        return {**episode_metrics(stats, prefix), f"{prefix}/kl_to_reference": float(stats[:, 5].mean()),
+                f"{prefix}/n": len(stats), **({"samples": samples} if out_dir is None else {})}

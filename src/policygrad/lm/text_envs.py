@@ -1,0 +1,118 @@
+"""Built-in multi-turn tasks: text Gymnasium envs, deterministic by seed.
+
+- `guess-number`: the env holds a number in 1..n and answers "Higher." or "Lower."; reward 1 when
+  guessed, minus turn_cost every turn (a reply without a number is a wasted turn).
+- `dialogue`: a scripted user asks for something, then asks two follow-ups built from the model's
+  own words; every reply is scored by a reward spec (VADER positivity by default).
+"""
+from __future__ import annotations
+
+import re
+import string
+from typing import Any, Optional
+
+import gymnasium as gym
+from gymnasium import spaces
+
+from .rewards import RewardSet, build
+from .tasks import BUILTIN_ENVS, Task, TaskError, env_task
+
+
+def _text_space() -> spaces.Text:
+    return spaces.Text(max_length=100_000, charset=string.printable)
+
+
+class GuessNumber(gym.Env):
+    """Find the hidden number from "Higher."/"Lower." answers."""
+    metadata: dict = {}
+
+    def __init__(self, n: int = 32, turn_cost: float = 0.05):
+        if not isinstance(n, int) or n < 2:
+            raise TaskError(f"guess-number: n must be a whole number >= 2; got {n!r}")
+        self.n, self.turn_cost = n, float(turn_cost)
+        self.observation_space, self.action_space = _text_space(), _text_space()
+        self.target = 1
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        super().reset(seed=seed)
+        self.target = int(self.np_random.integers(1, self.n + 1))
+        return (f"I am thinking of a whole number from 1 to {self.n}. Guess it: reply with one number, and I "
+                "will tell you if mine is higher or lower."), {}
+
+    def step(self, action: str):
+        found = re.search(r"-?\d+", action)
+        if found is None:
+            return (f"That is not a number. Reply with one number from 1 to {self.n}.", -self.turn_cost,
+                    False, False, {"success": False})
+        guess = int(found.group())
+        if guess == self.target:
+            return "Correct!", 1.0 - self.turn_cost, True, False, {"success": True}
+        answer = "Higher." if self.target > guess else "Lower."
+        return answer, -self.turn_cost, False, False, {"success": False}
+
+
+TOPICS = ["the ocean", "a summer garden", "your favourite city", "a good breakfast", "learning to cook",
+          "a rainy afternoon", "an old bookshop", "a mountain walk", "a new puppy", "a birthday party",
+          "a long train ride", "the night sky", "a small village", "a friendly neighbour", "a jazz concert",
+          "a winter morning", "a picnic by the lake", "your first bicycle", "a quiet library", "a market square"]
+OPENERS = ["Tell me about {topic}.", "What do you think of {topic}?", "Describe {topic} for me.",
+           "Write a few sentences about {topic}."]
+FOLLOW_UPS = ["You mentioned '{word}'. Can you say more about it?", "Why '{word}'? Tell me more.",
+              "What comes to mind with '{word}'?"]
+
+
+class Dialogue(gym.Env):
+    """A scripted user: a request about a topic, then follow-ups on a word of the model's reply."""
+    metadata: dict = {}
+
+    def __init__(self, reward: Any = "vader", turns: int = 3):
+        if not isinstance(turns, int) or turns < 1:
+            raise TaskError(f"dialogue: turns must be a whole number >= 1; got {turns!r}")
+        self.rewards = RewardSet([build(reward)])
+        self.turns = turns
+        self.observation_space, self.action_space = _text_space(), _text_space()
+        self.asked, self.turn = "", 0
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        super().reset(seed=seed)
+        topic = TOPICS[int(self.np_random.integers(len(TOPICS)))]
+        self.asked = OPENERS[int(self.np_random.integers(len(OPENERS)))].format(topic=topic)
+        self.turn = 0
+        return self.asked, {}
+
+    def step(self, action: str):
+        reward = float(self.rewards([self.asked], [action], {})[0])
+        self.turn += 1
+        if self.turn >= self.turns:
+            return "", reward, True, False, {}
+        words = sorted({w.lower() for w in re.findall(r"[A-Za-z]{4,}", action)})
+        if words:  # a word of the reply, picked by the env's seeded stream: the next question depends on it
+            word = words[int(self.np_random.integers(len(words)))]
+            self.asked = FOLLOW_UPS[int(self.np_random.integers(len(FOLLOW_UPS)))].format(word=word)
+        else:
+            self.asked = "I did not follow. Can you say that again in other words?"
+        return self.asked, reward, False, False, {}
+
+
+ENV_CLASSES = {"guess-number": GuessNumber, "dialogue": Dialogue}
+# Run settings each task starts from (below the user's own).
+ENV_DEFAULTS: dict[str, dict[str, Any]] = {
+    "guess-number": {"max_turns": 6, "max_new_tokens": 8, "max_episode_tokens": 256, "prompts_per_step": 4,
+                     "samples_per_prompt": 4, "kl_coef": 0.05},
+    "dialogue": {"max_turns": 3, "max_new_tokens": 32, "max_episode_tokens": 512, "prompts_per_step": 4,
+                 "samples_per_prompt": 4, "kl_coef": 0.1},
+}
+
+
+def builtin_task(kind: str, env_kwargs: Optional[dict] = None, overrides: Optional[dict] = None,
+                 name: Optional[str] = None) -> Task:
+    """A built-in multi-turn task, its env made with env_kwargs (a task YAML's `env: dialogue` with
+    `env_kwargs: {reward: ...}`), its defaults under the YAML's own keys."""
+    assert kind in BUILTIN_ENVS
+    cls, kwargs = ENV_CLASSES[kind], dict(env_kwargs or {})
+    try:
+        cls(**kwargs)  # a bad argument fails here, in one line, before any run starts
+    except TypeError as e:
+        raise TaskError(f"{kind}: bad env_kwargs ({e})") from None
+    task = env_task(lambda: cls(**kwargs), kind, defaults={**ENV_DEFAULTS[kind], **(overrides or {})})
+    return task if name is None else Task(name, task.splits, task.rewards, task.defaults, env=task.env)

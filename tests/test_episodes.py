@@ -1,0 +1,335 @@
+"""Multi-turn episodes (lm/episodes.py): conversations kept as sampled token ids, model-token masks,
+per-turn rewards, and credit assignment over turns from the core's GAE and returns."""
+import json
+import sys
+
+import gymnasium as gym
+import pytest
+import torch
+
+import policygrad
+from policygrad.batch import Batch
+from policygrad.cli import main
+from policygrad.config import resolve
+from policygrad.core import advantages as adv
+from policygrad.lm import episodes, tasks
+from policygrad.lm.generation import Generated
+from policygrad.lm.rollout import LMWorkload
+from policygrad.lm.text_envs import Dialogue, GuessNumber
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+ENV_MODULE = '''
+import math, os
+import gymnasium as gym
+
+class Three(gym.Env):
+    """Three turns: 'one', 'two', then 'bye' and terminated; reward = the turn number."""
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.k, self.seed = 0, seed
+        return f"Start {seed % 5}", {}
+    def step(self, action):
+        self.k += 1
+        if os.environ.get("THREE_BOOM_HELD_OUT") and self.seed >= 1_000_000 and self.k == 2:
+            raise RuntimeError("the server went away")
+        return ["one", "two", "bye"][self.k - 1], float(self.k), self.k == 3, False, {"success": self.k == 3}
+
+class RaisesAtReset(gym.Env):
+    def reset(self, *, seed=None, options=None):
+        raise ConnectionError("no game server")
+    def step(self, action):
+        return "", 0.0, True, False, {}
+
+class NumberObs(Three):
+    def step(self, action):
+        return 42, 0.0, False, False, {}
+
+class NanReward(Three):
+    def step(self, action):
+        return "again", math.nan, False, False, {}
+
+class Endless(Three):
+    def step(self, action):
+        return "go on", 0.1, False, False, {}
+'''
+
+
+@pytest.fixture(scope="module")
+def chat_lm(tmp_path_factory):
+    """The tiny LM with a chat template (its own turn markers, <eos> ending each turn)."""
+    from lm_helpers import make_tiny_lm
+    from transformers import AutoTokenizer
+    path = make_tiny_lm(tmp_path_factory.mktemp("chat") / "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def env_module(tmp_path, monkeypatch):
+    (tmp_path / "three_env.py").write_text(ENV_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("three_env", None)
+    yield tmp_path
+    sys.modules.pop("three_env", None)
+
+
+def config(model, task, **overrides):
+    values = {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 5, "eval_prompts": 2,
+              "logprob_chunk": 4, "lr": 1e-3, **overrides}
+    return resolve({}, values, {"task": task, "model": str(model), "algo": overrides.get("algo", "reinforce")})
+
+
+def scripted_replies(work, replies: list[list[int]]):
+    """Replace sampling with fixed token ids per turn (the same for every episode), recording what
+    each turn's generation returned."""
+    given = []
+
+    def generate_ids(contexts, cfg, seed, max_new_tokens, samples_per_prompt=1):
+        ids = replies[len(given)]
+        tokens = torch.tensor([ids] * len(contexts))
+        mask = work.policy.completion_mask(tokens)
+        log_prob = -torch.arange(1, len(ids) + 1, dtype=torch.float32).expand(len(contexts), -1) * mask
+        given.append(tokens)
+        return Generated(tokens=tokens, mask=mask, log_prob=log_prob)
+    work.policy.generate_ids = generate_ids
+    return given
+
+
+# --- the conversation as token ids ------------------------------------------------------------
+def test_sampled_ids_are_kept_and_the_conversation_is_the_templates(chat_lm, env_module):
+    work = LMWorkload(config(chat_lm, "three_env:Three"), seed=0)
+    tok = work.policy.tokenizer
+    eos = tok.eos_token_id
+    # turn 1 ends with the model's own <eos>; turn 2 is cut by max_new_tokens (no <eos>); turn 3 <eos>
+    replies = [tok("hi")["input_ids"] + [eos], tok("abcde")["input_ids"], tok("ok")["input_ids"] + [eos]]
+    given = scripted_replies(work, replies)
+    played, batch = work.episodes.play([{"env_seed": 3}], 1, seed=0)
+    e = played[0]
+    assert len(e.ends) == 3 and e.terminated and not e.truncated and e.rewards == [1.0, 2.0, 3.0]
+    # each turn's sampled ids appear unchanged at that turn's model-token positions, and only there
+    for k, tokens in enumerate(given):
+        at = [i for i, (m, t) in enumerate(zip(e.model, e.turn)) if m and t == k]
+        assert [e.ids[i] for i in at] == tokens[0].tolist()
+    # the whole conversation, decoded, is the chat template's rendering of it
+    messages = [{"role": "user", "content": "Start 3"}, {"role": "assistant", "content": "hi"},
+                {"role": "user", "content": "one"}, {"role": "assistant", "content": "abcde"},
+                {"role": "user", "content": "two"}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "bye"}]
+    assert e.messages == messages
+    assert tok.decode(e.prompt_ids + e.ids) == tok.apply_chat_template(messages, tokenize=False)
+    # batch layout: mask on the model's tokens only, rewards on each turn's last model token
+    assert batch.mask[0].tolist() == [float(m) for m in e.model]
+    assert batch.actions[0].tolist() == e.ids
+    assert [i for i, r in enumerate(batch.rewards[0].tolist()) if r] == e.ends
+    assert batch.rewards[0, e.ends].tolist() == [1.0, 2.0, 3.0]
+    assert batch.terminated[0].sum() == 1 and batch.terminated[0, e.ends[-1]] == 1 and batch.truncated.sum() == 0
+    assert batch.turn[0].tolist() == e.turn and set(e.turn) == {0, 1, 2}
+    # environment tokens carry no log-prob, so no loss, KL or entropy
+    assert torch.all(batch.log_prob[0][batch.mask[0] == 0] == 0)
+
+
+def test_an_episode_that_spends_its_token_budget_is_truncated(chat_lm, env_module):
+    work = LMWorkload(config(chat_lm, "three_env:Endless", max_episode_tokens=80, max_turns=20), seed=0)
+    played, batch = work.episodes.play([{"env_seed": 1}], 1, seed=0)
+    e = played[0]
+    assert e.truncated and not e.terminated and len(e.ids) <= 80 + 40  # the env's last answer may pass it
+    assert 1 < len(e.ends) < 20 and batch.truncated[0, e.ends[-1]] == 1
+
+
+def test_a_user_env_with_three_turns_runs_three_turns_and_trains(chat_lm, env_module):
+    cfg = config(chat_lm, "three_env:Three", max_turns=8)
+    work = LMWorkload(cfg, seed=0)
+    batch, metrics = work.collect()
+    assert metrics["episode/turns_mean"] == 3.0 and metrics["episode/return_mean"] == 6.0
+    assert metrics["episode/success_rate"] == 1.0 and metrics["train/reward_mean"] == 2.0
+    assert batch.turn is not None and batch.shape[0] == 4
+    result = policygrad.train(algo="reinforce", model=str(chat_lm), task="three_env:Three", total_steps=2,
+                              prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4, eval_prompts=2,
+                              eval_every=1, progress=False, out=None)
+    assert result.history[-1]["update"] == 2 and result.history[-1]["eval/episode/turns_mean"] == 3.0
+    test = policygrad.evaluate(result, split="test")
+    assert test.n == 100 and test.episode["turns_mean"] == 3.0
+    assert test.samples[0]["turns"] == 3 and test.samples[0]["conversation"][-1]["content"] == "bye"
+
+
+def test_an_env_object_from_python_is_a_task(tiny_lm):
+    class Echo(gym.Env):
+        def reset(self, *, seed=None, options=None):
+            self.left = 2
+            return f"Say {seed % 3} twice.", {}
+
+        def step(self, action):
+            self.left -= 1
+            return "again", float(len(action) > 1), self.left == 0, False, {}
+    for env in (Echo, Echo()):  # a class (factory) or an instance (copied for each episode)
+        result = policygrad.train(algo="ppo", model=str(tiny_lm), task=env, total_steps=1, prompts_per_step=2,
+                                  samples_per_prompt=2, max_new_tokens=3, eval_prompts=2, batch_size=4,
+                                  progress=False, out=None)
+        assert result.history[0]["episode/turns_mean"] == 2.0
+
+
+# --- credit assignment over turns -------------------------------------------------------------
+def hand_batch(truncated_second: bool = True) -> Batch:
+    """Episode 0: 3 turns, terminated; episode 1: 2 turns and a final answer, truncated (bootstrap
+    0.5) or terminated. Tokens: m = the model's, e = the environment's."""
+    #            turn: 0  0  0  1  1  1  2  2          0  0  1  1  1  pad pad pad
+    model = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1], [1, 0, 1, 1, 0, 0, 0, 0]], dtype=torch.float32)
+    turn = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2], [0, 0, 1, 1, 1, -1, -1, -1]])
+    rewards = torch.zeros(2, 8)
+    rewards[0, [1, 3, 7]] = torch.tensor([0.0, -0.5, 1.0])
+    rewards[1, [0, 3]] = torch.tensor([0.2, 0.3])
+    values = torch.zeros(2, 8)
+    values[0, [1, 3, 7]] = torch.tensor([0.4, 0.6, 0.8])
+    values[1, [0, 3]] = torch.tensor([0.1, 0.7])
+    values[0, [0, 6]] = 9.0  # a turn's earlier tokens: never read
+    next_values = torch.zeros(2, 8)
+    next_values[1, 3] = 0.5
+    terminated, truncated = torch.zeros(2, 8), torch.zeros(2, 8)
+    terminated[0, 7] = 1.0
+    (truncated if truncated_second else terminated)[1, 3] = 1.0
+    return Batch(obs=torch.zeros(2, 8), actions=torch.zeros(2, 8, dtype=torch.long), log_prob=torch.zeros(2, 8),
+                 rewards=rewards, terminated=terminated, truncated=truncated, mask=model, values=values * model,
+                 next_values=next_values, turn=turn, group=torch.tensor([0, 0]), baseline=torch.zeros(2))
+
+
+class Cfg:
+    gamma, gae_lambda, baseline, turn_advantage, advantage, normalize_advantages = 0.9, 0.8, "none", "gae", "gae", False
+
+
+def test_turn_view_gathers_each_turns_reward_value_and_end():
+    view = adv.turn_view(hand_batch())
+    assert view["last"].tolist() == [[1, 3, 7], [0, 3, -1]]
+    assert torch.allclose(view["rewards"], torch.tensor([[0.0, -0.5, 1.0], [0.2, 0.3, 0.0]]))
+    assert torch.allclose(view["values"], torch.tensor([[0.4, 0.6, 0.8], [0.1, 0.7, 0.0]]))
+    assert torch.allclose(view["next_values"], torch.tensor([[0.6, 0.8, 0.0], [0.7, 0.5, 0.0]]))
+    assert view["terminated"].tolist() == [[0, 0, 1], [0, 0, 0]] and view["truncated"].tolist() == [[0, 0, 0], [0, 1, 0]]
+
+
+@pytest.mark.parametrize("truncated_second, second", [(True, [0.766, 0.05]), (False, [0.442, -0.4])])
+def test_gae_over_turns_equals_the_hand_table_and_control_gae(truncated_second, second):
+    batch = hand_batch(truncated_second)
+    out = adv.compute(batch, Cfg())
+    # hand: gamma 0.9, lambda 0.8. Episode 0 (terminated): deltas 0.14, -0.38, 0.2 -> A = -0.02992,
+    # -0.236, 0.2. Episode 1: truncated bootstraps from 0.5 (deltas 0.73, 0.05), terminated does
+    # not (0.73, -0.4).
+    first = [-0.02992, -0.236, 0.2]
+    expected = torch.tensor([[first[0], first[0], 0, first[1], 0, 0, first[2], first[2]],
+                             [second[0], 0, second[1], second[1], 0, 0, 0, 0]])
+    assert torch.allclose(out.advantages, expected, atol=1e-6)
+    # the control estimator on the same numbers, turns as steps (B, K)
+    view = adv.turn_view(batch)
+    control = Batch(obs=torch.zeros(2, 3), actions=torch.zeros(2, 3), log_prob=torch.zeros(2, 3),
+                    rewards=view["rewards"], terminated=view["terminated"], truncated=view["truncated"],
+                    mask=view["valid"], values=view["values"], next_values=view["next_values"])
+    control_adv, control_ret = adv.ADVANTAGES["gae"](control, Cfg())
+    assert torch.allclose(out.advantages, (control_adv * view["valid"]).gather(1, batch.turn.clamp(min=0)) * batch.mask)
+    assert torch.allclose(control_adv[0], torch.tensor(first), atol=1e-6)
+
+
+def test_discounted_and_outcome_over_turns_equal_the_hand_table():
+    batch = hand_batch()
+    cfg = Cfg()
+    cfg.turn_advantage = "discounted"
+    out = adv.compute(batch, cfg)
+    # G: episode 0: 0.36, 0.4, 1.0; episode 1 (truncated, no critic: bootstrap 0): 0.47, 0.3
+    assert torch.allclose(out.advantages[0, [1, 3, 7]], torch.tensor([0.36, 0.4, 1.0]))
+    assert torch.allclose(out.advantages[1, [0, 3]], torch.tensor([0.47, 0.3]))
+    cfg.baseline = "rloo"  # the other episode from the same seed's return from its first turn
+    out = adv.compute(batch, cfg)
+    assert torch.allclose(out.advantages[0, [1, 3, 7]], torch.tensor([0.36, 0.4, 1.0]) - 0.47)
+    cfg.turn_advantage, cfg.baseline = "outcome", "none"
+    out = adv.compute(batch, cfg)
+    assert torch.allclose(out.advantages[0][batch.mask[0] > 0], torch.full((5,), 0.5))
+    assert torch.allclose(out.advantages[1][batch.mask[1] > 0], torch.full((3,), 0.5))
+    assert torch.all(out.advantages[batch.mask == 0] == 0)
+
+
+def test_one_turn_outcome_equals_the_single_turn_sequence_advantage():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float32)
+    rewards = torch.randn(4, 4) * mask
+    single = Batch(obs=torch.zeros(4, 4), actions=torch.zeros(4, 4), log_prob=torch.zeros(4, 4), rewards=rewards,
+                   terminated=torch.zeros(4, 4), truncated=torch.zeros(4, 4), mask=mask,
+                   group=torch.tensor([0, 0, 1, 1]), baseline=torch.zeros(4))
+    episodic = single.replace(turn=torch.where(mask > 0, 0, -1))
+    for baseline in ("none", "rloo", "group"):
+        cfg = Cfg()
+        cfg.turn_advantage, cfg.advantage, cfg.baseline, cfg.normalize_advantages = "outcome", "sequence", baseline, True
+        assert torch.allclose(adv.compute(episodic, cfg).advantages, adv.compute(single, cfg).advantages, atol=1e-6)
+
+
+# --- built-in tasks ---------------------------------------------------------------------------
+def test_guess_number_answers_higher_lower_and_ends_when_guessed():
+    env = GuessNumber(n=32)
+    env.reset(seed=5)
+    target = env.target
+    assert env.reset(seed=5)[0] and env.target == target  # deterministic by seed
+    assert env.step("I think 0")[:4] == ("Higher.", -0.05, False, False)
+    assert env.step("hmm")[1] == -0.05 and "not a number" in env.step("hmm")[0]
+    obs, reward, terminated, _, info = env.step(f"It is {target}.")
+    assert (obs, reward, terminated, info["success"]) == ("Correct!", 0.95, True, True)
+
+
+def test_dialogue_asks_about_a_word_of_the_reply_and_scores_each_turn():
+    env = Dialogue()
+    first, _ = env.reset(seed=2)
+    assert first == Dialogue().reset(seed=2)[0]
+    obs, reward, terminated, _, _ = env.step("I love wonderful gardens")
+    assert reward > 0.5 and not terminated and any(w in obs for w in ("love", "wonderful", "gardens"))
+    env.step("It is terrible and sad.")
+    assert env.step("ok")[2] is True  # three turns
+    task = tasks.load("dialogue", set())
+    assert task.env is not None and task.defaults["max_turns"] == 3
+    assert {r["env_seed"] for r in task.rows("train")}.isdisjoint(r["env_seed"] for r in task.rows("test"))
+
+
+def test_a_task_yaml_names_an_env_with_its_arguments(tmp_path):
+    (tmp_path / "t.yaml").write_text("env: dialogue\nenv_kwargs: {reward: length, turns: 2}\nmax_new_tokens: 9\n")
+    task = tasks.load(str(tmp_path / "t.yaml"), {"max_new_tokens"})
+    assert task.defaults["max_new_tokens"] == 9 and task.env().turns == 2
+    (tmp_path / "bad.yaml").write_text("env: dialogue\nenv_kwargs: {colour: red}\n")
+    with pytest.raises(tasks.TaskError, match="bad env_kwargs"):
+        tasks.load(str(tmp_path / "bad.yaml"), set())
+
+
+# --- bad input: one line naming the env and the turn, exit 2, nothing lost ----------------------
+@pytest.mark.parametrize("env, words", [
+    ("RaisesAtReset", "reset(seed=0) raised ConnectionError: no game server"),
+    ("NumberObs", "step at turn 1 returned an observation of type int"),
+    ("NanReward", "step at turn 1 returned the reward nan"),
+    ("Missing", "not found"),
+])
+def test_a_misbehaving_env_is_one_line_and_exit_2(env, words, chat_lm, env_module, capsys):
+    code = main(["train", "--algo", "reinforce", "--task", f"three_env:{env}", "--model", str(chat_lm),
+                 "--steps", "1", "--no-progress", "--out", str(env_module / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("policygrad: error:") and words in err[0], err
+    assert f"three_env:{env}" in err[0]
+
+
+def test_an_env_that_never_ends_is_cut_at_max_turns(chat_lm, env_module):
+    work = LMWorkload(config(chat_lm, "three_env:Endless", max_turns=4), seed=0)
+    batch, metrics = work.collect()
+    assert metrics["episode/turns_mean"] == 4.0 and batch.truncated.sum() == 4 and batch.terminated.sum() == 0
+
+
+def test_an_env_raising_mid_run_keeps_the_steps_done(chat_lm, env_module, monkeypatch, capsys):
+    out = env_module / "run"
+    args = ["train", "--algo", "reinforce", "--task", "three_env:Three", "--model", str(chat_lm), "--steps", "3",
+            "--no-progress", "--out", str(out), "max_new_tokens=3", "checkpoint_every=1", "eval_every=2"]
+    monkeypatch.setenv("THREE_BOOM_HELD_OUT", "1")  # validation episodes fail at their second turn
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "step at turn 2 raised RuntimeError: the server went away" in err[0], err
+    done = [json.loads(line)["update"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert done and max(done) >= 1
+    monkeypatch.delenv("THREE_BOOM_HELD_OUT")
+    assert main(args) == 0  # the same command resumes from the last checkpoint and finishes
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows if "train/reward_mean" in r] == [1, 2, 3]
+    assert json.loads((out / "final_eval.json").read_text())["test/episode/turns_mean"] == 3.0
