@@ -32,6 +32,9 @@ CASES = {
     "lm-trpo-ptx": ("trpo", {"fvp_fraction": 0.5, "micro_batch_size": 2, "ptx_coef": 0.5, "ptx_batch_size": 5}),
     "lm-fsdp-ppo-ptx": ("ppo", {"shard": "fsdp", "batch_size": 4, "n_epochs": 1, "share_prompts": False,
                                 "micro_batch_size": 2, "ptx_coef": 0.5, "ptx_batch_size": 5}),
+    # multi-turn episodes (guess-number): GAE over turns from the value head
+    "lm-ppo-turns": ("ppo", {"task": "guess-number", "use_value_head": True, "batch_size": 4, "n_epochs": 2,
+                             "max_turns": 3, "max_new_tokens": 4}),
     # control: rows are environments, minibatches are drawn from transitions
     "ctl-reinforce": ("reinforce", {}),
     "ctl-ppo": ("ppo", {"batch_size": 16, "n_epochs": 2}),
@@ -46,6 +49,8 @@ def case_config(name: str, lm_paths: tuple[str, str]):
     if name.startswith("lm-"):
         model, task = lm_paths
         ptx = {"ptx_data": str(write_ptx_data(Path(task).parent))} if "ptx_coef" in extra else {}
+        extra = dict(extra)
+        task = extra.pop("task", task)
         return config_mod.resolve({}, {**LM_OVERRIDES, **extra, **ptx}, {"algo": algo, "task": task, "model": model})
     return config_mod.resolve({}, {"num_envs": 4, "n_steps": 16, "normalize_obs": True, **extra},
                               {"algo": algo, "env": "CartPole-v1"})

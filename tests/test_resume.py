@@ -121,6 +121,30 @@ def test_lm_run_killed_three_times_ends_identical_to_uninterrupted(lm_task, tmp_
     assert r.returncode == 0 and "already complete" in r.stderr
 
 
+def test_multi_turn_run_killed_three_times_ends_identical_to_uninterrupted(lm_task, tmp_path):
+    """Episodes of guess-number (env seeds from the cursor, a sampling seed per turn), GAE over
+    turns from a value head: the same bit-for-bit guarantee as single-turn runs."""
+    folder, model = lm_task
+    steps = 8
+    args = ["--algo", "ppo", "--task", "guess-number", "--model", model, "--steps", steps, "--seed", 3,
+            "--no-progress", "checkpoint_every=2", "eval_every=3", "use_value_head=true", "adaptive_kl=true",
+            "batch_size=2", "n_epochs=2", "prompts_per_step=2", "samples_per_prompt=2", "max_turns=3",
+            "max_new_tokens=4", "eval_prompts=3"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    r = subprocess.run(cli("train", "--out", straight, *args), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    log = interrupted_run(cli("train", "--out", broken, *args), broken, steps,
+                          [cli("train", "--resume", broken, "--no-progress"), cli("train", "--out", broken, *args)])
+    context = f"POLICYGRAD_KILL_SEED={KILL_SEED}: " + "; ".join(log)
+    rows = rows_without_timings(straight)
+    assert rows_without_timings(broken) == rows, context
+    assert any("eval/episode/turns_mean" in r for r in rows) and all("episode/turns_mean" in r for r in rows
+                                                                     if "train/reward_mean" in r)
+    for name in ("policy/model.safetensors", "model.safetensors"):
+        a, b = load_file(latest_checkpoint(straight) / name), load_file(latest_checkpoint(broken) / name)
+        assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs; {context}"
+
+
 def test_control_run_killed_three_times_keeps_its_counters(tmp_path):
     updates = 16
     args = ["--algo", "ppo", "--env", "CartPole-v1", "--total-steps", updates * 128, "--seed", 2, "--no-progress",
