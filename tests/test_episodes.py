@@ -357,3 +357,21 @@ def test_every_algorithm_trains_on_episodes_with_every_credit_assignment(algo, t
     moved = [k for k, v in work.policy.named_parameters() if v.requires_grad and not torch.equal(v, before[k])]
     assert any(k.startswith("model.") for k in moved)
     assert ("value_head.weight" in moved) == (turn_advantage == "gae")
+
+
+def test_sample_and_eval_vs_base_show_whole_conversations(chat_lm, env_module, capsys):
+    out = env_module / "run"
+    assert main(["train", "--algo", "reinforce", "--task", "three_env:Three", "--model", str(chat_lm), "--steps", "1",
+                 "--no-progress", "--out", str(out), "max_new_tokens=3", "eval_every=0"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(out), "--env-seed", "7", "--env-seed", "8", "-n", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 4 and lines[0]["rewards"] == [1.0, 2.0, 3.0]
+    assert [m["role"] for m in lines[0]["conversation"]] == ["user", "assistant"] * 3 + ["user"]
+    assert lines[0]["conversation"][0]["content"] == "Start 2"
+    assert main(["sample", str(out), "--prompt", "hello"]) == 2
+    assert "give env seeds (--env-seed N)" in capsys.readouterr().err
+    assert main(["eval", str(out), "--vs-base", "--split", "validation"]) == 0
+    printed = capsys.readouterr().out
+    assert "turns_mean" in printed and "[assistant]" in printed and "[user] one" in printed
+    assert json.loads(printed.splitlines()[-1])["episode"]["success_rate"] == 1.0

@@ -296,21 +296,31 @@ def check_sampling(n: int, temperature: Optional[float], top_p: Optional[float],
         raise UsageError(f"top_k (--top-k) must be >= 0 (0: no limit); got {top_k}")
 
 
-def sample(run: Any, prompts: Union[str, Sequence[Union[str, dict]]], *, n: int = 1, seed: int = 0,
+def sample(run: Any, prompts: Union[str, Sequence[Union[str, dict]], None] = None, *, n: int = 1, seed: int = 0,
            temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
-           checkpoint: str = "latest", device: Optional[str] = None) -> list[Sample]:
+           checkpoint: str = "latest", device: Optional[str] = None,
+           env_seeds: Optional[Sequence[int]] = None) -> list[Sample]:
     """n completions of each prompt (a string, or a row with chat `messages`) from a trained
     language-model run (a TrainResult or a run folder); sampling settings default to the run's.
-    Truncated sampling (top_p, top_k) is for reading completions only; training refuses it."""
+    Truncated sampling (top_p, top_k) is for reading completions only; training refuses it. A
+    multi-turn run (a text env's task) plays n whole episodes from each of env_seeds instead."""
     check_sampling(n, temperature, top_p, top_k)
     if _is_name(run) and (not Path(run).is_dir() or checkpoint_mod.latest(Path(run)) is None):
         raise UsageError(f"'{run}' is not a run folder with a checkpoint")
     work, cfg = _run_workload(run, checkpoint, device)
     if not cfg.is_lm:
         raise UsageError(f"run '{run}' trained a control policy; `sample` is for language models")
-    rows = [p if isinstance(p, dict) else {"prompt": p} for p in ([prompts] if isinstance(prompts, str) else prompts)]
     given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
     sampling = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    if (work.episodes is not None) != (env_seeds is not None) or (prompts is None) == (env_seeds is None):
+        raise UsageError(f"run '{run}' plays a text env's episodes: give env seeds (--env-seed N), not prompts"
+                         if work.episodes is not None else
+                         f"run '{run}' answers prompts: give prompts (--prompt TEXT); env seeds are for multi-turn runs")
+    if env_seeds is not None:
+        played, _ = work.episodes.play([{"env_seed": int(s)} for s in env_seeds], n, seed, sampling)
+        return [Sample(**{k: e.as_sample()[k] for k in ("prompt", "completion", "conversation")},
+                       rewards=list(e.rewards)) for e in played]
+    rows = [p if isinstance(p, dict) else {"prompt": p} for p in ([prompts] if isinstance(prompts, str) else prompts)]
     texts = [work.policy.render(r) for r in rows for _ in range(n)]
     batch = work.policy.generate(texts, sampling, seed)
     from .lm.tasks import prompt_text

@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="language models: where to evaluate (default: the run's device key, auto)")
     sample = sub.add_parser("sample", help="sample completions from a trained language-model run")
     sample.add_argument("run", help="run folder of a language-model run")
-    sample.add_argument("--prompt", required=True, action="append", help="a prompt (repeatable)")
+    sample.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    sample.add_argument("--env-seed", type=int, action="append",
+                        help="a multi-turn run: play an episode from this env seed (repeatable)")
     sample.add_argument("-n", type=int, default=1, help="completions per prompt")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--temperature", type=float, help="sampling temperature (default: the run's)")
@@ -195,18 +197,24 @@ def print_vs_base(base, trained, checkpoint_name: str) -> None:
     print(f"{'':<16}{'base':>10}{'trained':>10}")
     for key in ("mean_reward", "std_reward", "kl_to_reference"):
         print(f"{key:<16}{getattr(base, key):>10.3f}{getattr(trained, key):>10.3f}")
+    for key in trained.episode:  # a multi-turn task's return, turns and success rate
+        print(f"{key:<16}{base.episode.get(key, float('nan')):>10.3f}{trained.episode[key]:>10.3f}")
     for before, after in list(zip(base.samples, trained.samples))[:3]:
         print(f"\nprompt:  {before['prompt']}\nbefore:  ({before['reward']:+.2f}) {before['completion']}"
               f"\nafter:   ({after['reward']:+.2f}) {after['completion']}")
     print(json.dumps({"checkpoint": checkpoint_name, "split": trained.split, "n": trained.n,
                       "base_mean_reward": base.mean_reward, "mean_reward": trained.mean_reward,
-                      "std_reward": trained.std_reward, "kl_to_reference": trained.kl_to_reference}))
+                      "std_reward": trained.std_reward, "kl_to_reference": trained.kl_to_reference,
+                      **({"base_episode": base.episode, "episode": trained.episode} if trained.episode else {})}))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     for s in api.sample(args.run, args.prompt, n=args.n, seed=args.seed, temperature=args.temperature,
-                        top_p=args.top_p, top_k=args.top_k, device=args.device):
-        print(json.dumps({"prompt": s.prompt, "completion": s.completion}, ensure_ascii=False))
+                        top_p=args.top_p, top_k=args.top_k, device=args.device, env_seeds=args.env_seed):
+        shown = {"prompt": s.prompt, "completion": s.completion}
+        if s.conversation is not None:
+            shown = {"conversation": s.conversation, "rewards": s.rewards}
+        print(json.dumps(shown, ensure_ascii=False))
     return 0
 
 

@@ -65,6 +65,11 @@ Evaluation = Union[LMEvaluation, ControlEvaluation]
 class Sample:
     prompt: str
     completion: str
+    """A multi-turn run's: the conversation after the first message, a `[role] text` line each."""
+    conversation: Optional[list[dict]] = None
+    """A multi-turn run's whole conversation ({role, content} messages)."""
+    rewards: Optional[list[float]] = None
+    """A multi-turn run's reward of each turn."""
 
 
 @dataclass

@@ -292,13 +292,14 @@ class EpisodeCollector:
     def __init__(self, work):
         self.work = work
 
-    def play(self, rows: list[dict], n: int, seed: int) -> tuple[list[Episode], Batch]:
-        """n episodes from each row's env seed, as a batch with the reference's log-probs."""
+    def play(self, rows: list[dict], n: int, seed: int, sampling=None) -> tuple[list[Episode], Batch]:
+        """n episodes from each row's env seed, as a batch with the reference's log-probs;
+        sampling: a config with other sampling settings (`sample`), else the run's."""
         work = self.work
         seeds = [int(r["env_seed"]) for r in rows for _ in range(n)]
         with work.policy.gathered():
             start = time.perf_counter()
-            episodes = play(work.policy, work.task.env, work.task.name, seeds, work.cfg, seed, n)
+            episodes = play(work.policy, work.task.env, work.task.name, seeds, sampling or work.cfg, seed, n)
             played = time.perf_counter()
             batch = to_batch(episodes, work.policy.tokenizer.pad_token_id, work.placement.device)
             if work.placement.mixed:  # sampled under autocast: the old log-probs come from the training pass

@@ -1,0 +1,130 @@
+"""Multi-turn episodes on the default model (CPU), three benchmarks; each prints one JSON line.
+
+- `dialogue`: REINFORCE with the defaults on the dialogue task (a scripted user, three turns, VADER
+  on every reply); the mean per-turn test reward must rise by 0.3 or more within 40 steps, with KL
+  below 5 nats per episode.
+- `guess-number`: one run per turn_advantage (outcome, discounted, gae), same algorithm, seed and
+  steps; the test success rate must at least double and rise by 15 points or more for at least one.
+- `speed`: a multi-turn training step (dialogue) against the sum of its generation passes plus one
+  forward/backward over its conversations; the ratio must stay at or below 1.3.
+
+Usage: .venv/bin/python benchmarks/multi_turn.py dialogue [--steps 40]
+       .venv/bin/python benchmarks/multi_turn.py guess-number [--steps 80] [--algo reinforce]
+                                                 [--turn-advantage outcome discounted gae]
+       .venv/bin/python benchmarks/multi_turn.py speed [--steps 3]
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from common import cpu_name, run_cli  # benchmarks/common.py
+
+GAIN, KL_LIMIT = 0.3, 5.0
+SUCCESS_RISE, SPEED_LIMIT = 0.15, 1.3
+
+
+def base_eval(task: str, model: str) -> dict:
+    return run_cli("eval", "--task", task, "--model", model, "--split", "test")
+
+
+def train_and_eval(task: str, model: str, out: Path, algo: str, steps: int, *keys: str) -> tuple[dict, float]:
+    start = time.perf_counter()
+    run_cli("train", "--algo", algo, "--task", task, "--model", model, "--out", str(out), "--steps", str(steps),
+            "--seed", "1", "--overwrite", "--no-progress", *keys)
+    wall = time.perf_counter() - start
+    return run_cli("eval", str(out), "--split", "test"), wall
+
+
+def dialogue(args) -> dict:
+    base = base_eval("dialogue", args.model)
+    trained, wall = train_and_eval("dialogue", args.model, Path(args.out) / "dialogue", "reinforce", args.steps)
+    gain = trained["mean_reward"] - base["mean_reward"]
+    return {"benchmark": "multi_turn_dialogue", "steps": args.steps, "algo": "reinforce",
+            "base_per_turn_reward": base["mean_reward"], "trained_per_turn_reward": trained["mean_reward"],
+            "gain": gain, "kl": trained["kl_to_reference"], "base_episode": base.get("episode"),
+            "trained_episode": trained.get("episode"), "threshold_gain": GAIN, "kl_limit": KL_LIMIT,
+            "passed": gain >= GAIN and trained["kl_to_reference"] < KL_LIMIT, "train_wall_s": wall}
+
+
+def guess_number(args) -> dict:
+    base = base_eval("guess-number", args.model)["episode"]
+    runs, passed = {}, []
+    for choice in args.turn_advantage:
+        critic = ["use_value_head=true", "advantage=gae"] if choice == "gae" else []
+        trained, wall = train_and_eval("guess-number", args.model, Path(args.out) / f"guess-{args.algo}-{choice}",
+                                       args.algo, args.steps, f"turn_advantage={choice}", *critic)
+        rate = trained["episode"]["success_rate"]
+        ok = rate >= 2 * base["success_rate"] and rate - base["success_rate"] >= SUCCESS_RISE
+        passed.append(ok)
+        runs[choice] = {"success_rate": rate, "return_mean": trained["episode"]["return_mean"],
+                        "turns_mean": trained["episode"]["turns_mean"], "kl": trained["kl_to_reference"],
+                        "passed": ok, "train_wall_s": wall}
+    return {"benchmark": "multi_turn_guess_number", "steps": args.steps, "algo": args.algo,
+            "base_success_rate": base["success_rate"], "base_return_mean": base["return_mean"],
+            "base_turns_mean": base["turns_mean"], "runs": runs, "threshold": "x2 and +0.15",
+            "passed": any(passed)}
+
+
+def speed(args) -> dict:
+    """Steps of dialogue timed whole (collect, advantages, update) and in parts: the generation
+    passes (policy.generate_ids) and one forward/backward over the step's conversations."""
+    import torch
+    from policygrad.algos import ALGOS, Progress
+    from policygrad.config import resolve
+    from policygrad.core import advantages
+    from policygrad.lm.rollout import LMWorkload
+    cfg = resolve({}, {}, {"algo": "reinforce", "task": "dialogue", "model": args.model})
+    work = LMWorkload(cfg, cfg.seed)
+    opts = ALGOS[cfg.algo].make_optimizers(work.policy, cfg)
+    generating = work.policy.generate_ids
+    spent = {"generate": 0.0}
+
+    def timed_generate(*a, **k):
+        start = time.perf_counter()
+        try:
+            return generating(*a, **k)
+        finally:
+            spent["generate"] += time.perf_counter() - start
+    work.policy.generate_ids = timed_generate
+    rows = []
+    for step in range(args.steps + 1):  # the first step warms up (allocator, kernels), not counted
+        spent["generate"] = 0.0
+        start = time.perf_counter()
+        batch, _ = work.collect()
+        batch = advantages.compute(batch, cfg)
+        ALGOS[cfg.algo].update(work.policy, opts, batch, cfg, Progress(step / args.steps, torch.Generator()))
+        step_s = time.perf_counter() - start
+        start = time.perf_counter()
+        log_prob, _, _ = work.policy.evaluate(batch, entropy_grad=False)
+        (log_prob * batch.advantages).sum().backward()
+        fwd_bwd_s = time.perf_counter() - start
+        work.policy.zero_grad(set_to_none=True)
+        if step:
+            rows.append({"step_s": step_s, "generate_s": spent["generate"], "forward_backward_s": fwd_bwd_s,
+                         "tokens": int(batch.obs_mask.sum()), "model_tokens": int(batch.mask.sum())})
+    step_s = sum(r["step_s"] for r in rows)
+    parts = sum(r["generate_s"] + r["forward_backward_s"] for r in rows)
+    return {"benchmark": "multi_turn_speed", "task": "dialogue", "steps": args.steps, "per_step": rows,
+            "ratio": step_s / parts, "limit": SPEED_LIMIT, "passed": step_s / parts <= SPEED_LIMIT}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=["dialogue", "guess-number", "speed"])
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--algo", default="reinforce")
+    parser.add_argument("--turn-advantage", nargs="+", default=["outcome", "discounted", "gae"])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", default="runs/bench-multi-turn")
+    args = parser.parse_args()
+    args.steps = args.steps or {"dialogue": 40, "guess-number": 80, "speed": 3}[args.which]
+    start = time.perf_counter()
+    result = {"dialogue": dialogue, "guess-number": guess_number, "speed": speed}[args.which](args)
+    print(json.dumps({**result, "cpu": cpu_name(), "model": args.model, "wall_s": time.perf_counter() - start}))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
