@@ -383,3 +383,16 @@ def test_a_reward_function_of_yours_served_over_http():
                 raise
             time.sleep(0.1)
     assert got == [2.0 / 4, 2.0 / 1]
+
+
+def test_samples_holding_a_unicode_line_separator_are_read_whole(tmp_path):
+    """Generated text may hold U+2028 or U+0085, written as they are (ensure_ascii=False);
+    str.splitlines() would cut a JSON line there."""
+    from policygrad.api import _final
+    from policygrad.config import Config
+    (tmp_path / "samples").mkdir()
+    rows = [{"prompt": "a", "completion": "x\u2028y\x85z", "reward": 1.0}, {"prompt": "b", "completion": "", "reward": 0.0}]
+    (tmp_path / "samples" / "test-step00002.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    final = {"test/reward_mean": 0.5, "test/reward_std": 0.5, "test/kl_to_reference": 0.0, "test/n": 2}
+    assert _final(Config(task="positive-review"), final, tmp_path).samples == rows

@@ -196,7 +196,9 @@ def _final(cfg: Config, final: dict, folder: Path) -> Optional[Evaluation]:
         return None
     if cfg.is_lm:
         written = sorted((folder / "samples").glob("test-step*.jsonl"))
-        samples = [json.loads(line) for line in written[-1].read_text().splitlines()] if written else []
+        # JSON lines split at "\n" only: generated text may hold U+2028 or U+0085, which splitlines()
+        # also breaks at (ensure_ascii=False writes them as they are)
+        samples = [json.loads(line) for line in written[-1].read_text().split("\n") if line.strip()] if written else []
         return LMEvaluation.from_metrics(final, "test", samples)
     return ControlEvaluation(cfg.env, cfg.eval_episodes, final["eval/return_mean"], final["eval/return_std"])
 

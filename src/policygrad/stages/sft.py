@@ -239,7 +239,8 @@ def _best_of_file(cfg: SFTConfig, out: Path) -> tuple[list[dict], dict]:
     path = out / f"best-of-{cfg.best_of}.jsonl"
     info = out / f"best-of-{cfg.best_of}.json"
     if path.is_file() and info.is_file():
-        return [json.loads(line) for line in path.read_text().splitlines()], json.loads(info.read_text())
+        # "\n" only: a completion may hold U+2028, which splitlines() breaks at
+        return [json.loads(line) for line in path.read_text().split("\n") if line.strip()], json.loads(info.read_text())
     rows, summary = best_of_rows(cfg)
     checkpoint.write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     checkpoint.write_text_atomic(info, json.dumps(summary))
