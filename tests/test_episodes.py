@@ -375,3 +375,12 @@ def test_sample_and_eval_vs_base_show_whole_conversations(chat_lm, env_module, c
     printed = capsys.readouterr().out
     assert "turns_mean" in printed and "[assistant]" in printed and "[user] one" in printed
     assert json.loads(printed.splitlines()[-1])["episode"]["success_rate"] == 1.0
+
+
+def test_whiten_rewards_standardises_the_turn_rewards(chat_lm, env_module):
+    work = LMWorkload(config(chat_lm, "three_env:Three", whiten_rewards=True, kl_coef=0.0), seed=0)
+    batch, _ = work.collect()
+    ends = adv.turn_view(batch)["last"]                                          # (4 episodes, 3 turns)
+    std = torch.tensor([1.0, 2.0, 3.0] * 4).std()
+    assert torch.allclose(batch.rewards.gather(1, ends), (torch.tensor([[1.0, 2.0, 3.0]] * 4) - 2.0) / std)
+    assert batch.rewards.abs().sum() == batch.rewards.gather(1, ends).abs().sum()  # nothing elsewhere

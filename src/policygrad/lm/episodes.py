@@ -321,6 +321,13 @@ class EpisodeCollector:
         B, device = len(episodes), batch.mask.device
         kl = ((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1)                    # (B,)
         rewards = batch.rewards                                                              # (B, T)
+        if cfg.whiten_rewards:  # each turn's env reward, with the moments of every rank's turns
+            pooled = torch.as_tensor(dist.gather_rows(np.array([r for e in episodes for r in e.rewards])),
+                                     dtype=torch.float32, device=device)                     # (turns_global,)
+            ends = torch.zeros_like(rewards)                                                 # (B, T)
+            for b, e in enumerate(episodes):
+                ends[b, e.ends] = 1.0
+            rewards = (rewards - pooled.mean()) / (pooled.std() + 1e-8) * ends
         if cfg.kl_in == "reward" and work.kl.coef:
             estimate = KL_ESTIMATORS[cfg.kl_estimator](batch.ref_log_prob - batch.log_prob)  # (B, T)
             rewards = rewards - work.kl.coef * estimate * batch.mask
