@@ -391,7 +391,8 @@ def test_samples_holding_a_unicode_line_separator_are_read_whole(tmp_path):
     from policygrad.api import _final
     from policygrad.config import Config
     (tmp_path / "samples").mkdir()
-    rows = [{"prompt": "a", "completion": "x\u2028y\x85z", "reward": 1.0}, {"prompt": "b", "completion": "", "reward": 0.0}]
+    rows = [{"prompt": "a", "completion": "x\u2028y\x85z", "reward": 1.0},
+            {"prompt": "b", "completion": "", "reward": 0.0}]
     (tmp_path / "samples" / "test-step00002.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     final = {"test/reward_mean": 0.5, "test/reward_std": 0.5, "test/kl_to_reference": 0.0, "test/n": 2}

@@ -13,7 +13,7 @@ from policygrad.batch import Batch
 from policygrad.cli import main
 from policygrad.config import resolve
 from policygrad.core import advantages as adv
-from policygrad.lm import episodes, tasks
+from policygrad.lm import tasks
 from policygrad.lm.generation import Generated
 from policygrad.lm.rollout import LMWorkload
 from policygrad.lm.text_envs import Dialogue, GuessNumber
@@ -208,7 +208,8 @@ def test_turn_view_gathers_each_turns_reward_value_and_end():
     assert torch.allclose(view["rewards"], torch.tensor([[0.0, -0.5, 1.0], [0.2, 0.3, 0.0]]))
     assert torch.allclose(view["values"], torch.tensor([[0.4, 0.6, 0.8], [0.1, 0.7, 0.0]]))
     assert torch.allclose(view["next_values"], torch.tensor([[0.6, 0.8, 0.0], [0.7, 0.5, 0.0]]))
-    assert view["terminated"].tolist() == [[0, 0, 1], [0, 0, 0]] and view["truncated"].tolist() == [[0, 0, 0], [0, 1, 0]]
+    assert view["terminated"].tolist() == [[0, 0, 1], [0, 0, 0]]
+    assert view["truncated"].tolist() == [[0, 0, 0], [0, 1, 0]]
 
 
 @pytest.mark.parametrize("truncated_second, second", [(True, [0.766, 0.05]), (False, [0.442, -0.4])])
@@ -260,7 +261,8 @@ def test_one_turn_outcome_equals_the_single_turn_sequence_advantage():
     episodic = single.replace(turn=torch.where(mask > 0, 0, -1))
     for baseline in ("none", "rloo", "group"):
         cfg = Cfg()
-        cfg.turn_advantage, cfg.advantage, cfg.baseline, cfg.normalize_advantages = "outcome", "sequence", baseline, True
+        cfg.turn_advantage, cfg.advantage, cfg.baseline = "outcome", "sequence", baseline
+        cfg.normalize_advantages = True
         assert torch.allclose(adv.compute(episodic, cfg).advantages, adv.compute(single, cfg).advantages, atol=1e-6)
 
 

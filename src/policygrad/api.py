@@ -316,8 +316,8 @@ def sample(run: Any, prompts: Union[str, Sequence[Union[str, dict]], None] = Non
     sampling = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
     if (work.episodes is not None) != (env_seeds is not None) or (prompts is None) == (env_seeds is None):
         raise UsageError(f"run '{run}' plays a text env's episodes: give env seeds (--env-seed N), not prompts"
-                         if work.episodes is not None else
-                         f"run '{run}' answers prompts: give prompts (--prompt TEXT); env seeds are for multi-turn runs")
+                         if work.episodes is not None else f"run '{run}' answers prompts: give prompts "
+                         "(--prompt TEXT); env seeds are for multi-turn runs")
     if env_seeds is not None:
         played, _ = work.episodes.play([{"env_seed": int(s)} for s in env_seeds], n, seed, sampling)
         return [Sample(**{k: e.as_sample()[k] for k in ("prompt", "completion", "conversation")},

@@ -10,12 +10,10 @@ import copy
 import csv
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import random
 import string
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -75,6 +73,7 @@ class Task:
             raise TaskError(f"task '{name}' made a {type(made).__name__}, not a gymnasium.Env")
         # every episode of a batch needs its own env: copies of an instance, or the factory's new ones
         make = (lambda: copy.deepcopy(env)) if isinstance(env, gym.Env) else env
+        from .text_envs import env_task  # it builds on this module
         return env_task(make, type(made).__name__, first=made)
 
 
@@ -210,7 +209,8 @@ def from_yaml(path: Path, config_keys: set[str]) -> Task:
     data, reward_specs, parent = spec.pop("data", None), spec.pop("rewards", None), spec.pop("extends", None)
     env, env_kwargs = spec.pop("env", None), spec.pop("env_kwargs", None)
     if env is not None:
-        return _env_yaml(path, env, env_kwargs, data, reward_specs, spec, config_keys)
+        from .text_envs import from_yaml_env  # it builds on this module
+        return from_yaml_env(path, env, env_kwargs, data, reward_specs, spec, config_keys)
     if env_kwargs is not None:
         raise TaskError(f"task file '{path}': env_kwargs are the arguments of a text env; add env: module:Class")
     if parent is not None:
@@ -250,27 +250,6 @@ def _extended(path: Path, parent: Any, data: Any, reward_specs: Any, spec: dict,
                 {**inherited.defaults, **spec})
 
 
-def _env_yaml(path: Path, env: Any, env_kwargs: Any, data: Any, reward_specs: Any, spec: dict,
-              config_keys: set[str]) -> Task:
-    """`env: module:Class` (or a built-in multi-turn task's name) with `env_kwargs` and config keys."""
-    if data is not None or reward_specs is not None:
-        raise TaskError(f"task file '{path}': a text env's prompts come from its resets and its rewards from "
-                        "its steps; drop 'data' and 'rewards' (give the env its own in env_kwargs)")
-    if env_kwargs is not None and not isinstance(env_kwargs, dict):
-        raise TaskError(f"task file '{path}': env_kwargs must be a mapping of the env's arguments")
-    unknown = sorted(set(spec) - config_keys)
-    if unknown:
-        raise TaskError(f"task file '{path}': unknown key '{unknown[0]}' (env, env_kwargs, or any config key)")
-    if env in BUILTIN_ENVS:
-        from . import text_envs  # it builds on this module
-        return text_envs.builtin_task(str(env), env_kwargs or {}, spec, name=path.stem)
-    if not isinstance(env, str) or ":" not in env:
-        raise TaskError(f"task file '{path}': env must be module:Class (a text gymnasium.Env) or one of "
-                        f"{', '.join(BUILTIN_ENVS)}; got {env!r}")
-    task = from_env(env, env_kwargs, spec)
-    return dataclasses.replace(task, name=path.stem)
-
-
 # --- tasks and Gymnasium environments --------------------------------------------------------
 def prompt_text(row: dict) -> str:
     """A row's prompt as the rewards see it: its `prompt`, or its chat's last message."""
@@ -297,51 +276,6 @@ class TaskEnv(gym.Env):
         extras = {k: [v] for k, v in self.row.items() if k not in ("prompt", "messages")}
         reward = float(self.task.rewards([prompt_text(self.row)], [action], extras)[0])
         return "", reward, True, False, {}
-
-
-ENV_SEEDS = {"train": (0, 2000), "validation": (1_000_000, 50), "test": (2_000_000, 100)}
-
-
-def env_class(spec: str) -> Callable[..., gym.Env]:
-    """A user's text env class from `module:Class` (the module found beside the user, as `python -m`
-    finds it)."""
-    module_name, _, class_name = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as e:
-        raise TaskError(f"text env '{spec}' not found ({e.__class__.__name__}: {e})") from None
-
-
-def from_env(spec: str, env_kwargs: Optional[dict] = None, defaults: Optional[dict] = None) -> Task:
-    """A task from a user's text env `module:Class`, made with env_kwargs (see env_task)."""
-    cls, kwargs = env_class(spec), dict(env_kwargs or {})
-
-    def make() -> gym.Env:
-        try:
-            return cls(**kwargs)
-        except Exception as e:  # the user's code
-            raise TaskError(f"text env '{spec}' could not be made: {e.__class__.__name__}: {e}") from None
-    return env_task(make, spec, defaults=defaults)
-
-
-def env_task(make: Callable[[], gym.Env], spec: str, defaults: Optional[dict] = None,
-             first: Optional[gym.Env] = None) -> Task:
-    """A multi-turn task from a text env's maker: each split's rows are env seeds from its own
-    range, with the first message of that seed's reset (shown in samples); episodes are played by
-    lm/episodes.py, one env per episode."""
-    from .episodes import reset  # episodes imports this module
-
-    env = first if first is not None else make()
-
-    def row_at(seed: int) -> dict:
-        messages = reset(env, seed, spec)
-        return {"prompt": messages[-1]["content"], "env_seed": seed} if len(messages) == 1 \
-            else {"messages": messages, "env_seed": seed}
-
-    splits = {s: [row_at(start + i) for i in range(n)] for s, (start, n) in ENV_SEEDS.items()}
-    return Task(spec, splits, RewardSet(), dict(defaults or {}), env=make)
 
 
 # --- tasks from Python objects (policygrad.train(data=..., rewards=..., task=...)) ---------------
@@ -456,6 +390,7 @@ def load(name: str, config_keys: set[str]) -> Task:
         from . import text_envs  # it builds on this module
         return text_envs.builtin_task(name)
     if ":" in name and not name.endswith((".yaml", ".yml")):
+        from .text_envs import from_env  # it builds on this module
         return from_env(name)
     path = Path(name)
     if path.suffix in (".yaml", ".yml"):

@@ -1,4 +1,5 @@
-"""Built-in multi-turn tasks: text Gymnasium envs, deterministic by seed.
+"""Text Gymnasium envs as tasks (`module:Class`, a task YAML's `env:`, Python objects), and the
+built-in multi-turn tasks, deterministic by seed:
 
 - `guess-number`: the env holds a number in 1..n and answers "Higher." or "Lower."; reward 1 when
   guessed, minus turn_cost every turn (a reply without a number is a wasted turn).
@@ -7,15 +8,21 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import os
 import re
 import string
-from typing import Any, Optional
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import gymnasium as gym
 from gymnasium import spaces
 
+from .episodes import reset
 from .rewards import RewardSet, build
-from .tasks import BUILTIN_ENVS, Task, TaskError, env_task
+from .tasks import BUILTIN_ENVS, Task, TaskError
 
 
 def _text_space() -> spaces.Text:
@@ -94,6 +101,72 @@ class Dialogue(gym.Env):
         return self.asked, reward, False, False, {}
 
 
+# --- text envs as tasks -----------------------------------------------------------------------
+ENV_SEEDS = {"train": (0, 2000), "validation": (1_000_000, 50), "test": (2_000_000, 100)}
+
+
+def env_class(spec: str) -> Callable[..., gym.Env]:
+    """A user's text env class from `module:Class` (the module found beside the user, as `python -m`
+    finds it)."""
+    module_name, _, class_name = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise TaskError(f"text env '{spec}' not found ({e.__class__.__name__}: {e})") from None
+
+
+def from_env(spec: str, env_kwargs: Optional[dict] = None, defaults: Optional[dict] = None) -> Task:
+    """A task from a user's text env `module:Class`, made with env_kwargs (see env_task)."""
+    cls, kwargs = env_class(spec), dict(env_kwargs or {})
+
+    def make() -> gym.Env:
+        try:
+            return cls(**kwargs)
+        except Exception as e:  # the user's code
+            raise TaskError(f"text env '{spec}' could not be made: {e.__class__.__name__}: {e}") from None
+    return env_task(make, spec, defaults=defaults)
+
+
+def env_task(make: Callable[[], gym.Env], spec: str, defaults: Optional[dict] = None,
+             first: Optional[gym.Env] = None) -> Task:
+    """A multi-turn task from a text env's maker: each split's rows are env seeds from its own
+    range, with the first message of that seed's reset (shown in samples); episodes are played by
+    lm/episodes.py, one env per episode."""
+    env = first if first is not None else make()
+
+    def row_at(seed: int) -> dict:
+        messages = reset(env, seed, spec)
+        return {"prompt": messages[-1]["content"], "env_seed": seed} if len(messages) == 1 \
+            else {"messages": messages, "env_seed": seed}
+
+    splits = {s: [row_at(start + i) for i in range(n)] for s, (start, n) in ENV_SEEDS.items()}
+    return Task(spec, splits, RewardSet(), dict(defaults or {}), env=make)
+
+
+def from_yaml_env(path: Path, env: Any, env_kwargs: Any, data: Any, reward_specs: Any, spec: dict,
+              config_keys: set[str]) -> Task:
+    """`env: module:Class` (or a built-in multi-turn task's name) with `env_kwargs` and config keys."""
+    if data is not None or reward_specs is not None:
+        raise TaskError(f"task file '{path}': a text env's prompts come from its resets and its rewards from "
+                        "its steps; drop 'data' and 'rewards' (give the env its own in env_kwargs)")
+    if env_kwargs is not None and not isinstance(env_kwargs, dict):
+        raise TaskError(f"task file '{path}': env_kwargs must be a mapping of the env's arguments")
+    unknown = sorted(set(spec) - config_keys)
+    if unknown:
+        raise TaskError(f"task file '{path}': unknown key '{unknown[0]}' (env, env_kwargs, or any config key)")
+    if env in BUILTIN_ENVS:
+        return builtin_task(str(env), env_kwargs or {}, spec, name=path.stem)
+    if not isinstance(env, str) or ":" not in env:
+        raise TaskError(f"task file '{path}': env must be module:Class (a text gymnasium.Env) or one of "
+                        f"{', '.join(BUILTIN_ENVS)}; got {env!r}")
+    task = from_env(env, env_kwargs, spec)
+    return dataclasses.replace(task, name=path.stem)
+
+
+
+# --- built-in multi-turn tasks ----------------------------------------------------------------
 ENV_CLASSES = {"guess-number": GuessNumber, "dialogue": Dialogue}
 # Run settings each task starts from (below the user's own).
 ENV_DEFAULTS: dict[str, dict[str, Any]] = {
