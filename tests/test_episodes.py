@@ -386,3 +386,13 @@ def test_whiten_rewards_standardises_the_turn_rewards(chat_lm, env_module):
     std = torch.tensor([1.0, 2.0, 3.0] * 4).std()
     assert torch.allclose(batch.rewards.gather(1, ends), (torch.tensor([[1.0, 2.0, 3.0]] * 4) - 2.0) / std)
     assert batch.rewards.abs().sum() == batch.rewards.gather(1, ends).abs().sum()  # nothing elsewhere
+
+
+def test_env_given_a_text_env_is_a_multi_turn_task(tiny_lm):
+    """policygrad.train(env=MyTextEnv): a Text observation space marks an env as a text env."""
+    result = policygrad.train(algo="reinforce", env=Dialogue, model=str(tiny_lm), total_steps=1, prompts_per_step=2,
+                              samples_per_prompt=2, max_new_tokens=3, max_turns=2, eval_prompts=2, progress=False,
+                              out=None)
+    assert result.config.task.startswith("Dialogue@") and result.history[0]["episode/turns_mean"] == 2.0
+    with pytest.raises(policygrad.UsageError, match="itself the task"):
+        policygrad.train(algo="reinforce", env=Dialogue(), task="dialogue", model=str(tiny_lm), total_steps=1)

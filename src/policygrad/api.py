@@ -12,7 +12,8 @@ strings:
   registered as `<name>@<fingerprint>` (its rows, and its rewards' names, weights and code), the
   name the run's config records;
 - env: a Gymnasium id, or an env instance, class or factory (registered as
-  policygrad/<Name>-<digits>-v0, the digits from its class or the factory's code).
+  policygrad/<Name>-<digits>-v0, the digits from its class or the factory's code); a text env (its
+  observation_space a gymnasium.spaces.Text) is a multi-turn task, as task= would take it.
 """
 from __future__ import annotations
 
@@ -64,6 +65,26 @@ def _task_name(task: Any, data: Any, rewards: Any, values: dict) -> Optional[str
     return tasks.from_python(task, data, rewards, set(config_mod.field_names()))
 
 
+def _as_task(env: Any, task: Any) -> tuple[Any, Any]:
+    """(env, task): a text env given as env= (one whose observation_space is gymnasium.spaces.Text;
+    an instance, or the class or factory that makes one) is a language-model task, played as
+    multi-turn episodes; any other env stays a control env."""
+    if env is None or _is_name(env):
+        return env, task
+    import gymnasium as gym
+    made = env
+    if not isinstance(env, gym.Env):
+        try:
+            made = env()
+        except Exception:  # not made here: the control path names the error
+            return env, task
+    if not isinstance(getattr(made, "observation_space", None), gym.spaces.Text):
+        return env, task
+    if task is not None:
+        raise UsageError("env= is a text env, which is itself the task: drop task=, or pass the env as task=")
+    return None, env
+
+
 def _env_name(env: Any) -> Optional[str]:
     if env is None or _is_name(env):
         return None if env is None else str(env)
@@ -86,6 +107,7 @@ def _resolve(config: Any = None, *, algo: Optional[str] = None, env: Any = None,
     if model is not None and not _is_name(model) and model_folder is None:
         raise UsageError("make_config takes a model by folder or alias; pass a model object to train()")
     values = _config_values(config)
+    env, task = _as_task(env, task)
     named = {"algo": algo, "env": _env_name(env), "task": _task_name(task, data, rewards, {**values, **keys}),
              "model": None if model is None else str(model) if _is_name(model) else str(model_folder)}
     named = {k: v for k, v in named.items() if v is not None}
@@ -218,6 +240,7 @@ def _run_checkpoint(run: Any, checkpoint: str, device: Optional[str], env: Any =
     folder = Path(run)
     if not folder.is_dir():
         raise UsageError(f"run folder '{folder}' does not exist")
+    env, task = _as_task(env, task)
     _env_name(env)
     if task is not None or data is not None or rewards is not None:
         _task_name(task, data, rewards, runs.saved_config(folder))
