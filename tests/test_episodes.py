@@ -396,3 +396,13 @@ def test_env_given_a_text_env_is_a_multi_turn_task(tiny_lm):
     assert result.config.task.startswith("Dialogue@") and result.history[0]["episode/turns_mean"] == 2.0
     with pytest.raises(policygrad.UsageError, match="itself the task"):
         policygrad.train(algo="reinforce", env=Dialogue(), task="dialogue", model=str(tiny_lm), total_steps=1)
+
+
+def test_the_sampled_log_probs_are_the_training_pass_ones(chat_lm, env_module):
+    """Each turn's old log-probs come from its sampling pass (a left-padded context, a KV cache);
+    the training pass over the whole conversation gives the same numbers, so a ratio starts at 1."""
+    work = LMWorkload(config(chat_lm, "three_env:Three", max_new_tokens=6), seed=0)
+    _, batch = work.episodes.play([{"env_seed": 1}, {"env_seed": 2}], 2, seed=5)
+    with torch.no_grad():
+        again = work.policy.log_prob(batch)
+    assert batch.mask.sum() > 20 and torch.allclose(again, batch.log_prob, atol=1e-4)
