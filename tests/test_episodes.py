@@ -90,11 +90,11 @@ def scripted_replies(work, replies: list[list[int]]):
     each turn's generation returned."""
     given = []
 
-    def generate_ids(contexts, cfg, seed, max_new_tokens, samples_per_prompt=1):
+    def generate_ids(seen, attention, cfg, seed, max_new_tokens, samples_per_prompt=1, past=None):
         ids = replies[len(given)]
-        tokens = torch.tensor([ids] * len(contexts))
+        tokens = torch.tensor([ids] * len(seen))
         mask = work.policy.completion_mask(tokens)
-        log_prob = -torch.arange(1, len(ids) + 1, dtype=torch.float32).expand(len(contexts), -1) * mask
+        log_prob = -torch.arange(1, len(ids) + 1, dtype=torch.float32).expand(len(seen), -1) * mask
         given.append(tokens)
         return Generated(tokens=tokens, mask=mask, log_prob=log_prob)
     work.policy.generate_ids = generate_ids
@@ -406,3 +406,23 @@ def test_the_sampled_log_probs_are_the_training_pass_ones(chat_lm, env_module):
     with torch.no_grad():
         again = work.policy.log_prob(batch)
     assert batch.mask.sum() > 20 and torch.allclose(again, batch.log_prob, atol=1e-4)
+
+
+def test_turns_reuse_the_kv_cache_and_sample_what_a_full_prefill_samples(chat_lm, env_module):
+    """Fast path and naive twin: each turn runs only its new positions on the previous turn's KV
+    cache (padding between turns masked), or the whole conversation again; same seeds, same episodes."""
+    work = LMWorkload(config(chat_lm, "three_env:Three", max_new_tokens=6), seed=0)
+    rows = [{"env_seed": 1}, {"env_seed": 2}]
+    generate, calls = work.policy.generate_ids, []
+
+    def spy(*args, past=None, **kwargs):
+        calls.append(past is not None)
+        return generate(*args, past=past, **kwargs)
+    work.policy.generate_ids = spy
+    cached, _ = work.episodes.play(rows, 2, seed=5)
+    assert calls == [False, True, True]
+    work.policy.generate_ids = lambda *args, past=None, **kwargs: generate(*args, past=None, **kwargs)
+    full, _ = work.episodes.play(rows, 2, seed=5)
+    assert [e.ids for e in cached] == [e.ids for e in full] and sum(len(e.ids) for e in full) > 40
+    for a, b in zip(cached, full):
+        assert torch.allclose(torch.tensor(a.log_prob), torch.tensor(b.log_prob), atol=1e-4)

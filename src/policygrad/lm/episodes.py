@@ -185,23 +185,49 @@ def play(policy, make_env: Callable[[], gym.Env], spec: str, seeds: list[int], c
     if longest >= limit:
         raise TaskError(f"text env '{spec}' opened with a prompt of {longest} tokens, which fills the model's "
                         f"context of {limit}")
+    device, pad = policy.placement.device, policy.tokenizer.pad_token_id
+    # what the model has seen, row by row (live episodes only): ids with attention 0 on padding
+    # (left of the prompts, after a reply's end, left of each env answer), and its KV cache, so
+    # each turn runs only its new positions
+    live = list(range(len(episodes)))
+    seen, attention = left_padded([e.prompt_ids for e in episodes], pad, device)
+    past = None
     for k in range(cfg.max_turns):
-        live = [i for i, e in enumerate(episodes) if not e.done]
-        if not live:
-            break
         room = [min(cfg.max_new_tokens, cfg.max_episode_tokens - len(episodes[i].ids),
                     limit - len(episodes[i].prompt_ids) - len(episodes[i].ids)) for i in live]
-        out = policy.generate_ids([episodes[i].prompt_ids + episodes[i].ids for i in live], cfg,
-                                  seed=seed * 1009 + k, max_new_tokens=max(room),
-                                  samples_per_prompt=samples_per_prompt if k == 0 else 1)
+        out = policy.generate_ids(seen, attention, cfg, seed=seed * 1009 + k, max_new_tokens=max(room),
+                                  samples_per_prompt=samples_per_prompt if k == 0 else 1, past=past)
+        kept = torch.zeros_like(out.mask)                                        # (B_live, T_new)
         for row, (i, budget) in enumerate(zip(live, room)):
             n = min(int(out.mask[row].sum()), budget)
+            kept[row, :n] = 1.0
             reply = out.tokens[row, :n].tolist()
             log_prob = out.log_prob[row, :n].tolist() if out.log_prob is not None else [0.0] * n
             _take_turn(policy, episodes[i], envs[i], spec, k, reply, log_prob, cfg, limit)
+        going = [row for row, i in enumerate(live) if not episodes[i].done]
+        if not going:
+            break
+        rows = torch.tensor(going, device=device)
+        answers = [episodes[live[row]].ids[episodes[live[row]].ends[-1] + 1:] for row in going]
+        answer_ids, answer_mask = left_padded(answers, pad, device)
+        seen = torch.cat([seen[rows], out.tokens[rows], answer_ids], 1)
+        attention = torch.cat([attention[rows], kept[rows].long(), answer_mask], 1)
+        past = out.past
+        if past is not None and len(going) < len(live):
+            for cache in past.values():
+                cache.batch_select_indices(rows)
+        live = [live[row] for row in going]
     for episode in episodes:
         episode.check()
     return episodes
+
+
+def left_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids left-padded to the longest row, and their (B, L) attention mask (long)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    return ids, mask
 
 
 def _take_turn(policy, episode: Episode, env: gym.Env, spec: str, k: int, reply: list[int],

@@ -7,7 +7,7 @@ SGLang) would be another class with the same method, and nothing in the algorith
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
@@ -35,6 +35,10 @@ class Generated:
     """(B, T) float32 log-probabilities of the tokens under the distribution they were drawn from,
     masked; None when the engine's numbers would not match the training pass exactly (the policy
     then computes them with its own forward pass)."""
+    past: Optional[dict[str, Any]] = None
+    """The engine's KV cache of the prompts and completions but their last token, as generate's
+    keyword argument (None: it keeps none); a multi-turn rollout passes it back, rows selected,
+    with the conversation's next tokens appended, and only those run."""
 
 
 class Generator(Protocol):
@@ -83,12 +87,15 @@ class TransformersGenerator:
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling, seed: int,
-                 samples_per_prompt: int = 1) -> Generated:
+                 samples_per_prompt: int = 1, past: Any = None) -> Generated:
+        """past: an earlier call's Generated.past (its rows selected), a cache of the first positions
+        of prompt_ids; only the positions after it are run."""
         self.model.eval()  # generation keeps its KV cache (training mode + checkpointing drops it)
         exact = not self.placement.mixed
         with self.placement.autocast():
             prefilled = self._shared_prefill(prompt_ids, attention_mask,
-                                             samples_per_prompt if self.share_prompts else 1)
+                                             samples_per_prompt if self.share_prompts else 1) \
+                if past is None else past
             device = self.placement.device
             with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
@@ -110,7 +117,9 @@ class TransformersGenerator:
             # at a time, no second forward pass.
             log_prob = torch.stack([token_log_probs(step.float(), tokens[:, t])
                                     for t, step in enumerate(out.scores)], 1) * mask  # (B, T)
-        return Generated(tokens=tokens, mask=mask, log_prob=log_prob)
+        name = cache_name(out)
+        cache = getattr(out, name, None)
+        return Generated(tokens=tokens, mask=mask, log_prob=log_prob, past=None if cache is None else {name: cache})
 
     def _shared_prefill(self, ids: torch.Tensor, attention: torch.Tensor, n: int) -> dict:
         """A KV cache of every prompt but its last token, computed once per run of n equal prompts

@@ -185,18 +185,14 @@ class LMPolicy(nn.Module):
         return batch
 
     @torch.no_grad()
-    def generate_ids(self, contexts: list[list[int]], cfg, seed: int, max_new_tokens: int,
-                     samples_per_prompt: int = 1) -> Generated:
-        """Sample a continuation of each context given as token ids (a multi-turn conversation so
-        far, kept as ids so that nothing is re-tokenised), left-padded into one batch."""
-        width = max(len(c) for c in contexts)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=self.placement.device)
-        attention = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts],
-                                 device=self.placement.device)
+    def generate_ids(self, ids: torch.Tensor, attention: torch.Tensor, cfg, seed: int, max_new_tokens: int,
+                     samples_per_prompt: int = 1, past=None) -> Generated:
+        """Sample a continuation of each row of token ids (a multi-turn conversation so far, kept as
+        ids so that nothing is re-tokenised; attention 0 on padding, which may sit between turns);
+        past: the previous turn's Generated.past, so only the new positions run."""
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k)
-        return self.generator.generate(ids, attention, sampling, seed, samples_per_prompt)
+        return self.generator.generate(ids, attention, sampling, seed, samples_per_prompt, past)
 
     def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(t[m.bool()], skip_special_tokens=True).strip()
