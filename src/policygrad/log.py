@@ -21,6 +21,16 @@ class LoggingError(PolicygradError, ValueError):
     """A logging back-end asked for but not usable (wandb missing); shown as one line."""
 
 
+def write_samples(out_dir: Path, name: str, samples: list[dict]) -> None:
+    """An evaluation's samples as out_dir/samples/NAME.jsonl (generated text kept as it is, so a
+    reader splits lines at "\n" only)."""
+    folder = out_dir / "samples"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps(s, ensure_ascii=False) + "\n")
+
+
 def start_wandb(out_dir: Path, config: dict):
     """A W&B run in out_dir/wandb, offline unless WANDB_MODE says otherwise (`wandb sync` uploads
     it later); its id is kept in the run folder so that a resumed run logs into the same W&B run."""

@@ -16,7 +16,6 @@ index; each turn's reward sits on the turn's last model token.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import torch
 
 from .. import dist
 from ..batch import Batch
+from ..log import write_samples
 from ..core.losses import KL_ESTIMATORS
 from .tasks import TaskError
 
@@ -395,11 +395,7 @@ class EpisodeCollector:
         stats = np.array([row for c in chunks for row in c[1]], dtype=np.float64).reshape(-1, 6)
         samples = [s for c in chunks for s in c[2]]
         if out_dir is not None and dist.is_main():
-            folder = out_dir / "samples"
-            folder.mkdir(exist_ok=True)
-            with open(folder / f"{split}-step{work.steps:05d}.jsonl", "w", encoding="utf-8") as f:
-                for s in samples:
-                    f.write(json.dumps(s, ensure_ascii=False) + "\n")
+            write_samples(out_dir, f"{split}-step{work.steps:05d}", samples)
         prefix = "eval" if split == "validation" else split
         return {**episode_metrics(stats, prefix), f"{prefix}/kl_to_reference": float(stats[:, 5].mean()),
                 f"{prefix}/n": len(stats), **({"samples": samples} if out_dir is None else {})}

@@ -6,7 +6,6 @@ max_new_tokens, either way without bootstrapping.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,6 +18,7 @@ from .. import dist
 from .. import placement as placement_mod
 from ..algos import ALGOS, DataTerm
 from ..batch import Batch
+from ..log import write_samples
 from ..core.losses import KL_ESTIMATORS
 from . import episodes, supervised, tasks
 from .tasks import prompt_text
@@ -307,11 +307,7 @@ class LMWorkload:
         samples = [x for c in chunks for x in c[3]]
         parts = {name: [x for c in chunks for x in c[4][name]] for name in (chunks[0][4] if chunks else {})}
         if out_dir is not None and dist.is_main():
-            folder = out_dir / "samples"
-            folder.mkdir(exist_ok=True)
-            with open(folder / f"{split}-step{self.steps:05d}.jsonl", "w", encoding="utf-8") as f:
-                for s in samples:
-                    f.write(json.dumps(s, ensure_ascii=False) + "\n")
+            write_samples(out_dir, f"{split}-step{self.steps:05d}", samples)
         prefix = "eval" if split == "validation" else split
         return {f"{prefix}/reward_mean": float(np.mean(rewards)), f"{prefix}/reward_std": float(np.std(rewards)),
                 f"{prefix}/kl_to_reference": float(np.mean(kls)), f"{prefix}/n": len(rewards),
