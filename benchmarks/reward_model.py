@@ -2,7 +2,9 @@
 (kept when the two scores differ by 0.3 or more), then `policygrad rm`; its pairwise accuracy on
 held-out prompts must reach 0.80. Prints one JSON line.
 
-Usage: .venv/bin/python benchmarks/reward_model.py [--samples 8] [--epochs 2] [--lr 2e-5] [--reuse-pairs]
+Usage: .venv/bin/python benchmarks/reward_model.py [--samples 16] [--epochs 2] [--lr 2e-5] [--reuse-pairs]
+
+16 samples per prompt (1558 pairs) reached 0.877; 8 and 12 stayed below 0.80 (README, "Reward model").
 """
 import argparse
 import json
@@ -16,7 +18,7 @@ THRESHOLD = 0.80
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--out", default="runs/bench-rm")
