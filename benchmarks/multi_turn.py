@@ -8,7 +8,7 @@
 - `speed`: a multi-turn training step (dialogue) against the sum of its generation passes plus one
   forward/backward over its conversations; the ratio must stay at or below 1.3.
 
-Usage: .venv/bin/python benchmarks/multi_turn.py dialogue [--steps 40]
+Usage: .venv/bin/python benchmarks/multi_turn.py dialogue [--steps 40] [--set kl_coef=0.15]
        .venv/bin/python benchmarks/multi_turn.py guess-number [--steps 80] [--algo reinforce]
                                                  [--turn-advantage outcome discounted gae]
        .venv/bin/python benchmarks/multi_turn.py speed [--steps 3]
@@ -39,9 +39,10 @@ def train_and_eval(task: str, model: str, out: Path, algo: str, steps: int, *key
 
 def dialogue(args) -> dict:
     base = base_eval("dialogue", args.model)
-    trained, wall = train_and_eval("dialogue", args.model, Path(args.out) / "dialogue", "reinforce", args.steps)
+    trained, wall = train_and_eval("dialogue", args.model, Path(args.out) / "dialogue", "reinforce", args.steps,
+                                   *args.set)
     gain = trained["mean_reward"] - base["mean_reward"]
-    return {"benchmark": "multi_turn_dialogue", "steps": args.steps, "algo": "reinforce",
+    return {"benchmark": "multi_turn_dialogue", "steps": args.steps, "algo": "reinforce", "set": args.set,
             "base_per_turn_reward": base["mean_reward"], "trained_per_turn_reward": trained["mean_reward"],
             "gain": gain, "kl": trained["kl_to_reference"], "base_episode": base.get("episode"),
             "trained_episode": trained.get("episode"), "threshold_gain": GAIN, "kl_limit": KL_LIMIT,
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--algo", default="reinforce")
     parser.add_argument("--turn-advantage", nargs="+", default=["outcome", "discounted", "gae"])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dialogue: config keys for the run")
     parser.add_argument("--out", default="runs/bench-multi-turn")
     args = parser.parse_args()
     args.steps = args.steps or {"dialogue": 40, "guess-number": 80, "speed": 3}[args.which]
