@@ -426,3 +426,19 @@ def test_turns_reuse_the_kv_cache_and_sample_what_a_full_prefill_samples(chat_lm
     assert [e.ids for e in cached] == [e.ids for e in full] and sum(len(e.ids) for e in full) > 40
     for a, b in zip(cached, full):
         assert torch.allclose(torch.tensor(a.log_prob), torch.tensor(b.log_prob), atol=1e-4)
+
+
+def test_a_truncated_episode_bootstraps_from_the_value_at_the_end_of_the_envs_last_answer(chat_lm, env_module):
+    cfg = config(chat_lm, "three_env:Endless", max_turns=2, use_value_head=True, advantage="gae")
+    work = LMWorkload(cfg, seed=0)
+    torch.nn.init.normal_(work.policy.value_head.weight)  # a zero head would make every value 0
+    batch, _ = work.collect()
+    with torch.no_grad():
+        raw = work.policy.values(batch)
+    P = batch.obs.shape[1] - batch.actions.shape[1]
+    length = batch.obs_mask[:, P:].sum(1).long()                          # real tokens after the prompt
+    last_turn = adv.turn_view(batch)["last"][:, -1]                       # final reply's last token
+    for b in range(batch.shape[0]):
+        assert batch.truncated[b, last_turn[b]] == 1 and length[b] - 1 > last_turn[b]  # an answer follows
+        assert torch.isclose(batch.next_values[b, last_turn[b]], raw[b, length[b] - 1])
+        assert batch.next_values[b].abs().sum() == batch.next_values[b, last_turn[b]].abs()

@@ -255,8 +255,8 @@ def _take_turn(policy, episode: Episode, env: gym.Env, spec: str, k: int, reply:
 
 def to_batch(episodes: list[Episode], pad_id: int, device: torch.device) -> Batch:
     """The episodes as one Batch (module docstring's layout), rewards on each turn's last model
-    token, terminated/truncated on the final one; log_prob the sampled one (recompute it when the
-    sampler gave none)."""
+    token, terminated/truncated on the final one; log_prob the sampled one (EpisodeCollector.play
+    recomputes it when sampling ran under autocast)."""
     B = len(episodes)
     P = max(len(e.prompt_ids) for e in episodes)
     T = max(max(len(e.ids) for e in episodes), 1)
