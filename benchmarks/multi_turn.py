@@ -10,7 +10,7 @@
 
 Usage: .venv/bin/python benchmarks/multi_turn.py dialogue [--steps 40] [--set kl_coef=0.15]
        .venv/bin/python benchmarks/multi_turn.py guess-number [--steps 80] [--algo reinforce]
-                                                 [--turn-advantage outcome discounted gae]
+                                                 [--turn-advantage outcome discounted gae] [--set lr=5e-5]
        .venv/bin/python benchmarks/multi_turn.py speed [--steps 3]
 """
 import argparse
@@ -57,14 +57,14 @@ def guess_number(args) -> dict:
         # validation every 20 steps on 16 seeds: six turns an episode make evaluation dear
         trained, wall = train_and_eval("guess-number", args.model, Path(args.out) / f"guess-{args.algo}-{choice}",
                                        args.algo, args.steps, f"turn_advantage={choice}", "eval_every=20",
-                                       "eval_prompts=16", *critic)
+                                       "eval_prompts=16", *critic, *args.set)
         rate = trained["episode"]["success_rate"]
         ok = rate >= 2 * base["success_rate"] and rate - base["success_rate"] >= SUCCESS_RISE
         passed.append(ok)
         runs[choice] = {"success_rate": rate, "return_mean": trained["episode"]["return_mean"],
                         "turns_mean": trained["episode"]["turns_mean"], "kl": trained["kl_to_reference"],
                         "passed": ok, "train_wall_s": wall}
-    return {"benchmark": "multi_turn_guess_number", "steps": args.steps, "algo": args.algo,
+    return {"benchmark": "multi_turn_guess_number", "steps": args.steps, "algo": args.algo, "set": args.set,
             "base_success_rate": base["success_rate"], "base_return_mean": base["return_mean"],
             "base_turns_mean": base["turns_mean"], "runs": runs, "threshold": "x2 and +0.15",
             "passed": any(passed)}
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--algo", default="reinforce")
     parser.add_argument("--turn-advantage", nargs="+", default=["outcome", "discounted", "gae"])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dialogue: config keys for the run")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config keys for every training run")
     parser.add_argument("--out", default="runs/bench-multi-turn")
     args = parser.parse_args()
     args.steps = args.steps or {"dialogue": 40, "guess-number": 80, "speed": 3}[args.which]

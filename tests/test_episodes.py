@@ -273,7 +273,7 @@ def test_guess_number_answers_higher_lower_and_ends_when_guessed():
     target = env.target
     assert env.reset(seed=5)[0] and env.target == target  # deterministic by seed
     assert env.step("I think 0")[:4] == ("Higher.", -0.05, False, False)
-    assert env.step("hmm")[1] == -0.05 and "not a number" in env.step("hmm")[0]
+    assert env.step("hmm")[1] == -0.05 and "not a number" in env.step("hmm")[0].lower()
     obs, reward, terminated, _, info = env.step(f"It is {target}.")
     assert (obs, reward, terminated, info["success"]) == ("Correct!", 0.95, True, True)
 

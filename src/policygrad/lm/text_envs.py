@@ -49,8 +49,9 @@ class GuessNumber(gym.Env):
     def step(self, action: str):
         found = re.search(r"-?\d+", action)
         if found is None:
-            return (f"That is not a number. Reply with one number from 1 to {self.n}.", -self.turn_cost,
-                    False, False, {"success": False})
+            # short on purpose: the rules are in the first message, and every token of the env's
+            # answers is carried through every forward pass of the episode's training step
+            return "Not a number.", -self.turn_cost, False, False, {"success": False}
         guess = int(found.group())
         if guess == self.target:
             return "Correct!", 1.0 - self.turn_cost, True, False, {"success": True}
