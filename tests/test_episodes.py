@@ -54,6 +54,12 @@ class NanReward(Three):
 class Endless(Three):
     def step(self, action):
         return "go on", 0.1, False, False, {}
+
+class Counted(Three):
+    """Counts the instances made, as an env that loads a reward model would pay for each."""
+    made = 0
+    def __init__(self):
+        type(self).made += 1
 '''
 
 
@@ -158,6 +164,17 @@ def test_a_user_env_with_three_turns_runs_three_turns_and_trains(chat_lm, env_mo
     assert test.samples[0]["turns"] == 3 and test.samples[0]["conversation"][-1]["content"] == "bye"
 
 
+def test_envs_are_made_once_and_reset_for_every_episode(chat_lm, env_module):
+    work = LMWorkload(config(chat_lm, "three_env:Counted", max_turns=8), seed=0)
+    import three_env
+    made = three_env.Counted.made                     # the task's own, for its rows' first messages
+    for _ in range(3):
+        _, metrics = work.collect()
+        assert metrics["episode/turns_mean"] == 3.0 and metrics["episode/return_mean"] == 6.0
+    work.evaluate("validation")
+    assert three_env.Counted.made - made == 4         # one per episode of a step, reused after
+
+
 def test_an_env_object_from_python_is_a_task(tiny_lm):
     class Echo(gym.Env):
         def reset(self, *, seed=None, options=None):
@@ -167,7 +184,7 @@ def test_an_env_object_from_python_is_a_task(tiny_lm):
         def step(self, action):
             self.left -= 1
             return "again", float(len(action) > 1), self.left == 0, False, {}
-    for env in (Echo, Echo()):  # a class (factory) or an instance (copied for each episode)
+    for env in (Echo, Echo()):  # a class (factory) or an instance (copied once per env of the pool)
         result = policygrad.train(algo="ppo", model=str(tiny_lm), task=env, total_steps=1, prompts_per_step=2,
                                   samples_per_prompt=2, max_new_tokens=3, eval_prompts=2, batch_size=4,
                                   progress=False, out=None)

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -168,12 +168,12 @@ def context_limit(policy) -> int:
     return getattr(policy.model.config, "max_position_embeddings", None) or 1 << 30
 
 
-def play(policy, make_env: Callable[[], gym.Env], spec: str, seeds: list[int], cfg, seed: int,
+def play(policy, envs: list[gym.Env], spec: str, seeds: list[int], cfg, seed: int,
          samples_per_prompt: int = 1) -> list[Episode]:
-    """One episode per env seed, played turn by turn: each turn the live episodes' next replies are
-    sampled in one batch. An episode ends on terminated, on truncated, at max_turns, or when
-    max_episode_tokens (or the model's context) is spent; the last three truncate it."""
-    envs = [make_env() for _ in seeds]
+    """One episode per env seed, each in its own env of envs (reset with that seed), played turn by
+    turn: each turn the live episodes' next replies are sampled in one batch. An episode ends on
+    terminated, on truncated, at max_turns, or when max_episode_tokens (or the model's context) is
+    spent; the last three truncate it."""
     episodes = []
     for env, env_seed in zip(envs, seeds):
         messages = reset(env, env_seed, spec)
@@ -317,6 +317,13 @@ class EpisodeCollector:
 
     def __init__(self, work):
         self.work = work
+        self.pool: list[gym.Env] = []
+
+    def envs(self, n: int) -> list[gym.Env]:
+        """n envs, made once and reused (reset with each episode's seed, as Gymnasium envs are):
+        an env that loads a reward model or opens a connection does so once, not per episode."""
+        self.pool += [self.work.task.env() for _ in range(n - len(self.pool))]
+        return self.pool[:n]
 
     def play(self, rows: list[dict], n: int, seed: int, sampling=None) -> tuple[list[Episode], Batch]:
         """n episodes from each row's env seed, as a batch with the reference's log-probs;
@@ -325,7 +332,7 @@ class EpisodeCollector:
         seeds = [int(r["env_seed"]) for r in rows for _ in range(n)]
         with work.policy.gathered():
             start = time.perf_counter()
-            episodes = play(work.policy, work.task.env, work.task.name, seeds, sampling or work.cfg, seed, n)
+            episodes = play(work.policy, self.envs(len(seeds)), work.task.name, seeds, sampling or work.cfg, seed, n)
             played = time.perf_counter()
             batch = to_batch(episodes, work.policy.tokenizer.pad_token_id, work.placement.device)
             if work.placement.mixed:  # sampled under autocast: the old log-probs come from the training pass

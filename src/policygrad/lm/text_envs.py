@@ -134,7 +134,7 @@ def env_task(make: Callable[[], gym.Env], spec: str, defaults: Optional[dict] = 
              first: Optional[gym.Env] = None) -> Task:
     """A multi-turn task from a text env's maker: each split's rows are env seeds from its own
     range, with the first message of that seed's reset (shown in samples); episodes are played by
-    lm/episodes.py, one env per episode."""
+    lm/episodes.py, each in an env of a pool made with make and reset per episode."""
     env = first if first is not None else make()
 
     def row_at(seed: int) -> dict:
@@ -187,8 +187,8 @@ def builtin_task(kind: str, env_kwargs: Optional[dict] = None, overrides: Option
     assert kind in BUILTIN_ENVS
     cls, kwargs = ENV_CLASSES[kind], dict(env_kwargs or {})
     try:
-        cls(**kwargs)  # a bad argument fails here, in one line, before any run starts
+        first = cls(**kwargs)  # a bad argument fails here, in one line, before any run starts
     except TypeError as e:
         raise TaskError(f"{kind}: bad env_kwargs ({e})") from None
-    task = env_task(lambda: cls(**kwargs), kind, defaults={**ENV_DEFAULTS[kind], **(overrides or {})})
+    task = env_task(lambda: cls(**kwargs), kind, defaults={**ENV_DEFAULTS[kind], **(overrides or {})}, first=first)
     return task if name is None else Task(name, task.splits, task.rewards, task.defaults, env=task.env)
