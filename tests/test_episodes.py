@@ -258,9 +258,16 @@ def test_discounted_and_outcome_over_turns_equal_the_hand_table():
     # G: episode 0: 0.36, 0.4, 1.0; episode 1 (truncated, no critic: bootstrap 0): 0.47, 0.3
     assert torch.allclose(out.advantages[0, [1, 3, 7]], torch.tensor([0.36, 0.4, 1.0]))
     assert torch.allclose(out.advantages[1, [0, 3]], torch.tensor([0.47, 0.3]))
-    cfg.baseline = "rloo"  # the other episode from the same seed's return from its first turn
+    cfg.baseline = "rloo"  # each turn against the same turn of the other episode from the same seed
     out = adv.compute(batch, cfg)
-    assert torch.allclose(out.advantages[0, [1, 3, 7]], torch.tensor([0.36, 0.4, 1.0]) - 0.47)
+    # episode 1 has no third turn: episode 0's third is alone in its cell, baseline 0
+    assert torch.allclose(out.advantages[0, [1, 3, 7]], torch.tensor([0.36 - 0.47, 0.4 - 0.3, 1.0]))
+    assert torch.allclose(out.advantages[1, [0, 3]], torch.tensor([0.47 - 0.36, 0.3 - 0.4]))
+    cfg.baseline = "group"  # two per cell: +-(difference / 2) / (|difference| / sqrt 2) = +-1/sqrt 2
+    out = adv.compute(batch, cfg)
+    half = 2 ** -0.5
+    assert torch.allclose(out.advantages[0, [1, 3, 7]], torch.tensor([-half, half, 0.0]), atol=1e-4)
+    assert torch.allclose(out.advantages[1, [0, 3]], torch.tensor([half, -half]), atol=1e-4)
     cfg.turn_advantage, cfg.baseline = "outcome", "none"
     out = adv.compute(batch, cfg)
     assert torch.allclose(out.advantages[0][batch.mask[0] > 0], torch.full((5,), 0.5))
@@ -284,6 +291,14 @@ def test_one_turn_outcome_equals_the_single_turn_sequence_advantage():
 
 
 # --- built-in tasks ---------------------------------------------------------------------------
+def test_dialogue_defaults_and_kl_in_reward_taking_k1():
+    flags = {"algo": "reinforce", "task": "dialogue", "model": "any"}
+    cfg = resolve({}, {}, flags)
+    assert (cfg.turn_advantage, cfg.kl_in, cfg.kl_estimator) == ("discounted", "loss", "k2")
+    cfg = resolve({}, {"kl_in": "reward"}, flags)  # k2 is refused in reward mode: its default is k1
+    assert (cfg.kl_in, cfg.kl_estimator) == ("reward", "k1")
+
+
 def test_guess_number_answers_higher_lower_and_ends_when_guessed():
     env = GuessNumber(n=32)
     env.reset(seed=5)

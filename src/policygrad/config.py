@@ -648,6 +648,8 @@ def lm_defaults(task: str, algo: str, user: dict[str, Any]) -> dict[str, Any]:
         defaults["advantage"] = "gae"  # a value head is there to be used
     if user.get("use_value_head") and user.get("advantage", "gae") == "gae" and "turn_advantage" not in user:
         defaults["turn_advantage"] = "gae"  # over the turns of a multi-turn task too
+    if user.get("kl_in") == "reward" and "kl_estimator" not in user:
+        defaults["kl_estimator"] = "k1"  # a task whose KL is a loss term may default to k2 or k3
     return defaults
 
 

@@ -189,11 +189,32 @@ def _outcome(turns: dict, batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor
     return _baselined(returns, score, batch, cfg), returns
 
 
+def _per_turn_baselined(returns: torch.Tensor, batch: Batch, valid: torch.Tensor, cfg) -> torch.Tensor:
+    """(B, K) each turn's return-to-go against the same turn's of the other episodes from the same
+    seed (rloo: their mean; group: whitened with their moments), over the episodes that reached
+    that turn. A later turn's return-to-go holds fewer rewards than the whole return: compared
+    with the whole return's baseline it would carry a large offset and the earlier turns' noise.
+    none and moving-average baselines are of the whole return (_baselined)."""
+    if cfg.baseline not in ("rloo", "group"):
+        return _baselined(returns, returns[:, 0], batch, cfg)
+    b, k = valid.nonzero(as_tuple=True)                                            # the turns played
+    _, cell = torch.unique(batch.group[b] * returns.shape[1] + k, return_inverse=True)  # (seed, turn)
+    scores = returns[b, k]                                                         # (N,)
+    if cfg.baseline == "rloo":
+        compared = scores - rloo_baseline(scores, cell)
+    else:
+        _, mean, std = group_stats(scores, cell)
+        compared = (scores - mean) / (std + 1e-6)
+    advantages = torch.zeros_like(returns)
+    advantages[b, k] = compared
+    return advantages
+
+
 def _discounted(turns: dict, batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """Each turn's discounted return-to-go (gamma over turns; no critic, so a truncated episode
-    bootstraps from 0) minus the baseline of the episode's return from its first turn."""
+    bootstraps from 0) minus the same turn's baseline (_per_turn_baselined)."""
     returns = discounted_returns(turns["rewards"], turns["terminated"], turns["truncated"], cfg.gamma)  # (B, K)
-    return _baselined(returns, returns[:, 0], batch, cfg), returns
+    return _per_turn_baselined(returns, batch, turns["valid"] > 0, cfg), returns
 
 
 def _turn_gae(turns: dict, batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor]:

@@ -173,10 +173,14 @@ ENV_CLASSES = {"guess-number": GuessNumber, "dialogue": Dialogue}
 ENV_DEFAULTS: dict[str, dict[str, Any]] = {
     "guess-number": {"max_turns": 6, "max_new_tokens": 8, "max_episode_tokens": 256, "prompts_per_step": 4,
                      "samples_per_prompt": 4, "kl_coef": 0.05},
-    # kl_coef: an episode has three replies' tokens, so its KL grows ~3x as fast as a single reply's;
-    # at positive-review's 0.1 the KL passed 6 nats by step 9 (benchmarks/multi_turn.py dialogue)
+    # An episode has three replies' tokens, so its KL grows ~3x as fast as a single reply's: at
+    # positive-review's kl_coef 0.1 (in the reward) it passed 6 nats by step 9. Per-turn rewards
+    # make the return-to-go (`discounted`) the credit of a reply, and the KL a per-token loss
+    # (k2: its gradient is the per-token KL's, without the whole episode's KL as noise in every
+    # reply's score); README, "Multi-turn episodes", has the runs behind each choice.
     "dialogue": {"max_turns": 3, "max_new_tokens": 32, "max_episode_tokens": 512, "prompts_per_step": 4,
-                 "samples_per_prompt": 4, "kl_coef": 0.3},
+                 "samples_per_prompt": 4, "turn_advantage": "discounted", "kl_in": "loss", "kl_estimator": "k2",
+                 "kl_coef": 0.4},
 }
 
 
