@@ -11,6 +11,7 @@
 Usage: .venv/bin/python benchmarks/multi_turn.py dialogue [--steps 40] [--set kl_coef=0.15]
        .venv/bin/python benchmarks/multi_turn.py guess-number [--steps 80] [--algo reinforce]
                                                  [--turn-advantage outcome discounted gae] [--set lr=5e-5]
+                                                 [--env-kwargs invalid_cost=0.1]
        .venv/bin/python benchmarks/multi_turn.py speed [--steps 3]
 """
 import argparse
@@ -49,13 +50,26 @@ def dialogue(args) -> dict:
             "passed": gain >= GAIN and trained["kl_to_reference"] < KL_LIMIT, "train_wall_s": wall}
 
 
+def guess_task(args) -> str:
+    """guess-number, or a task file of it with --env-kwargs (the env's own arguments)."""
+    if not args.env_kwargs:
+        return "guess-number"
+    import yaml
+    kwargs = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.env_kwargs)}
+    path = Path(args.out) / "guess-number.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"env": "guess-number", "env_kwargs": kwargs}))
+    return str(path)
+
+
 def guess_number(args) -> dict:
-    base = base_eval("guess-number", args.model)["episode"]
+    task = guess_task(args)
+    base = base_eval(task, args.model)["episode"]
     runs, passed = {}, []
     for choice in args.turn_advantage:
         critic = ["use_value_head=true", "advantage=gae"] if choice == "gae" else []
         # validation every 20 steps on 16 seeds: six turns an episode make evaluation dear
-        trained, wall = train_and_eval("guess-number", args.model, Path(args.out) / f"guess-{args.algo}-{choice}",
+        trained, wall = train_and_eval(task, args.model, Path(args.out) / f"guess-{args.algo}-{choice}",
                                        args.algo, args.steps, f"turn_advantage={choice}", "eval_every=20",
                                        "eval_prompts=16", *critic, *args.set)
         rate = trained["episode"]["success_rate"]
@@ -65,6 +79,7 @@ def guess_number(args) -> dict:
                         "turns_mean": trained["episode"]["turns_mean"], "kl": trained["kl_to_reference"],
                         "passed": ok, "train_wall_s": wall}
     return {"benchmark": "multi_turn_guess_number", "steps": args.steps, "algo": args.algo, "set": args.set,
+            "env_kwargs": args.env_kwargs,
             "base_success_rate": base["success_rate"], "base_return_mean": base["return_mean"],
             "base_turns_mean": base["turns_mean"], "runs": runs, "threshold": "x2 and +0.15",
             "passed": any(passed)}
@@ -121,6 +136,8 @@ def main() -> None:
     parser.add_argument("--turn-advantage", nargs="+", default=["outcome", "discounted", "gae"])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config keys for every training run")
+    parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="guess-number: the env's arguments (n, turn_cost, invalid_cost)")
     parser.add_argument("--out", default="runs/bench-multi-turn")
     args = parser.parse_args()
     args.steps = args.steps or {"dialogue": 40, "guess-number": 80, "speed": 3}[args.which]

@@ -308,6 +308,9 @@ def test_guess_number_answers_higher_lower_and_ends_when_guessed():
     assert env.step("hmm")[1] == -0.05 and "not a number" in env.step("hmm")[0].lower()
     obs, reward, terminated, _, info = env.step(f"It is {target}.")
     assert (obs, reward, terminated, info["success"]) == ("Correct!", 0.95, True, True)
+    shaped = GuessNumber(invalid_cost=0.1)
+    shaped.reset(seed=5)
+    assert shaped.step("hmm")[1] == pytest.approx(-0.15) and shaped.step("I think 0")[1] == -0.05
 
 
 def test_dialogue_asks_about_a_word_of_the_reply_and_scores_each_turn():

@@ -33,10 +33,12 @@ class GuessNumber(gym.Env):
     """Find the hidden number from "Higher."/"Lower." answers."""
     metadata: dict = {}
 
-    def __init__(self, n: int = 32, turn_cost: float = 0.05):
+    def __init__(self, n: int = 32, turn_cost: float = 0.05, invalid_cost: float = 0.0):
+        """invalid_cost: what a reply without a number costs on top of turn_cost (a format reward,
+        dense where success is rare; 0 by default: such a reply is only a wasted turn)."""
         if not isinstance(n, int) or n < 2:
             raise TaskError(f"guess-number: n must be a whole number >= 2; got {n!r}")
-        self.n, self.turn_cost = n, float(turn_cost)
+        self.n, self.turn_cost, self.invalid_cost = n, float(turn_cost), float(invalid_cost)
         self.observation_space, self.action_space = _text_space(), _text_space()
         self.target = 1
 
@@ -51,7 +53,7 @@ class GuessNumber(gym.Env):
         if found is None:
             # short on purpose: the rules are in the first message, and every token of the env's
             # answers is carried through every forward pass of the episode's training step
-            return "Not a number.", -self.turn_cost, False, False, {"success": False}
+            return "Not a number.", -self.turn_cost - self.invalid_cost, False, False, {"success": False}
         guess = int(found.group())
         if guess == self.target:
             return "Correct!", 1.0 - self.turn_cost, True, False, {"success": True}
