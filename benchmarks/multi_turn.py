@@ -30,10 +30,13 @@ def base_eval(task: str, model: str) -> dict:
     return run_cli("eval", "--task", task, "--model", model, "--split", "test")
 
 
-def train_and_eval(task: str, model: str, out: Path, algo: str, steps: int, *keys: str) -> tuple[dict, float]:
+def train_and_eval(task: str, model: str, out: Path, algo: str, steps: int, *keys: str,
+                   resume: bool = False) -> tuple[dict, float]:
+    """resume: continue a run of the same settings already in `out` (one stopped midway: its
+    resumed end is bit-identical to an uninterrupted run's), else start it afresh."""
     start = time.perf_counter()
     run_cli("train", "--algo", algo, "--task", task, "--model", model, "--out", str(out), "--steps", str(steps),
-            "--seed", "1", "--overwrite", "--no-progress", *keys)
+            "--seed", "1", "--no-progress", *keys, *([] if resume else ["--overwrite"]))
     wall = time.perf_counter() - start
     return run_cli("eval", str(out), "--split", "test"), wall
 
@@ -41,7 +44,7 @@ def train_and_eval(task: str, model: str, out: Path, algo: str, steps: int, *key
 def dialogue(args) -> dict:
     base = base_eval("dialogue", args.model)
     trained, wall = train_and_eval("dialogue", args.model, Path(args.out) / "dialogue", "reinforce", args.steps,
-                                   *args.set)
+                                   *args.set, resume=args.resume)
     gain = trained["mean_reward"] - base["mean_reward"]
     return {"benchmark": "multi_turn_dialogue", "steps": args.steps, "algo": "reinforce", "set": args.set,
             "base_per_turn_reward": base["mean_reward"], "trained_per_turn_reward": trained["mean_reward"],
@@ -71,7 +74,7 @@ def guess_number(args) -> dict:
         # validation every 20 steps on 16 seeds: six turns an episode make evaluation dear
         trained, wall = train_and_eval(task, args.model, Path(args.out) / f"guess-{args.algo}-{choice}",
                                        args.algo, args.steps, f"turn_advantage={choice}", "eval_every=20",
-                                       "eval_prompts=16", *critic, *args.set)
+                                       "eval_prompts=16", *critic, *args.set, resume=args.resume)
         rate = trained["episode"]["success_rate"]
         ok = rate >= 2 * base["success_rate"] and rate - base["success_rate"] >= SUCCESS_RISE
         passed.append(ok)
@@ -139,6 +142,7 @@ def main() -> None:
     parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                         help="guess-number: the env's arguments (n, turn_cost, invalid_cost)")
     parser.add_argument("--out", default="runs/bench-multi-turn")
+    parser.add_argument("--resume", action="store_true", help="continue the runs already in --out")
     args = parser.parse_args()
     args.steps = args.steps or {"dialogue": 40, "guess-number": 80, "speed": 3}[args.which]
     start = time.perf_counter()
