@@ -378,8 +378,10 @@ def test_an_env_raising_mid_run_keeps_the_steps_done(chat_lm, env_module, monkey
 def test_every_algorithm_trains_on_episodes_with_every_credit_assignment(algo, turn_advantage, tiny_lm):
     critic = {"use_value_head": True, "advantage": "gae"} if turn_advantage == "gae" else {}
     extra = {"batch_size": 4} if algo == "ppo" else {}
+    # kl_in=reward: a tiny random model never guesses, and only the KL penalty makes returns differ
     cfg = resolve({}, {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 3, "max_turns": 3,
-                       "eval_prompts": 2, "turn_advantage": turn_advantage, "lr": 1e-3, **critic, **extra},
+                       "eval_prompts": 2, "turn_advantage": turn_advantage, "lr": 1e-3, "kl_in": "reward",
+                       **critic, **extra},
                   {"task": "guess-number", "model": str(tiny_lm), "algo": algo})
     from policygrad.algos import ALGOS, Progress
     work = LMWorkload(cfg, seed=0)
