@@ -333,6 +333,9 @@ def test_a_task_yaml_names_an_env_with_its_arguments(tmp_path):
     (tmp_path / "bad.yaml").write_text("env: dialogue\nenv_kwargs: {colour: red}\n")
     with pytest.raises(tasks.TaskError, match="bad env_kwargs"):
         tasks.load(str(tmp_path / "bad.yaml"), set())
+    (tmp_path / "cost.yaml").write_text("env: guess-number\nenv_kwargs: {invalid_cost: lots}\n")
+    with pytest.raises(tasks.TaskError, match="bad env_kwargs .*'lots'"):
+        tasks.load(str(tmp_path / "cost.yaml"), set())
 
 
 # --- bad input: one line naming the env and the turn, exit 2, nothing lost ----------------------

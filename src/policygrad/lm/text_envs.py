@@ -197,7 +197,7 @@ def builtin_task(kind: str, env_kwargs: Optional[dict] = None, overrides: Option
     cls, kwargs = ENV_CLASSES[kind], dict(env_kwargs or {})
     try:
         first = cls(**kwargs)  # a bad argument fails here, in one line, before any run starts
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown name; a cost that is not a number
         raise TaskError(f"{kind}: bad env_kwargs ({e})") from None
     task = env_task(lambda: cls(**kwargs), kind, defaults={**ENV_DEFAULTS[kind], **(overrides or {})}, first=first)
     return task if name is None else Task(name, task.splits, task.rewards, task.defaults, env=task.env)
