@@ -174,7 +174,7 @@ ENV_CLASSES = {"guess-number": GuessNumber, "dialogue": Dialogue}
 # Run settings each task starts from (below the user's own).
 ENV_DEFAULTS: dict[str, dict[str, Any]] = {
     # kl_in=loss: most steps have no success, so every episode's return is the same but for its KL
-    # penalty; in the reward, whitening blew that noise up to a full-size step (KL 5 nats in 25
+    # penalty; in the reward, whitening blew that noise up to a full-size step (KL 5.2 nats in 26
     # steps without learning, README); as a loss term it only pulls towards the reference.
     "guess-number": {"max_turns": 6, "max_new_tokens": 8, "max_episode_tokens": 256, "prompts_per_step": 4,
                      "samples_per_prompt": 4, "kl_in": "loss", "kl_estimator": "k2", "kl_coef": 0.05},
