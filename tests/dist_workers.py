@@ -201,20 +201,23 @@ def run_ranks(fn, args: tuple, world: int = 2, timeout_s: float = 180.0) -> None
 
 
 def evaluation_worker(rank: int, world: int, port: int, folder: str, lm_paths: tuple[str, str]) -> None:
-    """The validation evaluation of an untrained model, replicated (ddp) and sharded (fsdp)."""
+    """The validation evaluation of an untrained model, replicated (ddp) and sharded (fsdp), on the
+    prompts task and on a text env's episodes."""
     join(rank, world, port)
-    for shard in ("ddp", "fsdp"):
-        cfg = eval_config(lm_paths, shard)
-        result = workload(cfg).evaluate("validation")
-        if rank == 0:
-            (Path(folder) / f"eval-{shard}.json").write_text(json.dumps(result))
+    for kind in ("prompts", "episodes"):
+        for shard in ("ddp", "fsdp"):
+            cfg = eval_config(lm_paths, shard, episodes=kind == "episodes")
+            result = workload(cfg).evaluate("validation")
+            if rank == 0:
+                (Path(folder) / f"eval-{kind}-{shard}.json").write_text(json.dumps(result))
     dist.shutdown()
 
 
-def eval_config(lm_paths: tuple[str, str], shard: str = "ddp"):
+def eval_config(lm_paths: tuple[str, str], shard: str = "ddp", episodes: bool = False):
     model, task = lm_paths
-    return config_mod.resolve({}, {**LM_OVERRIDES, "eval_prompts": 20, "shard": shard},
-                              {"algo": "reinforce", "task": task, "model": model})
+    turns = {"max_turns": 3, "max_new_tokens": 4} if episodes else {}
+    return config_mod.resolve({}, {**LM_OVERRIDES, "eval_prompts": 20, "shard": shard, **turns},
+                              {"algo": "reinforce", "task": "guess-number" if episodes else task, "model": model})
 
 
 def api_worker(rank: int, world: int, port: int, folder: str, lm_paths: tuple[str, str], keys: dict) -> None:

@@ -104,16 +104,21 @@ def test_a_batch_that_does_not_fit_the_processes_is_refused(tiny_lm, task_file, 
 
 
 def test_evaluation_over_two_ranks_equals_the_single_process_one(tmp_path, tiny_lm):
-    """20 validation prompts in chunks of 8: rank 0 samples two chunks and rank 1 one, each with the
-    chunk's own seed, replicated and with FSDP (sampling gathered); every number and sample equals
-    one process's evaluation."""
+    """20 validation prompts (or text-env seeds) in chunks of 8: rank 0 samples two chunks and rank 1
+    one, each with the chunk's own seed, replicated and with FSDP (sampling gathered once around the
+    chunks: gathered per chunk, the ranks' different chunk counts paired one rank's all-gather with
+    the other's gather of results); every number and sample equals one process's evaluation."""
     from lm_helpers import write_task
     task = write_task(tmp_path, [{"prompt": f"Tell me about {i}."} for i in range(200)],
                       "data: prompts.jsonl\nrewards: [vader]\nmax_new_tokens: 6\n")
     lm_paths = (str(tiny_lm), str(task))
     torch.set_num_threads(1)  # as the ranks: sampling's float sums depend on the thread count
-    single = w.workload(w.eval_config(lm_paths)).evaluate("validation")
-    assert single["eval/n"] == 20
+    singles = {kind: w.workload(w.eval_config(lm_paths, episodes=kind == "episodes")).evaluate("validation")
+               for kind in ("prompts", "episodes")}
+    assert singles["prompts"]["eval/n"] == singles["episodes"]["eval/n"] == 20
+    assert "eval/episode/turns_mean" in singles["episodes"]
     w.run_ranks(w.evaluation_worker, (str(tmp_path), lm_paths))
-    for shard in ("ddp", "fsdp"):
-        assert json.loads((tmp_path / f"eval-{shard}.json").read_text()) == json.loads(json.dumps(single)), shard
+    for kind, single in singles.items():
+        for shard in ("ddp", "fsdp"):
+            got = json.loads((tmp_path / f"eval-{kind}-{shard}.json").read_text())
+            assert got == json.loads(json.dumps(single)), (kind, shard)

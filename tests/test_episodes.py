@@ -96,7 +96,8 @@ def scripted_replies(work, replies: list[list[int]]):
     each turn's generation returned."""
     given = []
 
-    def generate_ids(seen, attention, cfg, seed, max_new_tokens, samples_per_prompt=1, past=None):
+    def generate_ids(seen, attention, cfg, seed, max_new_tokens, samples_per_prompt=1, past=None,
+                     model_defaults=False):
         ids = replies[len(given)]
         tokens = torch.tensor([ids] * len(seen))
         mask = work.policy.completion_mask(tokens)
@@ -194,7 +195,8 @@ def test_an_env_object_from_python_is_a_task(tiny_lm):
 # --- credit assignment over turns -------------------------------------------------------------
 def hand_batch(truncated_second: bool = True) -> Batch:
     """Episode 0: 3 turns, terminated; episode 1: 2 turns and a final answer, truncated (bootstrap
-    0.5) or terminated. Tokens: m = the model's, e = the environment's."""
+    0.5) or terminated. Tokens: m = the model's, e = the environment's. V(s_k) sits at each turn's
+    first model token (the value of the context before it)."""
     #            turn: 0  0  0  1  1  1  2  2          0  0  1  1  1  pad pad pad
     model = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1], [1, 0, 1, 1, 0, 0, 0, 0]], dtype=torch.float32)
     turn = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2], [0, 0, 1, 1, 1, -1, -1, -1]])
@@ -202,9 +204,10 @@ def hand_batch(truncated_second: bool = True) -> Batch:
     rewards[0, [1, 3, 7]] = torch.tensor([0.0, -0.5, 1.0])
     rewards[1, [0, 3]] = torch.tensor([0.2, 0.3])
     values = torch.zeros(2, 8)
-    values[0, [1, 3, 7]] = torch.tensor([0.4, 0.6, 0.8])
-    values[1, [0, 3]] = torch.tensor([0.1, 0.7])
-    values[0, [0, 6]] = 9.0  # a turn's earlier tokens: never read
+    values[0, [0, 3, 6]] = torch.tensor([0.4, 0.6, 0.8])
+    values[1, [0, 2]] = torch.tensor([0.1, 0.7])
+    values[0, [1, 7]] = 9.0  # a turn's later tokens have seen part of the reply: never read
+    values[1, 3] = 9.0
     next_values = torch.zeros(2, 8)
     next_values[1, 3] = 0.5
     terminated, truncated = torch.zeros(2, 8), torch.zeros(2, 8)
@@ -222,11 +225,90 @@ class Cfg:
 def test_turn_view_gathers_each_turns_reward_value_and_end():
     view = adv.turn_view(hand_batch())
     assert view["last"].tolist() == [[1, 3, 7], [0, 3, -1]]
+    assert view["first"].tolist() == [[0, 3, 6], [0, 2, -1]]
+    assert view["tokens"].tolist() == [[2, 1, 2], [1, 2, 0]]
     assert torch.allclose(view["rewards"], torch.tensor([[0.0, -0.5, 1.0], [0.2, 0.3, 0.0]]))
     assert torch.allclose(view["values"], torch.tensor([[0.4, 0.6, 0.8], [0.1, 0.7, 0.0]]))
     assert torch.allclose(view["next_values"], torch.tensor([[0.6, 0.8, 0.0], [0.7, 0.5, 0.0]]))
     assert view["terminated"].tolist() == [[0, 0, 1], [0, 0, 0]]
     assert view["truncated"].tolist() == [[0, 0, 0], [0, 1, 0]]
+
+
+def one_turn_bandit() -> Batch:
+    """The issue's demonstration: one-turn episodes, a first token a in {0, 1} with reward a, then
+    EOS; exact values: 0.5 before a (nothing is known), a after it."""
+    a = torch.tensor([0.0, 1.0])
+    rewards = torch.stack([torch.zeros(2), a], 1)                                 # reward on the last token
+    values = torch.stack([torch.full((2,), 0.5), a], 1)                           # (2, 2)
+    ones, zeros = torch.ones(2, 2), torch.zeros(2, 2)
+    return Batch(obs=torch.zeros(2, 2), actions=torch.zeros(2, 2, dtype=torch.long), log_prob=zeros,
+                 rewards=rewards, terminated=torch.tensor([[0.0, 1.0], [0.0, 1.0]]), truncated=zeros, mask=ones,
+                 values=values, next_values=zeros, turn=torch.zeros(2, 2, dtype=torch.long),
+                 group=torch.tensor([0, 1]), baseline=torch.zeros(2))
+
+
+def test_turn_gae_judges_a_reply_against_the_value_before_it():
+    cfg = Cfg()
+    cfg.gamma = cfg.gae_lambda = 1.0
+    out = adv.compute(one_turn_bandit(), cfg)
+    # read after the action (a, as before this fix) the advantage would be a - a = 0 for both
+    assert torch.allclose(out.advantages, torch.tensor([[-0.5, -0.5], [0.5, 0.5]]))
+    assert torch.allclose(out.returns, torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+
+
+def hand_turn_gae(rewards, values, boot, terminal, gamma, lam):
+    """The textbook loop over one episode's turns: V(s_k) = values[k], a truncated episode's last
+    turn bootstraps from boot."""
+    advantages, running = [0.0] * len(rewards), 0.0
+    for k in reversed(range(len(rewards))):
+        after = values[k + 1] if k + 1 < len(rewards) else (0.0 if terminal else boot)
+        delta = rewards[k] + gamma * after - values[k]
+        running = delta + (gamma * lam * running if k + 1 < len(rewards) else 0.0)
+        advantages[k] = running
+    return advantages
+
+
+@pytest.mark.parametrize("truncated", [True, False])
+def test_two_turn_gae_equals_a_hand_written_loop(truncated):
+    """Two turns of random lengths with random values at every token: only each turn's first
+    token's value (and the bootstrap) may matter."""
+    torch.manual_seed(3)
+    #                      turn 0 (model, model, env, env) | turn 1 (model x3, env)
+    turn = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0]], dtype=torch.float32)
+    rewards = torch.zeros(1, 8)
+    rewards[0, 1], rewards[0, 6] = 0.3, -0.7
+    values = torch.randn(1, 8) * mask
+    next_values = torch.zeros(1, 8)
+    next_values[0, 6] = 0.45
+    ends = torch.zeros(1, 8)
+    ends[0, 6] = 1.0
+    batch = Batch(obs=torch.zeros(1, 8), actions=torch.zeros(1, 8, dtype=torch.long), log_prob=torch.zeros(1, 8),
+                  rewards=rewards, terminated=torch.zeros(1, 8) if truncated else ends,
+                  truncated=ends if truncated else torch.zeros(1, 8), mask=mask, values=values,
+                  next_values=next_values, turn=turn, group=torch.tensor([0]), baseline=torch.zeros(1))
+    cfg = Cfg()
+    cfg.gamma, cfg.gae_lambda = 0.95, 0.7
+    out = adv.compute(batch, cfg)
+    expected = hand_turn_gae([0.3, -0.7], [float(values[0, 0]), float(values[0, 4])], 0.45, not truncated, 0.95, 0.7)
+    assert torch.allclose(out.advantages[0, [0, 1]], torch.tensor([expected[0]] * 2), atol=1e-6)
+    assert torch.allclose(out.advantages[0, [4, 5, 6]], torch.tensor([expected[1]] * 3), atol=1e-6)
+    # the value head is regressed where V(s_k) is read, a turn weighing its model tokens
+    assert out.value_weight[0].tolist() == [2, 0, 0, 0, 3, 0, 0, 0]
+    assert torch.allclose(out.returns[0, [0, 4]], torch.tensor(expected) + values[0, [0, 4]], atol=1e-6)
+
+
+def test_the_value_loss_of_turns_reads_turn_starts_only():
+    from policygrad.core.losses import value_loss
+    batch = adv.compute(hand_batch(), Cfg())
+    fitted = batch.returns.clone()                     # a critic exactly right at every token
+    assert value_loss(fitted, batch) == 0
+    later = fitted.clone()
+    later[0, [1, 7]] += 5.0                            # a turn's later tokens carry no value target
+    assert value_loss(later, batch) == 0
+    start = fitted.clone()
+    start[0, 0] += 1.0                                 # turn 0 of episode 0 (2 tokens) off by 1
+    assert torch.isclose(value_loss(start, batch), torch.tensor(2.0 / 8))
 
 
 @pytest.mark.parametrize("truncated_second, second", [(True, [0.766, 0.05]), (False, [0.442, -0.4])])
@@ -353,10 +435,14 @@ def test_a_misbehaving_env_is_one_line_and_exit_2(env, words, chat_lm, env_modul
     assert f"three_env:{env}" in err[0]
 
 
-def test_an_env_that_never_ends_is_cut_at_max_turns(chat_lm, env_module):
-    work = LMWorkload(config(chat_lm, "three_env:Endless", max_turns=4), seed=0)
+@pytest.mark.parametrize("truncates", [False, True])
+def test_an_env_that_never_ends_is_cut_at_max_turns(truncates, chat_lm, env_module):
+    """max_turns is the game's horizon, a terminal state, unless max_turns_truncates says the env is
+    really endless."""
+    work = LMWorkload(config(chat_lm, "three_env:Endless", max_turns=4, max_turns_truncates=truncates), seed=0)
     batch, metrics = work.collect()
-    assert metrics["episode/turns_mean"] == 4.0 and batch.truncated.sum() == 4 and batch.terminated.sum() == 0
+    assert metrics["episode/turns_mean"] == 4.0
+    assert (batch.truncated.sum(), batch.terminated.sum()) == ((4, 0) if truncates else (0, 4))
 
 
 def test_an_env_raising_mid_run_keeps_the_steps_done(chat_lm, env_module, monkeypatch, capsys):
@@ -468,17 +554,36 @@ def test_turns_reuse_the_kv_cache_and_sample_what_a_full_prefill_samples(chat_lm
         assert torch.allclose(torch.tensor(a.log_prob), torch.tensor(b.log_prob), atol=1e-4)
 
 
-def test_a_truncated_episode_bootstraps_from_the_value_at_the_end_of_the_envs_last_answer(chat_lm, env_module):
-    cfg = config(chat_lm, "three_env:Endless", max_turns=2, use_value_head=True, advantage="gae")
+def test_values_are_read_before_each_reply_and_a_truncated_episode_bootstraps_after_the_last_answer(
+        chat_lm, env_module):
+    """V(s_k) at each turn's first model token is the value head on the conversation up to, not
+    including, the reply (a separate forward pass of that prefix); a truncated episode bootstraps
+    from the value of the whole conversation, its final answer ending with the next reply's header."""
+    cfg = config(chat_lm, "three_env:Endless", max_turns=2, max_turns_truncates=True, use_value_head=True,
+                 advantage="gae")
     work = LMWorkload(cfg, seed=0)
     torch.nn.init.normal_(work.policy.value_head.weight)  # a zero head would make every value 0
     batch, _ = work.collect()
-    with torch.no_grad():
-        raw = work.policy.values(batch)
+    policy = work.policy
     P = batch.obs.shape[1] - batch.actions.shape[1]
     length = batch.obs_mask[:, P:].sum(1).long()                          # real tokens after the prompt
-    last_turn = adv.turn_view(batch)["last"][:, -1]                       # final reply's last token
+    view = adv.turn_view(batch)
+    header = policy.tokenizer("<|assistant|>", add_special_tokens=False)["input_ids"]
+
+    def value_of_prefix(b: int, n: int) -> torch.Tensor:
+        """The value head on row b's real tokens up to obs position P + n (exclusive)."""
+        keep = batch.obs_mask[b, :P + n] > 0
+        ids = batch.obs[b, :P + n][keep][None]
+        with torch.no_grad():
+            hidden = policy.model.base_model(input_ids=ids).last_hidden_state[:, -1]
+            return policy.value_head(hidden).squeeze()
+
     for b in range(batch.shape[0]):
-        assert batch.truncated[b, last_turn[b]] == 1 and length[b] - 1 > last_turn[b]  # an answer follows
-        assert torch.isclose(batch.next_values[b, last_turn[b]], raw[b, length[b] - 1])
-        assert batch.next_values[b].abs().sum() == batch.next_values[b, last_turn[b]].abs()
+        final = view["last"][b, -1]
+        assert batch.truncated[b, final] == 1 and length[b] - 1 > final    # an answer follows
+        assert batch.actions[b, length[b] - len(header):length[b]].tolist() == header
+        assert torch.isclose(batch.next_values[b, final], value_of_prefix(b, int(length[b])), atol=1e-5)
+        assert batch.next_values[b].abs().sum() == batch.next_values[b, final].abs()
+        for k in range(2):
+            start = int(view["first"][b, k])
+            assert torch.isclose(view["values"][b, k], value_of_prefix(b, start), atol=1e-5)

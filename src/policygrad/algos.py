@@ -17,7 +17,7 @@ import torch
 
 from . import dist
 from .batch import Batch
-from .core.losses import POLICY_LOSSES, batch_mean, kl_loss_per_token, value_loss
+from .core.losses import POLICY_LOSSES, batch_mean, kl_loss_per_token, sampler_mismatch, trpo_surrogate, value_loss
 from .core.trpo import trpo_step
 from .flat import FlatParameters, clip_grad_norm_, keep_adam_moments_adjacent
 
@@ -230,6 +230,7 @@ def reinforce_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Prog
     def loss_fn(mb: Batch) -> tuple[torch.Tensor, dict]:
         log_prob, entropy, values = policy.evaluate(mb, entropy_grad=cfg.ent_coef != 0)
         loss, metrics = POLICY_LOSSES["reinforce"](log_prob, mb, cfg)
+        metrics.update(sampler_mismatch(log_prob, mb))  # one step: every pass is at the sampling weights
         kl_term, kl_metrics = kl_loss(log_prob, mb, cfg)
         entropy_mean = batch_mean(entropy, mb)
         total = loss + kl_term - cfg.ent_coef * entropy_mean
@@ -249,10 +250,13 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
     _set_lr(opts.main, progress, cfg)
     step_cfg = dataclasses.replace(cfg, clip_eps=_scheduled(cfg.clip_eps, cfg.clip_schedule, progress))
     critic = batch.values is not None and cfg.advantage != "sequence"
+    stepped = [False]  # the sampler mismatch is measured before the first step, at the sampling weights
 
     def loss_fn(mb: Batch) -> tuple[torch.Tensor, dict]:
         log_prob, entropy, values = policy.evaluate(mb, entropy_grad=cfg.ent_coef != 0)
         loss, metrics = POLICY_LOSSES["ppo"](log_prob, mb, step_cfg)
+        if not stepped[0]:
+            metrics.update(sampler_mismatch(log_prob, mb))
         kl_term, kl_metrics = kl_loss(log_prob, mb, cfg)
         entropy_mean = batch_mean(entropy, mb)
         total = loss + kl_term
@@ -270,6 +274,7 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
         for mb in rows.minibatches(cfg.batch_size, progress.generator, dist.rank(), dist.world()):
             metrics = _gradient_step(opts.main, opts.main_params, mb, loss_fn, cfg, progress.before_step,
                                      opts.scaler, progress.data)
+            stepped[0] = True
             mean.add(metrics)
             if cfg.target_kl is not None and metrics["policy/approx_kl"] > 1.5 * cfg.target_kl:
                 stopped_early = 1.0
@@ -319,11 +324,10 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
     kl_metrics = WeightedMetrics()  # of the gradient's pass, at the parameters before the step
 
     def surrogate_of(log_prob: torch.Tensor, b: Batch, weight: Optional[float] = None) -> torch.Tensor:
-        ratio = torch.exp(log_prob - b.log_prob)                         # (B, T)
         kl_term, metrics = kl_loss(log_prob, b, cfg)
-        if weight is not None:
-            kl_metrics.add(metrics, weight)
-        return -batch_mean(ratio * b.advantages, b) + kl_term
+        if weight is not None:  # the gradient's pass, at the sampling weights
+            kl_metrics.add({**metrics, **sampler_mismatch(log_prob, b)}, weight)
+        return trpo_surrogate(log_prob, b, cfg) + kl_term
 
     loss_pieces = [(w, lambda m=m, w=w: surrogate_of(policy.log_prob(m), m, weight=w)) for w, m in micros]
     kl_pieces = [(w, lambda m=m, old=old: policy.kl(m, old)) for (w, m), old in zip(fvp_micros, fvp_olds)]

@@ -324,11 +324,13 @@ def check_sampling(n: int, temperature: Optional[float], top_p: Optional[float],
 def sample(run: Any, prompts: Union[str, Sequence[Union[str, dict]], None] = None, *, n: int = 1, seed: int = 0,
            temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
            checkpoint: str = "latest", device: Optional[str] = None,
-           env_seeds: Optional[Sequence[int]] = None) -> list[Sample]:
+           env_seeds: Optional[Sequence[int]] = None, model_defaults: bool = False) -> list[Sample]:
     """n completions of each prompt (a string, or a row with chat `messages`) from a trained
     language-model run (a TrainResult or a run folder); sampling settings default to the run's.
     Truncated sampling (top_p, top_k) is for reading completions only; training refuses it. A
-    multi-turn run (a text env's task) plays n whole episodes from each of env_seeds instead."""
+    multi-turn run (a text env's task) plays n whole episodes from each of env_seeds instead.
+    model_defaults: also apply the model's own generation_config processors (a repetition_penalty,
+    ...), which training and evaluation never do."""
     check_sampling(n, temperature, top_p, top_k)
     if _is_name(run) and (not Path(run).is_dir() or checkpoint_mod.latest(Path(run)) is None):
         raise UsageError(f"'{run}' is not a run folder with a checkpoint")
@@ -342,12 +344,12 @@ def sample(run: Any, prompts: Union[str, Sequence[Union[str, dict]], None] = Non
                          if work.episodes is not None else f"run '{run}' answers prompts: give prompts "
                          "(--prompt TEXT); env seeds are for multi-turn runs")
     if env_seeds is not None:
-        played, _ = work.episodes.play([{"env_seed": int(s)} for s in env_seeds], n, seed, sampling)
+        played, _ = work.episodes.play([{"env_seed": int(s)} for s in env_seeds], n, seed, sampling, model_defaults)
         return [Sample(**{k: e.as_sample()[k] for k in ("prompt", "completion", "conversation")},
                        rewards=list(e.rewards)) for e in played]
     rows = [p if isinstance(p, dict) else {"prompt": p} for p in ([prompts] if isinstance(prompts, str) else prompts)]
     texts = [work.policy.render(r) for r in rows for _ in range(n)]
-    batch = work.policy.generate(texts, sampling, seed)
+    batch = work.policy.generate(texts, sampling, seed, model_defaults=model_defaults)
     from .lm.tasks import prompt_text
     shown = [prompt_text(r) for r in rows for _ in range(n)]
     return [Sample(p, c) for p, c in zip(shown, work.policy.decode(batch.actions, batch.mask))]

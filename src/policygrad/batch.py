@@ -35,6 +35,11 @@ class Batch:
     """(B, T) 1.0 on valid steps, 0.0 on padding."""
     obs_mask: Optional[torch.Tensor] = None
     """(B, P+T) attention mask of obs (language models: left-padded prompt, then completion)."""
+    behaviour_log_prob: Optional[torch.Tensor] = None
+    """(B, T) log-probability of each action under the sampler that drew it (a generation engine's
+    own numbers, in its precision); None where the policy itself sampled (control). log_prob is
+    pi_old, the trainer's; the update may weigh the gap w = pi_old / pi_sampler
+    (cfg.behaviour_correction)."""
     ref_log_prob: Optional[torch.Tensor] = None
     """(B, T) log-probability of each action under the frozen reference policy."""
     values: Optional[torch.Tensor] = None
@@ -50,6 +55,10 @@ class Batch:
     """(B, T) filled by an advantage estimator."""
     returns: Optional[torch.Tensor] = None
     """(B, T) value targets, filled by an advantage estimator."""
+    value_weight: Optional[torch.Tensor] = None
+    """(B, T) weight of each step in the value loss (a multi-turn batch: each turn's start, where
+    V(s_k) is read, weighted by the turn's tokens; filled by core.advantages.compute); None: every
+    valid step alike."""
     turn: Optional[torch.Tensor] = None
     """(B, T) long: a multi-turn episode's turn index of each token (the model's tokens of turn k
     and the environment's answer after them), -1 on padding; None for single-turn batches."""

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default: the run's, 1.0)")
     sample.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0: all (default: the run's)")
     sample.add_argument("--device", help="where to sample (default: the run's device key, auto)")
+    sample.add_argument("--model-defaults", action="store_true",
+                        help="also apply the model's own generation_config processors (repetition_penalty, "
+                             "...), which training and evaluation never use")
     merge = sub.add_parser("merge", help="write a language-model run's model (LoRA adapter merged in) as a "
                                          "plain transformers folder")
     merge.add_argument("run", help="run folder of a language-model run")
@@ -210,7 +213,8 @@ def print_vs_base(base, trained, checkpoint_name: str) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     for s in api.sample(args.run, args.prompt, n=args.n, seed=args.seed, temperature=args.temperature,
-                        top_p=args.top_p, top_k=args.top_k, device=args.device, env_seeds=args.env_seed):
+                        top_p=args.top_p, top_k=args.top_k, device=args.device, env_seeds=args.env_seed,
+                        model_defaults=args.model_defaults):
         shown = {"prompt": s.prompt, "completion": s.completion}
         if s.conversation is not None:
             shown = {"conversation": s.conversation, "rewards": s.rewards}

@@ -135,6 +135,16 @@ class Config:
     """Nucleus sampling mass (1.0 disables)."""
     top_k: int = 0
     """Sample among the k most likely tokens (0 disables)."""
+    behaviour_correction: str = "none"
+    """Correct for a sampler whose log-probs differ from the trainer's (another engine, or bfloat16
+    sampling): the update's ratio becomes pi_theta / pi_old x w, w = pi_old / pi_sampler: none |
+    tis (w truncated at behaviour_cap) | mis (tokens or sequences whose w leaves [1/cap, cap]
+    masked out). With an exact sampler (float32) w is 1 and the update is unchanged."""
+    behaviour_level: str = "token"
+    """What w is computed over: token (each token's own) | sequence (the product over a completion's
+    tokens) | geometric (their geometric mean, a per-token size)."""
+    behaviour_cap: float = 2.0
+    """tis: the most w may be; mis: w outside [1/cap, cap] is masked (> 1)."""
     baseline: str = "rloo"
     """Critic-free baseline of a sequence's score: none | moving-average | rloo | group."""
     kl_coef: float = 0.05
@@ -186,8 +196,13 @@ class Config:
     logprob_chunk: int = 8
     """Completion positions per chunk when computing log-probabilities over the vocabulary."""
     max_turns: int = 8
-    """Multi-turn tasks (a text env): the most replies in an episode; one that reaches it is
-    truncated."""
+    """Multi-turn tasks (a text env): the most replies in an episode. Reaching it ends the episode
+    as a terminal state (the game's horizon: nothing is bootstrapped after it), unless
+    max_turns_truncates."""
+    max_turns_truncates: bool = False
+    """Multi-turn tasks: an episode that reaches max_turns is truncated, and a critic bootstraps its
+    return from the value of the state after the environment's last answer (for envs that are
+    really endless, whose turn count the model does not see)."""
     max_episode_tokens: int = 1024
     """Multi-turn tasks: the most tokens of an episode after its first prompt (the model's and the
     environment's); an episode that spends them is truncated."""
@@ -296,6 +311,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "baseline": ("none", "moving-average", "rloo", "group"),
     "kl_estimator": ("k1", "k2", "k3"),
     "kl_in": ("reward", "loss"),
+    "behaviour_correction": ("none", "tis", "mis"),
+    "behaviour_level": ("token", "sequence", "geometric"),
     "turn_advantage": ("outcome", "discounted", "gae"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "lora_reference": ("initial", "base"),
@@ -319,8 +336,8 @@ LM_KEYS = ("model", "prompts_per_step", "samples_per_prompt", "max_new_tokens", 
            "use_value_head", "whiten_rewards", "micro_batch_size", "gradient_checkpointing", "share_prompts",
            "logprob_chunk", "eval_prompts", "reward_timeout", "reward_retries", "dtype", "lora_r", "lora_alpha",
            "lora_dropout", "lora_target_modules", "adapter", "lora_reference", "ptx_data", "ptx_coef",
-           "ptx_batch_size", "ptx_max_length", "reward_normalize", "max_turns", "max_episode_tokens",
-           "turn_advantage")
+           "ptx_batch_size", "ptx_max_length", "reward_normalize", "max_turns", "max_turns_truncates",
+           "max_episode_tokens", "turn_advantage", "behaviour_correction", "behaviour_level", "behaviour_cap")
 LORA_SHAPE_KEYS = ("lora_alpha", "lora_dropout", "lora_target_modules")
 CONTROL_KEYS = ("env", "num_envs", "n_steps", "vectorization", "hidden_sizes", "activation", "log_std_init",
                 "ortho_init", "normalize_obs", "normalize_reward", "clip_obs", "eval_episodes", "stop_at_return")
@@ -396,6 +413,9 @@ CONFLICTS: list[tuple[Check, str]] = [
     (lambda c: c.is_lm and c.turn_advantage == "gae" and c.advantage != "gae",
      "turn_advantage=gae reads a value head at every turn: set use_value_head=true and advantage=gae, "
      "or use turn_advantage=outcome or discounted"),
+    (lambda c: c.behaviour_cap <= 1.0,
+     "behaviour_cap={behaviour_cap} must be above 1 (w is truncated at cap, or kept within [1/cap, cap]): "
+     "2 is usual"),
     (lambda c: c.adaptive_kl and c.kl_coef == 0,
      "adaptive_kl=true multiplies kl_coef, and from 0 it stays 0: set kl_coef > 0, or adaptive_kl=false"),
     (lambda c: c.target_kl is not None and c.algo != "ppo",

@@ -143,11 +143,14 @@ ADVANTAGES: dict[str, Callable[[Batch, object], tuple[torch.Tensor, torch.Tensor
 def turn_view(batch: Batch) -> dict[str, torch.Tensor]:
     """A multi-turn batch's tokens gathered into turns, each (B, K) with K = the most turns:
     `rewards` (the turn's token rewards summed: the environment's reward on the turn's last model
-    token, and with kl_in=reward each token's KL penalty), `values` (the value head read at the
-    turn's last model token), `next_values` (the next turn's value; after the final turn the
-    token-level next_values at its last token, the bootstrap of a truncated episode), `terminated`
-    and `truncated` (set on an episode's final turn only), `valid` (1 on turns the episode has), and
-    `last` (long: the position of each turn's last model token)."""
+    token, and with kl_in=reward each token's KL penalty), `values` (V(s_k): the value head read at
+    the turn's first model token, whose value is that of the context before it, the prompt or the
+    environment's previous answer; read later, it would have seen the reply it judges and a fitted
+    critic would learn Q(s_k, a_k), not V(s_k)), `next_values` (the next turn's value; after the
+    final turn the token-level next_values at its last token, the bootstrap of a truncated episode),
+    `terminated` and `truncated` (set on an episode's final turn only), `valid` (1 on turns the
+    episode has), `first` and `last` (long: the positions of each turn's first and last model
+    token; -1 on turns the episode does not have) and `tokens` (the turn's model tokens)."""
     B, T = batch.mask.shape
     K = int(batch.turn.max()) + 1
     model = batch.mask > 0                                                       # (B, T)
@@ -155,19 +158,30 @@ def turn_view(batch: Batch) -> dict[str, torch.Tensor]:
     positions = torch.arange(T, device=batch.mask.device).expand(B, T)          # (B, T)
     last = torch.full((B, K + 1), -1, dtype=torch.long, device=batch.mask.device)
     last = last.scatter_reduce(1, turn, positions, "amax")[:, :K]               # (B, K)
+    first = torch.full((B, K + 1), T, dtype=torch.long, device=batch.mask.device)
+    first = first.scatter_reduce(1, turn, positions, "amin")[:, :K]             # (B, K) T where absent
     valid = (last >= 0).float()                                                 # (B, K)
-    at = last.clamp(min=0)                                                      # (B, K)
+    first = torch.where(valid > 0, first, torch.full_like(first, -1))           # (B, K)
     rewards = torch.zeros(B, K + 1, device=batch.mask.device).scatter_add(
         1, turn, batch.rewards * batch.mask)[:, :K]                             # (B, K)
-    pick = lambda x: x.gather(1, at) * valid                                    # noqa: E731 (B, K)
-    values = pick(batch.values) if batch.values is not None else torch.zeros_like(rewards)
+    tokens = torch.zeros(B, K + 1, device=batch.mask.device).scatter_add(1, turn, batch.mask)[:, :K]  # (B, K)
+    pick = lambda x, at: x.gather(1, at.clamp(min=0)) * valid                   # noqa: E731 (B, K)
+    values = pick(batch.values, first) if batch.values is not None else torch.zeros_like(rewards)
     final = (valid.cumsum(1) == valid.sum(1, keepdim=True)) * valid             # (B, K) 1 on the last turn
     following = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)  # (B, K)
-    boot = pick(batch.next_values) if batch.next_values is not None else torch.zeros_like(rewards)
+    boot = pick(batch.next_values, last) if batch.next_values is not None else torch.zeros_like(rewards)
     next_values = torch.where(final > 0, boot, following)                       # (B, K)
     return {"rewards": rewards, "values": values, "next_values": next_values,
-            "terminated": pick(batch.terminated) * final, "truncated": pick(batch.truncated) * final,
-            "valid": valid, "last": last}
+            "terminated": pick(batch.terminated, last) * final, "truncated": pick(batch.truncated, last) * final,
+            "valid": valid, "first": first, "last": last, "tokens": tokens}
+
+
+def turn_value_weight(turns: dict, shape: tuple[int, int]) -> torch.Tensor:
+    """(B, T) where the value head is regressed in a multi-turn batch: at each turn's first model
+    token, where V(s_k) is read (turn_view), weighted by the turn's model tokens, so that a turn
+    weighs in the value loss, a per-token mean, what its tokens weigh in the policy loss."""
+    weight = torch.zeros(shape, device=turns["valid"].device)                   # (B, T)
+    return weight.scatter_add(1, turns["first"].clamp(min=0), turns["tokens"] * turns["valid"])
 
 
 def _baselined(returns: torch.Tensor, first: torch.Tensor, batch: Batch, cfg) -> torch.Tensor:
@@ -235,15 +249,14 @@ TURN_ADVANTAGES: dict[str, Callable[[dict, Batch, object], tuple[torch.Tensor, t
 }
 
 
-def _turns(batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn-level advantages and returns, broadcast to every model token of the turn."""
+def _turns(batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn-level advantages and returns, broadcast to every model token of the turn, and the
+    value loss's weights (turn_value_weight: the returns are V(s_k)'s targets at turn starts)."""
     turns = turn_view(batch)
     advantages, returns = TURN_ADVANTAGES[cfg.turn_advantage](turns, batch, cfg)    # (B, K) each
     index = batch.turn.clamp(min=0)                                                # (B, T)
-    return advantages.gather(1, index) * batch.mask, returns.gather(1, index) * batch.mask
-
-
-ADVANTAGES["turns"] = _turns
+    return (advantages.gather(1, index) * batch.mask, returns.gather(1, index) * batch.mask,
+            turn_value_weight(turns, batch.mask.shape))
 
 
 def compute(batch: Batch, cfg, reduce: Reduce = _alone) -> Batch:
@@ -251,9 +264,12 @@ def compute(batch: Batch, cfg, reduce: Reduce = _alone) -> Batch:
     worker's part when reduce sums over them) and returns filled in. The estimators themselves
     need no other worker's rows: a worker holds whole episodes and whole prompt groups."""
     # a batch of multi-turn episodes carries its turn index: its credit is assigned over turns
-    estimator = cfg.advantage if batch.turn is None else "turns"
-    advantages, returns = ADVANTAGES[estimator](batch, cfg)
+    if batch.turn is None:
+        advantages, returns = ADVANTAGES[cfg.advantage](batch, cfg)
+        value_weight = None
+    else:
+        advantages, returns, value_weight = _turns(batch, cfg)
     advantages = advantages * batch.mask
     if cfg.normalize_advantages:
         advantages = normalize(advantages, batch.mask, reduce=reduce)
-    return batch.replace(advantages=advantages, returns=returns)
+    return batch.replace(advantages=advantages, returns=returns, value_weight=value_weight)

@@ -22,10 +22,87 @@ def batch_mean(x: torch.Tensor, batch: Batch) -> torch.Tensor:
     return x.mean() if batch.all_valid else masked_mean(x, batch.mask, batch.n_valid)
 
 
+# --- the sampler and the trainer ---------------------------------------------------------------
+# The tokens come from a sampler (a generation engine) whose log-probs may differ from the
+# trainer's at the same weights (bfloat16 sampling, other kernels, another engine). The update's
+# ratio pi_theta / pi_sampler splits into pi_theta / pi_old x w, w = pi_old / pi_sampler: the first
+# is what PPO clips and TRPO bounds, w a fixed weight per token or sequence (Yao et al. 2025, "Your
+# efficient RL framework secretly brings you off-policy RL training"; Liu et al. 2025, masked IS).
+def _token_level(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return log_w                                                        # (B, T)
+
+
+def _sequence_level(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return log_w.sum(1, keepdim=True).expand_as(mask)                   # (B, T) product over tokens
+
+
+def _geometric_level(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = log_w.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1.0)  # (B, 1)
+    return mean.expand_as(mask)                                         # (B, T)
+
+
+BEHAVIOUR_LEVELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "token": _token_level, "sequence": _sequence_level, "geometric": _geometric_level,
+}
+"""log w per token (B, T) from each token's log w and the mask: fn(log_w, mask)."""
+
+BEHAVIOUR_CORRECTIONS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "tis": lambda w, cap: w.clamp(max=cap),                             # truncated: E biased down
+    "mis": lambda w, cap: torch.where((w >= 1.0 / cap) & (w <= cap), w, torch.zeros_like(w)),  # masked
+}
+"""w after the correction's bound (B, T): fn(w, cap). `none` is no entry: no weight at all."""
+
+
+def behaviour_weights(old_log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor, mask: torch.Tensor,
+                      correction: str, level: str, cap: float) -> torch.Tensor:
+    """(B, T) w = pi_old / pi_sampler at `level`, bounded by `correction` at `cap`; 0 on padding."""
+    log_w = (old_log_prob - behaviour_log_prob) * mask                  # (B, T)
+    w = BEHAVIOUR_LEVELS[level](log_w, mask).exp()                      # (B, T)
+    return BEHAVIOUR_CORRECTIONS[correction](w, cap) * mask             # (B, T)
+
+
+def behaviour_weight(batch: Batch, cfg) -> tuple[Optional[torch.Tensor], dict]:
+    """The batch's (B, T) w under cfg.behaviour_correction, or None (no correction, or the policy
+    itself sampled), with its metrics: mean w and the share of tokens it bounded."""
+    correction = getattr(cfg, "behaviour_correction", "none")
+    if correction == "none" or batch.behaviour_log_prob is None:
+        return None, {}
+    weight = behaviour_weights(batch.log_prob, batch.behaviour_log_prob, batch.mask, correction,
+                               cfg.behaviour_level, cfg.behaviour_cap)  # (B, T)
+    raw = behaviour_weights(batch.log_prob, batch.behaviour_log_prob, batch.mask, "tis", cfg.behaviour_level,
+                            float("inf"))                               # (B, T) unbounded
+    with torch.no_grad():
+        bounded = batch_mean((weight != raw).float(), batch)
+        return weight, {"policy/behaviour_weight": batch_mean(weight, batch).item(),
+                        "policy/behaviour_bounded": bounded.item()}
+
+
+SAMPLER_BAND = (0.8, 1.25)
+"""A token whose trainer / sampler ratio leaves this band counts in train/sampler_ratio_outside."""
+
+
+@torch.no_grad()
+def sampler_mismatch(log_prob: torch.Tensor, batch: Batch) -> dict:
+    """How far the trainer's log-probs (log_prob, at the parameters that sampled) are from the
+    sampler's: train/sampler_kl, the k3 estimate of KL(sampler || trainer) per token (the tokens
+    are the sampler's), and train/sampler_ratio_outside, the share of tokens whose trainer /
+    sampler ratio leaves SAMPLER_BAND. {} where the policy itself sampled."""
+    if batch.behaviour_log_prob is None:
+        return {}
+    log_ratio = log_prob.detach() - batch.behaviour_log_prob            # (B, T) log trainer / sampler
+    ratio = log_ratio.exp()                                             # (B, T)
+    outside = (ratio < SAMPLER_BAND[0]) | (ratio > SAMPLER_BAND[1])     # (B, T)
+    return {"train/sampler_kl": batch_mean(kl_k3(log_ratio), batch).item(),
+            "train/sampler_ratio_outside": batch_mean(outside.float(), batch).item()}
+
+
 def reinforce_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:
-    """Score-function estimator: -E[log pi(a|s) * A] (Williams 1992)."""
-    loss = -batch_mean(log_prob * batch.advantages, batch)               # ()
-    return loss, {"policy/loss": loss.item()}
+    """Score-function estimator: -E[log pi(a|s) * A] (Williams 1992), each token weighed by w when
+    cfg.behaviour_correction corrects for the sampler."""
+    weight, metrics = behaviour_weight(batch, cfg)
+    per_token = log_prob * batch.advantages                             # (B, T)
+    loss = -batch_mean(per_token if weight is None else per_token * weight, batch)  # ()
+    return loss, {"policy/loss": loss.item(), **metrics}
 
 
 def ppo_clip_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:
@@ -34,12 +111,25 @@ def ppo_clip_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tens
     ratio = log_ratio.exp()                                             # (B, T)
     unclipped = ratio * batch.advantages                                # (B, T)
     clipped = ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * batch.advantages  # (B, T)
-    loss = -batch_mean(torch.min(unclipped, clipped), batch)            # ()
+    surrogate = torch.min(unclipped, clipped)                           # (B, T)
+    # pi_theta / pi_sampler = (pi_theta / pi_old) x w: the clip bounds the step from pi_old, w
+    # (fixed, detached) reweighs the sampler's tokens (Yao et al. 2025, truncated IS)
+    weight, behaviour = behaviour_weight(batch, cfg)
+    loss = -batch_mean(surrogate if weight is None else surrogate * weight, batch)  # ()
     with torch.no_grad():
         approx_kl = batch_mean((ratio - 1.0) - log_ratio, batch)         # () KL(old || new), k3
         clip_fraction = batch_mean(((ratio - 1.0).abs() > cfg.clip_eps).float(), batch)
     return loss, {"policy/loss": loss.item(), "policy/approx_kl": approx_kl.item(),
-                  "policy/clip_fraction": clip_fraction.item()}
+                  "policy/clip_fraction": clip_fraction.item(), **behaviour}
+
+
+def trpo_surrogate(log_prob: torch.Tensor, batch: Batch, cfg) -> torch.Tensor:
+    """() TRPO's loss: -E[pi_theta / pi_old x w x A] (Schulman et al. 2015, eq. 14), w as in
+    behaviour_weight."""
+    ratio = torch.exp(log_prob - batch.log_prob)                        # (B, T)
+    weight, _ = behaviour_weight(batch, cfg)
+    per_token = ratio * batch.advantages                                # (B, T)
+    return -batch_mean(per_token if weight is None else per_token * weight, batch)
 
 
 POLICY_LOSSES: dict[str, Callable[[torch.Tensor, Batch, object], tuple[torch.Tensor, dict]]] = {
@@ -50,11 +140,14 @@ POLICY_LOSSES: dict[str, Callable[[torch.Tensor, Batch, object], tuple[torch.Ten
 
 def value_loss(values: torch.Tensor, batch: Batch, clip_value_eps: Optional[float] = None
                ) -> torch.Tensor:
-    """Mean squared error to the returns; with clip_value_eps, PPO's pessimistic clipped variant."""
+    """Mean squared error to the returns; with clip_value_eps, PPO's pessimistic clipped variant.
+    Steps weigh batch.value_weight where the batch has one (multi-turn: the turn starts)."""
     error = (values - batch.returns) ** 2                               # (B, T)
     if clip_value_eps is not None:
         clipped = batch.values + (values - batch.values).clamp(-clip_value_eps, clip_value_eps)
         error = torch.max(error, (clipped - batch.returns) ** 2)        # (B, T)
+    if batch.value_weight is not None:
+        error = error * batch.value_weight                              # (B, T)
     return batch_mean(error, batch)
 
 

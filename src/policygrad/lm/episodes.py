@@ -169,11 +169,12 @@ def context_limit(policy) -> int:
 
 
 def play(policy, envs: list[gym.Env], spec: str, seeds: list[int], cfg, seed: int,
-         samples_per_prompt: int = 1) -> list[Episode]:
+         samples_per_prompt: int = 1, model_defaults: bool = False) -> list[Episode]:
     """One episode per env seed, each in its own env of envs (reset with that seed), played turn by
     turn: each turn the live episodes' next replies are sampled in one batch. An episode ends on
     terminated, on truncated, at max_turns, or when max_episode_tokens (or the model's context) is
-    spent; the last three truncate it."""
+    spent; max_turns is terminal (the game's horizon) unless cfg.max_turns_truncates, the others
+    truncate it."""
     episodes = []
     for env, env_seed in zip(envs, seeds):
         messages = reset(env, env_seed, spec)
@@ -196,13 +197,14 @@ def play(policy, envs: list[gym.Env], spec: str, seeds: list[int], cfg, seed: in
         room = [min(cfg.max_new_tokens, cfg.max_episode_tokens - len(episodes[i].ids),
                     limit - len(episodes[i].prompt_ids) - len(episodes[i].ids)) for i in live]
         out = policy.generate_ids(seen, attention, cfg, seed=seed * 1009 + k, max_new_tokens=max(room),
-                                  samples_per_prompt=samples_per_prompt if k == 0 else 1, past=past)
+                                  samples_per_prompt=samples_per_prompt if k == 0 else 1, past=past,
+                                  model_defaults=model_defaults)
         kept = torch.zeros_like(out.mask)                                        # (B_live, T_new)
         for row, (i, budget) in enumerate(zip(live, room)):
             n = min(int(out.mask[row].sum()), budget)
             kept[row, :n] = 1.0
             reply = out.tokens[row, :n].tolist()
-            log_prob = out.log_prob[row, :n].tolist() if out.log_prob is not None else [0.0] * n
+            log_prob = out.log_prob[row, :n].tolist()
             _take_turn(policy, episodes[i], envs[i], spec, k, reply, log_prob, cfg, limit)
         going = [row for row, i in enumerate(live) if not episodes[i].done]
         if not going:
@@ -242,24 +244,31 @@ def _take_turn(policy, episode: Episode, env: gym.Env, spec: str, k: int, reply:
     history = list(episode.messages)
     episode.messages.append({"role": "assistant", "content": text})
     ended_with = reply[-1] if reply and reply[-1] in policy.eos_ids else None
-    over = terminated or truncated or k + 1 >= cfg.max_turns
-    answer = answer_ids(policy, history, observation, ended_with, more=not over) if (observation or not over) else []
+    horizon = k + 1 >= cfg.max_turns
+    # max_turns is the game's horizon (terminal) unless max_turns_truncates says the env is endless
+    final = terminated or (horizon and not cfg.max_turns_truncates)
+    # Every answer but a final one ends with the next reply's header: a truncated episode's too, so
+    # that the state it was cut in, whose value it bootstraps from, is a turn's start like any other
+    answer = answer_ids(policy, history, observation, ended_with, more=not final) if (observation or not final) \
+        else []
     if answer:
         episode.add_answer(answer)
         episode.messages.append({"role": "user", "content": observation})
     spent = len(episode.ids) >= min(cfg.max_episode_tokens, limit - len(episode.prompt_ids))
-    if over or spent:
-        episode.done, episode.terminated = True, terminated
-        episode.truncated = not terminated
+    if final or truncated or horizon or spent:
+        episode.done, episode.terminated = True, final
+        episode.truncated = not final
 
 
-def to_batch(episodes: list[Episode], pad_id: int, device: torch.device) -> Batch:
+def to_batch(episodes: list[Episode], pad_id: int, device: torch.device, bootstrap_column: bool = False) -> Batch:
     """The episodes as one Batch (module docstring's layout), rewards on each turn's last model
-    token, terminated/truncated on the final one; log_prob the sampled one (EpisodeCollector.play
-    recomputes it when sampling ran under autocast)."""
+    token, terminated/truncated on the final one; log_prob and behaviour_log_prob the sampler's
+    (EpisodeCollector.play recomputes log_prob when sampling ran under autocast). bootstrap_column (a critic reads it): one more
+    column, so that every row has a position len(ids) whose value is that of the whole
+    conversation, the state after the environment's last answer."""
     B = len(episodes)
     P = max(len(e.prompt_ids) for e in episodes)
-    T = max(max(len(e.ids) for e in episodes), 1)
+    T = max(max(len(e.ids) for e in episodes) + int(bootstrap_column), 1)
     prompts = torch.full((B, P), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros(B, P)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -281,15 +290,16 @@ def to_batch(episodes: list[Episode], pad_id: int, device: torch.device) -> Batc
             truncated[b, e.ends[-1]] = float(e.truncated)
     to = lambda x: x.to(device)  # noqa: E731
     return Batch(obs=to(torch.cat([prompts, ids], 1)), obs_mask=to(torch.cat([prompt_mask, real], 1)),
-                 actions=to(ids), log_prob=to(log_prob * mask), rewards=to(rewards), terminated=to(terminated),
+                 actions=to(ids), log_prob=to(log_prob * mask), behaviour_log_prob=to(log_prob * mask),
+                 rewards=to(rewards), terminated=to(terminated),
                  truncated=to(truncated), mask=to(mask), turn=to(turn))
 
 
 def bootstrap_positions(episodes: list[Episode]) -> torch.Tensor:
-    """(B,) where a truncated episode's bootstrap value is read: the last token of the env's final
-    answer (the value of the state the episode was cut in), or the final reply's last token when
-    the env said nothing more."""
-    return torch.tensor([len(e.ids) - 1 if e.tail else e.ends[-1] for e in episodes], dtype=torch.long)
+    """(B,) where a truncated episode's bootstrap value is read: the column after its last token
+    (to_batch's bootstrap_column), whose value has seen the environment's final answer and the next
+    reply's header: V of the state the episode was cut in."""
+    return torch.tensor([len(e.ids) for e in episodes], dtype=torch.long)
 
 
 # --- the workload's side: collecting and evaluating episodes ------------------------------------
@@ -325,16 +335,21 @@ class EpisodeCollector:
         self.pool += [self.work.task.env() for _ in range(n - len(self.pool))]
         return self.pool[:n]
 
-    def play(self, rows: list[dict], n: int, seed: int, sampling=None) -> tuple[list[Episode], Batch]:
+    def play(self, rows: list[dict], n: int, seed: int, sampling=None, model_defaults: bool = False
+             ) -> tuple[list[Episode], Batch]:
         """n episodes from each row's env seed, as a batch with the reference's log-probs;
         sampling: a config with other sampling settings (`sample`), else the run's."""
         work = self.work
         seeds = [int(r["env_seed"]) for r in rows for _ in range(n)]
-        with work.policy.gathered():
+        # no_grad: under autocast the old log-probs' pass below would otherwise build a graph (and
+        # bfloat16 episodes crashed reading them)
+        with work.policy.gathered(), torch.no_grad():
             start = time.perf_counter()
-            episodes = play(work.policy, self.envs(len(seeds)), work.task.name, seeds, sampling or work.cfg, seed, n)
+            episodes = play(work.policy, self.envs(len(seeds)), work.task.name, seeds, sampling or work.cfg, seed, n,
+                            model_defaults)
             played = time.perf_counter()
-            batch = to_batch(episodes, work.policy.tokenizer.pad_token_id, work.placement.device)
+            batch = to_batch(episodes, work.policy.tokenizer.pad_token_id, work.placement.device,
+                             bootstrap_column=work.policy.value_head is not None)
             if work.placement.mixed:  # sampled under autocast: the old log-probs come from the training pass
                 batch = batch.replace(log_prob=work.policy.log_prob(batch))
             ref = work.policy.reference_log_prob(batch) if work.policy.reference is not None else batch.log_prob
@@ -394,10 +409,13 @@ class EpisodeCollector:
         if split == "validation":
             rows = rows[:work.cfg.eval_prompts]
         size, mine = work.cfg.completions_per_step, []
-        for start in range(0, len(rows), size)[dist.rank()::dist.world()]:
-            episodes, batch = self.play(rows[start:start + size], 1, seed=10_000_019 + start)
-            kl = ((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1)
-            mine.append((start, episode_stats(episodes, kl).tolist(), [e.as_sample() for e in episodes]))
+        # gathered once around the loop: with sharded weights, ranks may play different chunk counts,
+        # and a gather per chunk would pair one rank's all-gather with another's gather_objects
+        with work.policy.gathered():
+            for start in range(0, len(rows), size)[dist.rank()::dist.world()]:
+                episodes, batch = self.play(rows[start:start + size], 1, seed=10_000_019 + start)
+                kl = ((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1)
+                mine.append((start, episode_stats(episodes, kl).tolist(), [e.as_sample() for e in episodes]))
         chunks = sorted((c for part in dist.gather_objects(mine) for c in part), key=lambda c: c[0])
         stats = np.array([row for c in chunks for row in c[1]], dtype=np.float64).reshape(-1, 6)
         samples = [s for c in chunks for s in c[2]]

@@ -164,20 +164,21 @@ class LMPolicy(nn.Module):
 
     @torch.no_grad()
     def generate(self, texts: list[str], cfg, seed: int, samples_per_prompt: int = 1,
-                 min_new_tokens: int = 0) -> Batch:
+                 min_new_tokens: int = 0, model_defaults: bool = False) -> Batch:
         """Sample one completion per text (repeat texts for several: with runs of
-        samples_per_prompt equal texts, each prompt is prefilled once); a Batch without rewards."""
+        samples_per_prompt equal texts, each prompt is prefilled once); a Batch without rewards.
+        model_defaults: add the model's own generation_config processors (reading only)."""
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens)
         ids, attention = enc["input_ids"].to(self.placement.device), enc["attention_mask"].to(self.placement.device)
         sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            top_k=cfg.top_k, min_new_tokens=min_new_tokens)
+                            top_k=cfg.top_k, min_new_tokens=min_new_tokens, model_defaults=model_defaults)
         out = self.generator.generate(ids, attention, sampling, seed, samples_per_prompt)
         obs_mask = torch.cat([attention.float(), out.mask], 1)                  # (B, P+T)
         zeros = torch.zeros_like(out.mask)
         batch = Batch(obs=torch.cat([ids, out.tokens], 1), obs_mask=obs_mask, actions=out.tokens,
-                      log_prob=out.log_prob if out.log_prob is not None else zeros, rewards=zeros,
+                      log_prob=out.log_prob, behaviour_log_prob=out.log_prob, rewards=zeros,
                       terminated=zeros, truncated=zeros, mask=out.mask)
-        if out.log_prob is None:
+        if not out.exact:
             # Under autocast the sampling pass's numbers differ from the training pass's by bfloat16
             # rounding (other kernels, a KV cache); the old log-probs come from the training pass
             # itself, so that a ratio is exactly 1 before the first step (as TRL and veRL recompute).
@@ -186,12 +187,12 @@ class LMPolicy(nn.Module):
 
     @torch.no_grad()
     def generate_ids(self, ids: torch.Tensor, attention: torch.Tensor, cfg, seed: int, max_new_tokens: int,
-                     samples_per_prompt: int = 1, past=None) -> Generated:
+                     samples_per_prompt: int = 1, past=None, model_defaults: bool = False) -> Generated:
         """Sample a continuation of each row of token ids (a multi-turn conversation so far, kept as
         ids so that nothing is re-tokenised; attention 0 on padding, which may sit between turns);
         past: the previous turn's Generated.past, so only the new positions run."""
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            top_k=cfg.top_k)
+                            top_k=cfg.top_k, model_defaults=model_defaults)
         return self.generator.generate(ids, attention, sampling, seed, samples_per_prompt, past)
 
     def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
