@@ -7,6 +7,9 @@
 - `guess-number`: one run per turn_advantage (outcome, discounted, gae) and seed, same algorithm and
   steps; the test success rate must at least double and rise by 15 points or more for at least one
   choice, on every seed.
+
+The untrained model's evaluation is made once per --out and kept there, so that seeds can train
+side by side as separate invocations (--set torch_threads=1 each) into one --out.
 - `speed`: a multi-turn training step (dialogue) against the sum of its generation passes plus one
   forward/backward over its conversations; the ratio must stay at or below 1.3.
 
@@ -18,6 +21,7 @@ Usage: .venv/bin/python benchmarks/multi_turn.py dialogue [--steps 40] [--seeds 
        .venv/bin/python benchmarks/multi_turn.py speed [--steps 3]
 """
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -29,8 +33,19 @@ GAIN, WORST_GAIN, KL_LIMIT = 0.3, 0.25, 5.0
 SUCCESS_RISE, SPEED_LIMIT = 0.15, 1.3
 
 
-def base_eval(task: str, model: str) -> dict:
-    return run_cli("eval", "--task", task, "--model", model, "--split", "test")
+def base_eval(task: str, model: str, out: Path) -> dict:
+    """The untrained model's test evaluation, kept in `out` (it depends on no seed or training
+    setting, so invocations that train other seeds into the same --out reuse it)."""
+    name = Path(task).stem
+    if Path(task).is_file():  # a task file (--env-kwargs): its contents name it
+        name += "-" + hashlib.sha256(Path(task).read_bytes()).hexdigest()[:8]
+    cached = out / f"base-{name}-{Path(model).name}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    result = run_cli("eval", "--task", task, "--model", model, "--split", "test")
+    out.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(result))
+    return result
 
 
 def train_and_eval(task: str, model: str, out: Path, algo: str, steps: int, *keys: str,
@@ -50,14 +65,15 @@ def seeded(out: Path, seed: int) -> Path:
 
 
 def dialogue(args) -> dict:
-    base = base_eval("dialogue", args.model)
     runs = {}
     for seed in args.seeds:
         trained, wall = train_and_eval("dialogue", args.model, seeded(Path(args.out) / "dialogue", seed), "reinforce",
                                        args.steps, *args.set, resume=args.resume, seed=seed)
-        runs[str(seed)] = {"trained_per_turn_reward": trained["mean_reward"],
-                           "gain": trained["mean_reward"] - base["mean_reward"], "kl": trained["kl_to_reference"],
+        runs[str(seed)] = {"trained_per_turn_reward": trained["mean_reward"], "kl": trained["kl_to_reference"],
                            "trained_episode": trained.get("episode"), "train_wall_s": wall}
+    base = base_eval("dialogue", args.model, Path(args.out))
+    for run in runs.values():
+        run["gain"] = run["trained_per_turn_reward"] - base["mean_reward"]
     gains = [r["gain"] for r in runs.values()]
     worst, mean = min(gains), sum(gains) / len(gains)
     kl_ok = all(r["kl"] < KL_LIMIT for r in runs.values())
@@ -82,7 +98,6 @@ def guess_task(args) -> str:
 
 def guess_number(args) -> dict:
     task = guess_task(args)
-    base = base_eval(task, args.model)["episode"]
     runs, passed = {}, {seed: [] for seed in args.seeds}
     for choice in args.turn_advantage:
         critic = ["use_value_head=true", "advantage=gae"] if choice == "gae" else []
@@ -92,13 +107,15 @@ def guess_number(args) -> dict:
             trained, wall = train_and_eval(task, args.model, out, args.algo, args.steps, f"turn_advantage={choice}",
                                            "eval_every=20", "eval_prompts=16", *critic, *args.set,
                                            resume=args.resume, seed=seed)
-            rate = trained["episode"]["success_rate"]
-            ok = rate >= 2 * base["success_rate"] and rate - base["success_rate"] >= SUCCESS_RISE
-            passed[seed].append(ok)
             runs[choice if seed == 1 and len(args.seeds) == 1 else f"{choice}-seed{seed}"] = {
-                "success_rate": rate, "return_mean": trained["episode"]["return_mean"],
-                "turns_mean": trained["episode"]["turns_mean"], "kl": trained["kl_to_reference"],
-                "passed": ok, "train_wall_s": wall}
+                "seed": seed, "success_rate": trained["episode"]["success_rate"],
+                "return_mean": trained["episode"]["return_mean"], "turns_mean": trained["episode"]["turns_mean"],
+                "kl": trained["kl_to_reference"], "train_wall_s": wall}
+    base = base_eval(task, args.model, Path(args.out))["episode"]
+    for run in runs.values():
+        rate = run["success_rate"]
+        run["passed"] = rate >= 2 * base["success_rate"] and rate - base["success_rate"] >= SUCCESS_RISE
+        passed[run.pop("seed")].append(run["passed"])
     return {"benchmark": "multi_turn_guess_number", "steps": args.steps, "algo": args.algo, "set": args.set,
             "env_kwargs": args.env_kwargs,
             "base_success_rate": base["success_rate"], "base_return_mean": base["return_mean"],
