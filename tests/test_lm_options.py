@@ -227,6 +227,22 @@ def test_no_signal_counts_flat_groups_and_flat_batches():
     assert [watch.add(1.0) for _ in range(5)] == [None] * 5  # once per run
 
 
+def test_with_one_sample_per_prompt_the_batch_spread_decides(tiny, tmp_path):
+    """A group of one completion has no spread by construction: the share is the batch's flatness,
+    and a batch whose rewards vary never warns (issue #23)."""
+    assert no_signal(np.array([0.0, 1.0, 0.3, 0.2]), 1) == (0.0, 0.0)
+    assert no_signal(np.array([0.5, 0.5, 0.5]), 1) == (1.0, 1.0)
+    (tmp_path / "r.py").write_text("def rank(prompts, completions):\n    return [float(i) for i in range(len(completions))]\n")
+    task = write_task(tmp_path, [{"prompt": f"Item {i}."} for i in range(8)],
+                      "data: prompts.jsonl\nrewards:\n  - python:r.py:rank\nmax_new_tokens: 3\n")
+    cfg = resolve({}, {"prompts_per_step": 2, "samples_per_prompt": 1, "baseline": "moving-average"},
+                  {"task": str(task), "model": str(tiny[1]), "algo": "reinforce"})
+    work = LMWorkload(cfg, seed=0)
+    assert [work.collect()[1]["train/flat_group_share"] for _ in range(2)] == [0.0, 0.0]
+    watch = NoSignalWatch(window=2, samples_per_prompt=1)
+    assert watch.add(1.0) is None and "of the batches in the last 2 steps" in watch.add(1.0)
+
+
 def test_a_run_whose_reward_never_varies_says_so_once(tiny, tmp_path):
     folder, model, _ = tiny
     (folder / "flat.py").write_text("def zero(prompts, completions):\n    return [0.0 for _ in completions]\n")
