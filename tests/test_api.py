@@ -180,6 +180,22 @@ def test_an_env_factory_or_instance_trains_as_its_gymnasium_id(tmp_path):
     assert played.episodes == 3 and len(played.returns) == 3
 
 
+def test_the_clis_steps_is_total_steps_from_python_too():
+    """`--steps` is the CLI's name for total_steps, and Python takes the CLI's names (#23: it was
+    refused with a hint at n_steps, the rollout length); both names at once are one line."""
+    small = dict(algo="ppo", env="CartPole-v1", num_envs=2, n_steps=64, eval_every=0, eval_episodes=2)
+    assert policygrad.make_config(**small, steps=256) == policygrad.make_config(**small, total_steps=256)
+    assert config_mod.resolve({"total_steps": 64}, {"steps": 256}, small).total_steps == 256  # layered
+    assert policygrad.make_config(policygrad.make_config(**small), steps=256).total_steps == 256
+    result = policygrad.train(**small, steps=128, progress=False)
+    assert result.config.total_steps == 128 and result.summary["updates"] == 1
+    for keys, words in (({"steps": 128, "total_steps": 256}, "'steps' and 'total_steps' both set total_steps"),
+                        ({"step": 128}, "did you mean 'total_steps'?")):
+        with pytest.raises(policygrad.ConfigError, match=re.escape(words)) as caught:
+            policygrad.train(**small, **keys, progress=False)
+        assert "\n" not in str(caught.value)
+
+
 def test_a_text_env_is_a_task(tmp_path, tiny_lm):
     class Echo(gym.Env):
         def reset(self, *, seed=None, options=None):

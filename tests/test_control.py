@@ -243,7 +243,10 @@ def test_a_non_finite_update_is_skipped_and_leaves_weights_and_optimiser_alone(a
     opt_before = [(k, v.clone()) for opt in opts.named().values() for s in opt.state.values() for k, v in s.items()]
     bad = good.replace(advantages=torch.full_like(good.advantages, float("nan")))
     metrics = ALGOS[algo].update(work.policy, opts, bad, cfg, Progress(1.0, torch.Generator().manual_seed(0)))
-    assert metrics["update/nonfinite"] > 0
+    # a count of the skipped steps, not their share: PPO skips every minibatch of every epoch,
+    # TRPO its natural-gradient step (its value steps are finite)
+    steps = cfg.n_epochs * (cfg.rollout_size // cfg.batch_size) if algo == "ppo" else 1
+    assert metrics["update/nonfinite"] == steps
     # TRPO's separate critic regression still learns from the finite value targets
     kept = [k for k in before if algo != "trpo" or "critic" not in k]
     assert "actor_head.weight" in kept
@@ -252,3 +255,24 @@ def test_a_non_finite_update_is_skipped_and_leaves_weights_and_optimiser_alone(a
     if algo != "trpo":
         opt_after = [(k, v) for opt in opts.named().values() for s in opt.state.values() for k, v in s.items()]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(opt_before, opt_after))
+
+
+def test_ppo_stops_before_the_step_of_the_minibatch_whose_kl_crosses_target_kl():
+    """SB3's order: the KL is read at the parameters before a minibatch's step, and the minibatch
+    that crosses 1.5 x target_kl takes no step (#23). Here the first one does: nothing moves."""
+    cfg = Config(env="CartPole-v1", algo="ppo", num_envs=2, n_steps=16, batch_size=16, target_kl=0.01)
+    work = ControlWorkload(cfg, seed=0)
+    opts = ALGOS["ppo"].make_optimizers(work.policy, cfg)
+    batch = advantages.compute(work.collect()[0], cfg)
+    ALGOS["ppo"].update(work.policy, opts, batch, cfg, Progress(1.0, torch.Generator().manual_seed(0)))
+    before = {k: v.clone() for k, v in work.policy.state_dict().items()}
+    opt_before = [v.clone() for s in opts.main.state.values() for v in s.values()]
+    far = advantages.compute(work.collect()[0], cfg)
+    far = far.replace(log_prob=far.log_prob - 3.0)  # sampled by a policy far from this one
+    metrics = ALGOS["ppo"].update(work.policy, opts, far, cfg, Progress(1.0, torch.Generator().manual_seed(1)))
+    assert metrics["policy/early_stop"] == 1.0 and metrics["policy/approx_kl"] > 1.5 * cfg.target_kl
+    assert all(torch.equal(before[k], v) for k, v in work.policy.state_dict().items())
+    assert metrics["update/nonfinite"] == 0.0 and "policy/grad_norm" not in metrics  # no step taken
+    opt_after = [v for s in opts.main.state.values() for v in s.values()]
+    assert len(opt_after) == len(opt_before) > 0
+    assert all(torch.equal(a, b) for a, b in zip(opt_before, opt_after))

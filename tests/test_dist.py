@@ -86,7 +86,8 @@ def test_ranks_whose_data_disagree_stop_ppo_epochs_together(tmp_path):
     w.run_ranks(w.early_stop_worker, (str(tmp_path),), timeout_s=120)
     stops = [json.loads((tmp_path / f"stops.rank{r}.json").read_text()) for r in range(2)]
     assert stops[0] == stops[1] and max(stops[0][:3]) == 1.0
-    assert stops[0][3:5] == [1.0, 1.0]  # rank 1's NaN loss: both ranks skip the step
+    # rank 1's NaN loss: both ranks skip every step (8 epochs x 4 minibatches, each counted)
+    assert stops[0][3:5] == [32.0, 1.0]
     assert stops[0][5:] == [1.0, 0.0]  # dist.agree: rank 1's True is both ranks' decision
     a, b = (load_file(str(tmp_path / f"early.rank{r}.safetensors")) for r in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -176,14 +176,20 @@ def _data_backward(data: DataTerm, weighted: WeightedMetrics, scale: float,
 def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batch: Batch,
                    loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]], cfg,
                    before_step: Callable[[], None], scaler: Optional[torch.amp.GradScaler] = None,
-                   data: Optional[DataTerm] = None) -> dict:
+                   data: Optional[DataTerm] = None, allow_step: Callable[[dict], bool] = lambda m: True) -> dict:
     """One optimiser step on loss_fn over `batch` (this rank's part of the global batch): the step
     equals that of one pass over the whole global batch in one process (see _accumulate). With a
     (float16) scaler the backward passes run on the scaled loss and the gradients are unscaled
-    before clipping."""
+    before clipping.
+
+    allow_step reads the batch's metrics at the parameters before the step (global ones over
+    ranks, so every rank decides alike); False leaves parameters and optimiser state as they were
+    and returns the metrics without a gradient norm."""
     for flat in flats:
         flat.zero_grad()
     metrics, finite = _accumulate(flats, batch, loss_fn, cfg, scaler, data)
+    if not allow_step(metrics):
+        return {**metrics, "update/nonfinite": 0.0 if finite else 1.0}
     if scaler is not None:
         scaler.unscale_(opt)
     metrics["policy/grad_norm"] = clip_grad_norm_(flats, cfg.max_grad_norm)
@@ -268,20 +274,28 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
             total = total - cfg.ent_coef * entropy_mean
         return total, {**metrics, **kl_metrics, "policy/entropy": entropy_mean.item()}
 
+    def within_kl(metrics: dict) -> bool:
+        # SB3's order: the minibatch whose KL (at the parameters before its step) crosses the limit
+        # takes no step; its losses are still the update's metrics
+        return cfg.target_kl is None or not metrics["policy/approx_kl"] > 1.5 * cfg.target_kl
+
     rows, mean = policy.rows(batch), MetricMean()
-    stopped_early = 0.0
+    stopped_early, nonfinite = 0.0, 0.0
     for _ in range(cfg.n_epochs):
         for mb in rows.minibatches(cfg.batch_size, progress.generator, dist.rank(), dist.world()):
             metrics = _gradient_step(opts.main, opts.main_params, mb, loss_fn, cfg, progress.before_step,
-                                     opts.scaler, progress.data)
+                                     opts.scaler, progress.data, allow_step=within_kl)
             stepped[0] = True
+            nonfinite += metrics.pop("update/nonfinite")
             mean.add(metrics)
-            if cfg.target_kl is not None and metrics["policy/approx_kl"] > 1.5 * cfg.target_kl:
+            if not within_kl(metrics):
                 stopped_early = 1.0
                 break
         if stopped_early:
             break
-    return {**mean.result(), "policy/early_stop": stopped_early, "policy/clip_eps": step_cfg.clip_eps}
+    # skipped steps are counted, not averaged: one in many minibatches still makes a bad update
+    return {**mean.result(), "update/nonfinite": nonfinite, "policy/early_stop": stopped_early,
+            "policy/clip_eps": step_cfg.clip_eps}
 
 
 # --- TRPO ---------------------------------------------------------------------------------------
@@ -361,11 +375,13 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
     _set_lr(opts.value, progress, cfg, base=cfg.value_lr)
     rows, mean = policy.rows(batch), MetricMean()
     value_fn = lambda mb: (lambda v: (v, {"value/loss": v.item()}))(value_loss(policy.values(mb), mb))
+    nonfinite = metrics.pop("update/nonfinite", 0.0)  # the policy step's, then each value step's
     for _ in range(cfg.value_epochs):
         for mb in rows.minibatches(cfg.batch_size, progress.generator, dist.rank(), dist.world()):
-            mean.add(_gradient_step(opts.value, opts.value_params, mb, value_fn, cfg, progress.before_step))
+            step_metrics = _gradient_step(opts.value, opts.value_params, mb, value_fn, cfg, progress.before_step)
+            nonfinite += step_metrics.pop("update/nonfinite")
+            mean.add(step_metrics)
     value_metrics = {k.replace("policy/grad_norm", "value/grad_norm"): v for k, v in mean.result().items()}
-    nonfinite = max(metrics.get("update/nonfinite", 0.0), value_metrics.pop("update/nonfinite", 0.0))
     return {**metrics, **value_metrics, "update/nonfinite": nonfinite}
 
 

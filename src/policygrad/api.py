@@ -112,7 +112,7 @@ def _resolve(config: Any = None, *, algo: Optional[str] = None, env: Any = None,
              "model": None if model is None else str(model) if _is_name(model) else str(model_folder)}
     named = {k: v for k, v in named.items() if v is not None}
     if isinstance(config, Config):
-        changes = {**named, **keys}
+        changes = config_mod.canonical({**named, **keys})
         return config_mod.validate(config_mod.apply(config, changes), user=set(changes))
     if require_named:
         runs.check_run_named({**values, **keys, **named})

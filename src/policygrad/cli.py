@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--env", help="Gymnasium environment id, e.g. CartPole-v1")
     train.add_argument("--task", help="text task: a built-in name (see `policygrad tasks`) or a task YAML")
     train.add_argument("--model", help="language model: a local Hugging Face folder or smollm2-135m")
-    train.add_argument("--total-steps", "--steps", dest="total_steps", type=int,
+    train.add_argument("--total-steps", *(f"--{a}" for a, k in config_mod.ALIASES.items() if k == "total_steps"),
+                       dest="total_steps", type=int,
                        help="environment steps (control) or training steps (language models)")
     train.add_argument("--seed", type=int, help="seed of the run")
     train.add_argument("--config", help="YAML file of config keys")

@@ -37,7 +37,7 @@ class Config:
     """Language model: a local Hugging Face folder or an alias (smollm2-135m)."""
     total_steps: int = 100_000
     """Control: environment steps to train for. Language models: training steps (one batch of
-    completions each)."""
+    completions each). Also named `steps`, as the CLI's --steps."""
     seed: int = 1
     """Seed of the run; each rank and environment derives its own from it."""
 
@@ -488,6 +488,25 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
 
 
+ALIASES: dict[str, str] = {"steps": "total_steps"}
+"""Other names of a key. The CLI's --steps is total_steps, and Python, YAML and key=value take the
+CLI's names (#23: train(steps=2) was refused with a hint at n_steps, the rollout length)."""
+
+
+def canonical(values: dict[str, Any]) -> dict[str, Any]:
+    """values under the fields' own names (hyphens as underscores, aliases as their key). A key
+    given under two names is refused: neither says which value is meant."""
+    out: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        name = ALIASES.get(name, name)
+        if name in out:
+            raise ConfigError(f"'{given[name]}' and '{key}' both set {name}: give one")
+        out[name], given[name] = value, key
+    return out
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check one value against its field's type; ints are accepted where floats are due."""
     origin = typing.get_origin(hint)
@@ -525,8 +544,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 def _unknown_key(key: str) -> ConfigError:
     names = field_names()
-    near = difflib.get_close_matches(key, names, n=1)
-    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    near = difflib.get_close_matches(key, names + list(ALIASES), n=1)
+    hint = f" (did you mean '{ALIASES.get(near[0], near[0])}'?)" if near else ""
     return ConfigError(f"unknown config key '{key}'{hint}; valid keys: {', '.join(names)}")
 
 
@@ -534,8 +553,7 @@ def apply(cfg: Config, values: dict[str, Any]) -> Config:
     """Return cfg with values set, each checked against its field's type."""
     hints = typing.get_type_hints(Config)
     changes = {}
-    for key, value in values.items():
-        key = key.replace("-", "_")
+    for key, value in canonical(values).items():
         if key not in hints or key not in field_names():
             raise _unknown_key(key)
         changes[key] = _coerce(key, value, hints[key])
@@ -675,11 +693,13 @@ def lm_defaults(task: str, algo: str, user: dict[str, Any]) -> dict[str, Any]:
 
 def resolve(file_values: dict[str, Any], overrides: dict[str, Any], flags: dict[str, Any]) -> Config:
     """Build the run's config from a YAML file's values, key=value overrides and explicit flags."""
-    layered = {**file_values, **overrides, **{k: v for k, v in flags.items() if v is not None}}
+    # each layer under the keys' own names, so that a later layer's alias replaces an earlier key
+    layered = {**canonical(file_values), **canonical(overrides),
+               **canonical({k: v for k, v in flags.items() if v is not None})}
     probe = apply(Config(), layered)  # find algo/env/task (and reject unknown keys) before defaults
     base = lm_defaults(probe.task, probe.algo, layered) if probe.task else preset(probe.env, probe.algo)
     cfg = apply(Config(), base)
-    cfg = validate(apply(cfg, layered), user={key.replace("-", "_") for key in layered})
+    cfg = validate(apply(cfg, layered), user=set(layered))
     if cfg.ptx_data and os.path.isfile(cfg.ptx_data):  # a run (and its resume) finds it from any folder
         cfg = dataclasses.replace(cfg, ptx_data=os.path.abspath(cfg.ptx_data))
     return cfg

@@ -85,26 +85,35 @@ def shaped_rewards(score: torch.Tensor, batch: Batch, kl_coef: float, kl_estimat
 
 def no_signal(task_reward: np.ndarray, samples_per_prompt: int) -> tuple[float, float]:
     """The share of prompt groups whose completions all got the same task reward (a group baseline
-    then leaves them nothing to learn from), and 1.0 if the whole batch did, else 0.0."""
-    groups = np.asarray(task_reward, dtype=np.float64).reshape(-1, samples_per_prompt)  # (G, k)
+    then leaves them nothing to learn from), and 1.0 if the whole batch did, else 0.0.
+
+    With one sample per prompt a group cannot spread, so every group would count as flat: the
+    share is then the whole batch's flatness, the spread a moving-average baseline learns from
+    (issue #23)."""
+    rewards = np.asarray(task_reward, dtype=np.float64)                                # (B,)
+    everything = rewards.max() - rewards.min() <= 1e-9 * (1.0 + np.abs(rewards).max())
+    if samples_per_prompt == 1:
+        return float(everything), float(everything)
+    groups = rewards.reshape(-1, samples_per_prompt)                                  # (G, k)
     flat = groups.max(1) - groups.min(1) <= 1e-9 * (1.0 + np.abs(groups).max(1))      # (G,)
-    everything = task_reward.max() - task_reward.min() <= 1e-9 * (1.0 + np.abs(task_reward).max())
     return float(flat.mean()), float(everything)
 
 
 class NoSignalWatch:
-    """Remembers the share of flat prompt groups over the last `window` steps and words one warning,
-    once, when most of them had no reward spread: such a run shows a flat curve for a reason."""
+    """Remembers the share of flat prompt groups (with one sample per prompt: flat batches) over the
+    last `window` steps and words one warning, once, when most of them had no reward spread: such a
+    run shows a flat curve for a reason."""
 
-    def __init__(self, window: int = 10):
+    def __init__(self, window: int = 10, samples_per_prompt: int = 2):
         self.window, self.recent, self.warned = window, [], False
+        self.what = "batches" if samples_per_prompt == 1 else "prompt groups"
 
     def add(self, share: float) -> Optional[str]:
         self.recent = (self.recent + [share])[-self.window:]
         if self.warned or len(self.recent) < self.window or np.mean(self.recent) <= 0.5:
             return None
         self.warned = True
-        return (f"{np.mean(self.recent):.0%} of the prompt groups in the last {self.window} steps got the "
+        return (f"{np.mean(self.recent):.0%} of the {self.what} in the last {self.window} steps got the "
                 "same reward for every completion, which gives the policy nothing to learn from; more "
                 "samples_per_prompt, a longer max_new_tokens or a denser reward usually help")
 
@@ -140,7 +149,7 @@ class LMWorkload:
         self.kl = KLController(cfg)
         self.moving_baseline = 0.0
         self.steps = 0
-        self.signal_watch, self._warnings = NoSignalWatch(), []
+        self.signal_watch, self._warnings = NoSignalWatch(samples_per_prompt=cfg.samples_per_prompt), []
         self.sample_times: dict[str, float] = {}
         # a text env's task (multi-turn) collects and evaluates episodes; the rest is shared
         self.episodes = episodes.EpisodeCollector(self) if self.task.env is not None else None
