@@ -134,6 +134,7 @@ def test_a_killed_reward_model_run_resumes_exactly(trained_rm, tmp_path, tiny_lm
 @pytest.mark.parametrize("rows, words", [
     ([{"prompt": "p", "chosen": "a"}] * 5, "needs text 'rejected'"),
     ([{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}] * 5, "'margin' must be a number"),
+    ([{"prompt": "p", "chosen": "a", "rejected": "b"}] * 5, "at least 3 prompts; got 1"),  # cut by prompt
 ])
 def test_pairs_that_cannot_be_used_are_one_line_errors(rows, words, tmp_path, capsys):
     path = tmp_path / "pairs.jsonl"

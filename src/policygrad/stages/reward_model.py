@@ -71,11 +71,14 @@ def make_config(values: dict) -> RewardModelConfig:
 
 
 # --- data -------------------------------------------------------------------------------------
-def check_pair(row: dict, where: str) -> dict:
-    for key in ("chosen", "rejected"):
+def check_pair(row: Any, where: str) -> dict:
+    """One pair, checked as it is read: before the cut into splits, which groups rows by prompt."""
+    if not isinstance(row, dict):
+        raise tasks.TaskError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
+    for key in ("prompt", "chosen", "rejected"):
         if not isinstance(row.get(key), str):
-            raise tasks.TaskError(f"{where}: a preference pair needs text '{key}' (and 'prompt'); columns: "
-                                  f"{', '.join(row)}")
+            raise tasks.TaskError(f"{where}: a preference pair needs text '{key}'; columns: "
+                                  f"{', '.join(map(str, row)) or 'none'}")
     if row.get("margin") is not None and not isinstance(row["margin"], (int, float)):
         raise tasks.TaskError(f"{where}: 'margin' must be a number; got {row['margin']!r}")
     return row
@@ -83,8 +86,7 @@ def check_pair(row: dict, where: str) -> dict:
 
 def pair_splits(data: Any) -> dict[str, list[dict]]:
     """Train/validation/test pairs from a file's path, rows, a Dataset or a dict of splits."""
-    splits = tasks.splits_of(data)
-    return {s: [check_pair(r, f"pairs ({s} row {i})") for i, r in enumerate(rows, 1)] for s, rows in splits.items()}
+    return tasks.splits_of(data, check_pair)
 
 
 # --- the model --------------------------------------------------------------------------------
