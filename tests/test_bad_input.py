@@ -45,7 +45,7 @@ def world(tmp_path_factory):
             f.write(json.dumps({"prompt": f"Count to {i}."}) + "\n")
     (root / "bad.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "cut\n')
     (root / "noprompt.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n')
-    (root / "long.jsonl").write_text("".join(json.dumps({"prompt": "word " * 200}) + "\n" for _ in range(3)))
+    (root / "long.jsonl").write_text("".join(json.dumps({"prompt": "word " * 200 + str(i)}) + "\n" for i in range(3)))
     (root / "r.py").write_text(
         "import time\n"
         "def raises(prompts, completions, **kw):\n    raise ValueError('boom')\n"

@@ -275,6 +275,24 @@ def test_splits_are_deterministic_and_disjoint():
     assert len(set(seen)) == 50
 
 
+def test_splits_are_cut_by_prompt_so_no_prompt_is_in_two_of_them():
+    """Preference pairs, 1 to 6 per prompt (#23): every row of a prompt lands in one split, and
+    each held-out split still holds about 10% of the rows."""
+    rows = [{"prompt": f"p{i}", "chosen": f"c{j}", "rejected": f"r{j}"} for i in range(40) for j in range(1 + i % 6)]
+    splits = tasks.cut_splits(rows)
+    where = {}
+    for split, part in splits.items():
+        for r in part:
+            assert where.setdefault(r["prompt"], split) == split, r["prompt"]
+    assert sorted(map(str, rows)) == sorted(str(r) for part in splits.values() for r in part)
+    for split in ("validation", "test"):
+        assert abs(len(splits[split]) - len(rows) // 10) <= 3, {s: len(v) for s, v in splits.items()}
+    prompts = lambda cut: {s: {r["prompt"] for r in v} for s, v in cut.items()}  # noqa: E731
+    assert prompts(tasks.cut_splits(list(reversed(rows)))) == prompts(splits)  # the row order does not matter
+    with pytest.raises(tasks.TaskError, match="at least 3 prompts; got 2"):
+        tasks.cut_splits([{"prompt": "a"}] * 5 + [{"prompt": "b"}] * 5)
+
+
 def test_builtin_tasks_load():
     review = tasks.builtin("positive-review")
     assert sum(len(v) for v in review.splits.values()) >= 300

@@ -198,6 +198,75 @@ def test_merge_writes_plain_transformers_weights_with_the_same_log_probs(lora_se
     assert r.returncode == 2 and "already exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_the_rounding_loss_of_a_merge_on_hand_computed_weights():
+    """bfloat16 steps by 2^-7 near 1: an update of 2^-7 survives the cast, one of 2^-9 is lost, so
+    ||error|| / ||update|| = 2^-9 / sqrt(2^-14 + 2^-18) = 1 / sqrt(17); float32 loses nothing."""
+    from policygrad.merging import rounding_loss
+    base = {"w": torch.ones(2), "other": torch.zeros(3)}
+    merged = {"w": torch.tensor([1 + 2 ** -7, 1 + 2 ** -9])}
+    assert rounding_loss(base, merged, torch.bfloat16) == pytest.approx(1 / 17 ** 0.5)
+    assert rounding_loss(base, merged, torch.float32) == 0.0 and rounding_loss(base, base, torch.bfloat16) == 0.0
+
+
+@pytest.fixture(scope="module")
+def bf16_run(lora_setup, tmp_path_factory):
+    """A LoRA run on a bfloat16 base whose adapter adds a small update, B @ A * alpha / r of std
+    1e-4 in every layer (what a short run at a small lr leaves), and that update in float32."""
+    import policygrad
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("bf16")
+    AutoModelForCausalLM.from_pretrained(lora_setup["model"], dtype=torch.bfloat16).save_pretrained(folder / "base")
+    AutoTokenizer.from_pretrained(lora_setup["model"]).save_pretrained(folder / "base")
+    policygrad.train(algo="reinforce", task=str(lora_setup["task"]), model=str(folder / "base"), lora_r=4,
+                     lora_alpha=8, total_steps=1, eval_every=0, prompts_per_step=2, samples_per_prompt=2,
+                     eval_prompts=2, out=folder / "run", progress=False)
+    latest = folder / "run" / "checkpoints" / (folder / "run" / "checkpoints" / "latest").read_text().strip()
+    weights = load_file(str(latest / "policy" / adapters.ADAPTER_WEIGHTS))
+    update = {}
+    for a_key in [k for k in weights if "lora_A" in k]:
+        b_key = a_key.replace("lora_A", "lora_B")
+        weights[b_key] = torch.randn_like(weights[b_key])
+        delta = weights[b_key] @ weights[a_key] * 2.0  # alpha / r = 8 / 4
+        weights[b_key] *= 1e-4 / delta.std()
+        name = a_key.removeprefix(adapters.PREFIX).replace(".lora_A.weight", ".weight")
+        update[name] = weights[b_key] @ weights[a_key] * 2.0
+    save_file(weights, str(latest / "policy" / adapters.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return folder, update
+
+
+def test_merge_on_a_bfloat16_base_keeps_a_small_update_in_float32(bf16_run, capsys):
+    """#23: merging into bf16 weights and saving in bf16 rounded an update of std 1e-4 ~55% wrong.
+    By default the merged weights are float32 (config.json says so) and merged - base is the
+    adapter's update; --dtype bfloat16 saves bf16 and warns, one line, how much of it rounds away."""
+    import policygrad
+    from policygrad import cli as cli_mod
+    from policygrad.merging import MergeWarning
+
+    folder, update = bf16_run
+    base = dict(AutoModelForCausalLM.from_pretrained(folder / "base").named_parameters())
+    merged = AutoModelForCausalLM.from_pretrained(policygrad.merge(folder / "run", folder / "f32"))
+    assert merged.dtype == torch.float32 and json.loads((folder / "f32" / "config.json").read_text())["dtype"] == "float32"
+    weights = dict(merged.named_parameters())
+    got = torch.cat([(weights[k] - base[k].float()).flatten() for k in update])
+    want = torch.cat([v.flatten() for v in update.values()])
+    assert (got - want).norm() / want.norm() < 1e-3
+    with pytest.warns(MergeWarning, match=r"saving in bfloat16 rounds away [1-9]\d% of the update's norm"):
+        policygrad.merge(folder / "run", folder / "bf16", dtype="bfloat16")
+    assert AutoModelForCausalLM.from_pretrained(folder / "bf16").dtype == torch.bfloat16
+    assert json.loads((folder / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert cli_mod.main(["merge", str(folder / "run"), "--out", str(folder / "half"), "--dtype", "float16"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if "policygrad:" in line] == err[-1:] and "policygrad: warning: saving in " \
+        "float16 rounds away" in err[-1]
+    with pytest.warns(MergeWarning):  # base: the base model's own dtype
+        assert AutoModelForCausalLM.from_pretrained(policygrad.merge(folder / "run", folder / "own", dtype="base")
+                                                    ).dtype == torch.bfloat16
+    with pytest.raises(policygrad.merging.MergeError, match="dtype 'int8' is not one of: float32, bfloat16"):
+        policygrad.merge(folder / "run", folder / "x", dtype="int8")
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["lora_r=4", "lora_target_modules=[qq_proj]"], "name no linear layer"),
     (["adapter=/nonexistent/adapter"], "does not exist"),

@@ -131,6 +131,28 @@ def test_reward_normalize_standardises_with_the_saved_statistics(tmp_path):
         policygrad.RewardSet([build("vader")]).configure(timeout=30, retries=0, normalize=True)
 
 
+def test_the_saved_truncation_cuts_long_texts_and_an_older_folder_reads_them_whole(tmp_path):
+    """reward_stats.json's truncation (from `policygrad rm`, #23) cuts the scored text to max_length
+    tokens on its side (one token per byte here); a folder without one, or with stats from before
+    it was saved, reads the text whole."""
+    import json
+    path = make_classifier(tmp_path / "cut")
+    text = f"{PROMPTS[2]}\n{COMPLETIONS[2]}"
+    score = lambda: RewardModel.load(f"rm:{path}")([PROMPTS[2]], [COMPLETIONS[2]])  # noqa: E731
+    whole = [one_at_a_time(path, [text])[0][0].item()]
+    assert score() == pytest.approx(whole, abs=1e-6)
+    (path / "reward_stats.json").write_text(json.dumps({"mean": 0.25, "std": 2.0, "n": 10}))
+    assert score() == pytest.approx(whole, abs=1e-6)
+    for side, kept in (("right", text[:8]), ("left", text[-8:])):
+        (path / "reward_stats.json").write_text(json.dumps({"mean": 0.25, "std": 2.0, "n": 10,
+                                                            "truncation": {"max_length": 8, "side": side}}))
+        assert score() == pytest.approx([one_at_a_time(path, [kept])[0][0].item()], abs=1e-6)
+        assert score() != pytest.approx(whole, abs=1e-3)
+    (path / "reward_stats.json").write_text(json.dumps({"truncation": {"max_length": 8, "side": "middle"}}))
+    with pytest.raises(policygrad.RewardError, match="bad truncation"):
+        score()
+
+
 def test_a_zero_weight_reward_is_watched_beside_the_one_trained_on(scalar_rm, tmp_path, tiny_lm):
     """rm: as the only trained reward and VADER at weight 0: the run's reward is the proxy's, and the
     gold rule's mean is logged beside it on every evaluation and training step."""

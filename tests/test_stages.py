@@ -83,6 +83,26 @@ def test_a_reward_model_learns_held_out_preferences_and_is_an_rm_reward(trained_
     assert np.mean(np.array(chosen) > np.array(rejected)) == summary["test_accuracy"]
 
 
+def test_a_text_longer_than_max_length_scores_in_rl_as_training_read_it(trained_rm, tiny_lm):
+    """The rm: reward cuts a long text where `policygrad rm` cut it (#23): the cut is saved in
+    reward_stats.json, and a text past max_length tokens scores as its first max_length tokens do,
+    as the training-time pass scores it."""
+    out, _ = trained_rm
+    folder = out / "reward-model"
+    stats = json.loads((folder / "reward_stats.json").read_text())
+    assert stats["truncation"] == {"max_length": KEYS["max_length"], "side": "right"}
+    model, tokenizer = stage.load_scorer(str(tiny_lm), 0, torch.device("cpu"), weights=folder)
+    prompt = "Answer 3: delta?"
+    short = ("gamma 3 !!!! " * 10)[:KEYS["max_length"] - len(prompt) - 1]
+    assert len(tokenizer(f"{prompt}\n{short}")["input_ids"]) == KEYS["max_length"]  # read whole
+    long = short + " .... .... ...." * 5  # the tail the model learnt to dislike, past the cut
+    got = policygrad.lm.rewards.build(f"rm:{folder}").fn([prompt] * 2, [short, long], {})
+    with torch.no_grad():
+        trained = stage.scores(model.eval(), tokenizer, [(prompt, short), (prompt, long)], KEYS["max_length"])
+    assert got == pytest.approx(trained.tolist(), abs=1e-5)
+    assert got[1] == pytest.approx(got[0], abs=1e-5)
+
+
 def test_a_killed_reward_model_run_resumes_exactly(trained_rm, tmp_path, tiny_lm, monkeypatch):
     """Killed after the checkpoint at step 10 (of 36), run again: the same weights and metrics as
     the run that was never stopped."""
@@ -114,6 +134,7 @@ def test_a_killed_reward_model_run_resumes_exactly(trained_rm, tmp_path, tiny_lm
 @pytest.mark.parametrize("rows, words", [
     ([{"prompt": "p", "chosen": "a"}] * 5, "needs text 'rejected'"),
     ([{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}] * 5, "'margin' must be a number"),
+    ([{"prompt": "p", "chosen": "a", "rejected": "b"}] * 5, "at least 3 prompts; got 1"),  # cut by prompt
 ])
 def test_pairs_that_cannot_be_used_are_one_line_errors(rows, words, tmp_path, capsys):
     path = tmp_path / "pairs.jsonl"

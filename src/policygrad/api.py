@@ -356,13 +356,21 @@ def sample(run: Any, prompts: Union[str, Sequence[Union[str, dict]], None] = Non
 
 
 # --- the other commands -----------------------------------------------------------------------
-def merge(run: Union[str, os.PathLike], out: Union[str, os.PathLike], checkpoint: str = "latest") -> Path:
+def merge(run: Union[str, os.PathLike], out: Union[str, os.PathLike], checkpoint: str = "latest",
+          dtype: str = "float32") -> Path:
     """A language-model run's model (its LoRA adapter merged in) written to `out` as a plain
-    transformers folder; the folder written."""
-    from .merging import merge_run
+    transformers folder; the folder written. dtype: float32 (keeps every update), bfloat16,
+    float16 or base (the base model's own); a MergeWarning when it rounds away over 1% of the
+    update's norm."""
+    import warnings
+
+    from .merging import MergeWarning, merge_run
     if not Path(run).is_dir():
         raise UsageError(f"run folder '{run}' does not exist")
-    return merge_run(Path(run), Path(out), checkpoint)
+    merged = merge_run(Path(run), Path(out), checkpoint, dtype)
+    if merged.warning():
+        warnings.warn(merged.warning(), MergeWarning, stacklevel=2)
+    return merged.out
 
 
 def plot(runs_: Sequence[Union[str, os.PathLike]], metric: Union[str, Sequence[str], None] = None,

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__, api, checkpoint, pipeline, runs
+from . import __version__, api, checkpoint, merging, pipeline, runs
 from . import config as config_mod
 from .errors import PolicygradError
 from .log import format_table
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("run", help="run folder of a language-model run")
     merge.add_argument("--out", required=True, help="new folder to write")
     merge.add_argument("--checkpoint", default="latest", help="latest, best or a name like update-000040")
+    merge.add_argument("--dtype", default="float32", choices=tuple(merging.DTYPES),
+                       help="weights' dtype (default float32: a small update to bfloat16 weights rounds "
+                            "away); base: the base model's own; warns when over 1%% of the update is lost")
     rm = sub.add_parser("rm", help="train a reward model on preference pairs (Bradley-Terry); a reward as "
                                    "rm:OUT/reward-model")
     rm.add_argument("--data", required=True, help="pairs file (JSONL, CSV or Parquet): prompt, chosen, rejected[, margin]")
@@ -224,8 +227,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    out = api.merge(args.run, args.out, args.checkpoint)
-    print(json.dumps({"merged": str(out), "run": str(args.run), "checkpoint": args.checkpoint}))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", merging.MergeWarning)
+        out = api.merge(args.run, args.out, args.checkpoint, args.dtype)
+    for w in caught:
+        if issubclass(w.category, merging.MergeWarning):
+            print(f"policygrad: warning: {w.message}", file=sys.stderr)
+        else:  # someone else's warning: shown as Python would have shown it
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    print(json.dumps({"merged": str(out), "run": str(args.run), "checkpoint": args.checkpoint,
+                      "dtype": args.dtype}))
     return 0
 
 

@@ -6,11 +6,14 @@ through its chat template when it has one: the policy's token ids mean other tok
 vocabulary, a mistake that gives wrong rewards without any error. One scalar head (num_labels = 1,
 as a Bradley-Terry reward model has) gives its logit; a classifier's LABEL gives that label's
 probability. Scoring runs in batches, without gradients, on the run's device; with
-reward_normalize=true, scores are standardised with the statistics saved beside the model.
+reward_normalize=true, scores are standardised with the statistics saved beside the model. A model
+from `policygrad rm` saves how its training cut long texts (reward_stats.json's `truncation`) and
+is scored with the same cut; a folder without one reads texts whole.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +31,39 @@ def scored_text(tokenizer, prompt: str, completion: str) -> str:
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
                                               {"role": "assistant", "content": completion}], tokenize=False)
     return f"{prompt}\n{completion}"
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """How many tokens of each scored text a reward model reads, and which end is cut."""
+    max_length: int
+    side: str = "right"
+    """right: the end is cut (a tokenizer's default); left: the start."""
+
+
+def encode(tokenizer, texts: list[str], truncation: Optional[Truncation]):
+    """The padded input ids of scored texts, cut as `truncation` says (None: whole). `policygrad rm`
+    trains through this and the rm: reward scores through it, so both read the same tokens (#23)."""
+    if truncation is not None:
+        tokenizer.truncation_side = truncation.side
+    return tokenizer(texts, return_tensors="pt", padding=True, truncation=truncation is not None,
+                     max_length=truncation.max_length if truncation else None,
+                     add_special_tokens=not getattr(tokenizer, "chat_template", None))
+
+
+def _truncation(stats: dict, spec: str) -> Optional[Truncation]:
+    """The saved truncation of reward_stats.json; None in a folder from before it was saved."""
+    saved = stats.get("truncation")
+    if saved is None:
+        return None
+    try:
+        truncation = Truncation(int(saved["max_length"]), str(saved.get("side", "right")))
+    except (TypeError, KeyError, ValueError):
+        truncation = None
+    if truncation is None or truncation.max_length < 1 or truncation.side not in ("left", "right"):
+        raise RewardError(f"reward '{spec}': {STATS_FILE} has a bad truncation {saved!r}; want "
+                          "{\"max_length\": N, \"side\": \"right\" or \"left\"}")
+    return truncation
 
 
 def _label_index(config, label: Optional[str], spec: str) -> Optional[int]:
@@ -51,9 +87,12 @@ class RewardModel:
     """Scores (prompt, completion) texts with a sequence-classification model; callable as a
     reward function: (prompts, completions, **columns) -> list[float]."""
 
-    def __init__(self, model, tokenizer, label: Optional[str] = None, batch_size: int = 16, name: str = "rm"):
+    def __init__(self, model, tokenizer, label: Optional[str] = None, batch_size: int = 16, name: str = "rm",
+                 truncation: Optional[Truncation] = None):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer, self.batch_size, self.name = tokenizer, batch_size, name
+        self.truncation = truncation
+        """How texts are cut before scoring (None: read whole), as the model was trained to read them."""
         if tokenizer.pad_token is None:  # a batch is padded; the pad token is never read
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"
@@ -83,9 +122,9 @@ class RewardModel:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, KeyError) as e:
             raise RewardError(f"reward '{spec}' cannot be loaded: {str(e).splitlines()[0]}") from None
-        scorer = cls(model, tokenizer, label or None, name=spec)
-        if (path / STATS_FILE).is_file():
-            scorer.stats = json.loads((path / STATS_FILE).read_text())
+        stats = json.loads((path / STATS_FILE).read_text()) if (path / STATS_FILE).is_file() else None
+        scorer = cls(model, tokenizer, label or None, name=spec, truncation=_truncation(stats or {}, spec))
+        scorer.stats = stats
         return scorer
 
     def place(self, device: torch.device | str) -> None:
@@ -109,8 +148,7 @@ class RewardModel:
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                 add_special_tokens=not getattr(self.tokenizer, "chat_template", None))
+            enc = encode(self.tokenizer, texts[start:start + self.batch_size], self.truncation)
             logits = self.model(**enc.to(device)).logits.float()                    # (b, num_labels)
             if self.index is None:
                 scores.append(logits[:, 0])

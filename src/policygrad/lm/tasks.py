@@ -10,6 +10,7 @@ import copy
 import csv
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -131,19 +132,27 @@ def read_rows(path: Path, check: Optional[Callable[[Any, str], dict]] = None) ->
 
 
 def cut_splits(rows: list[dict], held_out: tuple[str, ...] = ("validation", "test")) -> dict[str, list[dict]]:
-    """80/10/10 (10% for each held-out split, the rest train) by a hash of each row's prompt:
-    deterministic, and stable when rows are added."""
-    def key(row: dict) -> str:
+    """About 10% of the rows for each held-out split, the rest train, cut by a hash of each row's
+    prompt: deterministic, stable when rows are added, and all rows of one prompt (its preference
+    pairs, say) in one split, so no held-out prompt is trained on (#23)."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
         text = row.get("prompt") or json.dumps(row.get("messages") or row.get("text"), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
-    ordered = sorted(rows, key=key)
-    n = len(ordered)
-    if n < len(held_out) + 1:
+        groups.setdefault(hashlib.sha256(text.encode()).hexdigest(), []).append(row)
+    ordered = [groups[k] for k in sorted(groups)]
+    if len(ordered) < len(held_out) + 1:
         raise TaskError(f"cutting {', '.join(held_out)} and train from one data set needs at least "
-                        f"{len(held_out) + 1} rows; got {n}")
-    size = max(1, n // 10)
-    out = {split: ordered[i * size:(i + 1) * size] for i, split in enumerate(held_out)}
-    return {**out, "train": ordered[len(held_out) * size:]}
+                        f"{len(held_out) + 1} prompts; got {len(ordered)}")
+    size = max(1, len(rows) // 10)
+    ends = list(itertools.accumulate(len(g) for g in ordered))  # rows in groups [0, i]
+    out, start = {}, 0
+    for i, split in enumerate(held_out):
+        # the prompt boundary nearest (i + 1) x size rows, leaving a prompt for each later split;
+        # one row per prompt cuts exactly (i + 1) x size
+        last = len(ordered) - (len(held_out) - i)
+        stop = min(range(start + 1, last + 1), key=lambda b: abs(ends[b - 1] - (i + 1) * size))
+        out[split], start = [r for g in ordered[start:stop] for r in g], stop
+    return {**out, "train": [r for g in ordered[start:] for r in g]}
 
 
 # --- built-in tasks ---------------------------------------------------------------------------

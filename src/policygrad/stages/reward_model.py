@@ -7,7 +7,8 @@ exactly as the `rm:` reward will (reward_model.scored_text). Held-out pairwise a
 every epoch; checkpoints hold the weights, the optimiser and the data position, so a killed run
 resumes exactly. The result, `reward-model/` in the run folder, is a folder transformers loads and
 `rm:RUN/reward-model` scores with; `reward_stats.json` beside it holds the mean and std of its
-rewards on the training answers (to normalise them).
+rewards on the training answers (to normalise them) and the truncation it was trained with (which
+the `rm:` reward applies too).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .. import checkpoint
 from ..config import ConfigError
 from ..core.losses import bradley_terry_loss
 from ..lm import models, tasks
-from ..lm.reward_model import STATS_FILE, scored_text
+from ..lm.reward_model import STATS_FILE, Truncation, encode, scored_text
 from . import epoch_order, stage_config
 from ..log import RunLogger
 
@@ -48,7 +49,7 @@ class RewardModelConfig:
     max_grad_norm: float = 1.0
     """Gradient-norm clip (0: none)."""
     max_length: int = 256
-    """Tokens kept of each prompt and answer (the end is cut)."""
+    """Tokens kept of each scored text, prompt and answer (the end is cut); the rm: reward cuts alike."""
     seed: int = 1
     """Seed of the head's initialisation and of the pair order."""
     checkpoint_every: int = 50
@@ -70,11 +71,14 @@ def make_config(values: dict) -> RewardModelConfig:
 
 
 # --- data -------------------------------------------------------------------------------------
-def check_pair(row: dict, where: str) -> dict:
-    for key in ("chosen", "rejected"):
+def check_pair(row: Any, where: str) -> dict:
+    """One pair, checked as it is read: before the cut into splits, which groups rows by prompt."""
+    if not isinstance(row, dict):
+        raise tasks.TaskError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
+    for key in ("prompt", "chosen", "rejected"):
         if not isinstance(row.get(key), str):
-            raise tasks.TaskError(f"{where}: a preference pair needs text '{key}' (and 'prompt'); columns: "
-                                  f"{', '.join(row)}")
+            raise tasks.TaskError(f"{where}: a preference pair needs text '{key}'; columns: "
+                                  f"{', '.join(map(str, row)) or 'none'}")
     if row.get("margin") is not None and not isinstance(row["margin"], (int, float)):
         raise tasks.TaskError(f"{where}: 'margin' must be a number; got {row['margin']!r}")
     return row
@@ -82,8 +86,7 @@ def check_pair(row: dict, where: str) -> dict:
 
 def pair_splits(data: Any) -> dict[str, list[dict]]:
     """Train/validation/test pairs from a file's path, rows, a Dataset or a dict of splits."""
-    splits = tasks.splits_of(data)
-    return {s: [check_pair(r, f"pairs ({s} row {i})") for i, r in enumerate(rows, 1)] for s, rows in splits.items()}
+    return tasks.splits_of(data, check_pair)
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -116,9 +119,13 @@ def load_scorer(name: str, seed: int, device: torch.device, weights: Optional[Pa
 def scores(model, tokenizer, answered: list[tuple[str, str]], max_length: int) -> torch.Tensor:
     """(N,) the model's reward for each (prompt, answer), in one padded batch."""
     texts = [scored_text(tokenizer, prompt, answer) for prompt, answer in answered]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                    add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    enc = encode(tokenizer, texts, truncation_of(tokenizer, max_length))
     return model(**enc.to(model.device)).logits[:, 0].float()
+
+
+def truncation_of(tokenizer, max_length: int) -> Truncation:
+    """The cut training applies: max_length tokens, on the side the tokenizer cuts (its default)."""
+    return Truncation(max_length, tokenizer.truncation_side)
 
 
 def pair_loss(model, tokenizer, rows: list[dict], max_length: int) -> tuple[torch.Tensor, dict]:
@@ -151,7 +158,8 @@ def reward_stats(model, tokenizer, rows: list[dict], cfg: RewardModelConfig) -> 
     answered = [(r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")]
     values = torch.cat([scores(model, tokenizer, answered[s:s + 2 * cfg.batch_size], cfg.max_length)
                         for s in range(0, len(answered), 2 * cfg.batch_size)])
-    return {"mean": values.mean().item(), "std": values.std().item(), "n": len(values)}
+    return {"mean": values.mean().item(), "std": values.std().item(), "n": len(values),
+            "truncation": dataclasses.asdict(truncation_of(tokenizer, cfg.max_length))}
 
 
 # --- the stage --------------------------------------------------------------------------------
