@@ -87,11 +87,6 @@ class Episode:
                 and all(self.model[e] == 1 for e in self.ends) and self.ends == sorted(set(self.ends))):
             raise AssertionError(f"episode of seed {self.seed}: inconsistent lengths")
 
-    @property
-    def tail(self) -> int:
-        """Environment tokens after the last reply (its final answer)."""
-        return len(self.ids) - 1 - self.ends[-1] if self.ends else 0
-
     def as_sample(self) -> dict:
         """The conversation for samples files and `eval`: prompt, the rest as a transcript, the
         return as `reward`."""
@@ -263,9 +258,9 @@ def _take_turn(policy, episode: Episode, env: gym.Env, spec: str, k: int, reply:
 def to_batch(episodes: list[Episode], pad_id: int, device: torch.device, bootstrap_column: bool = False) -> Batch:
     """The episodes as one Batch (module docstring's layout), rewards on each turn's last model
     token, terminated/truncated on the final one; log_prob and behaviour_log_prob the sampler's
-    (EpisodeCollector.play recomputes log_prob when sampling ran under autocast). bootstrap_column (a critic reads it): one more
-    column, so that every row has a position len(ids) whose value is that of the whole
-    conversation, the state after the environment's last answer."""
+    (EpisodeCollector.play recomputes log_prob when sampling ran under autocast). bootstrap_column
+    (a critic reads it): one more column, so that every row has a position len(ids) whose value is
+    that of the whole conversation, the state after the environment's last answer."""
     B = len(episodes)
     P = max(len(e.prompt_ids) for e in episodes)
     T = max(max(len(e.ids) for e in episodes) + int(bootstrap_column), 1)
