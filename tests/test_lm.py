@@ -290,7 +290,12 @@ def test_splits_are_cut_by_prompt_so_no_prompt_is_in_two_of_them():
     prompts = lambda cut: {s: {r["prompt"] for r in v} for s, v in cut.items()}  # noqa: E731
     assert prompts(tasks.cut_splits(list(reversed(rows)))) == prompts(splits)  # the row order does not matter
     with pytest.raises(tasks.TaskError, match="at least 3 prompts; got 2"):
-        tasks.cut_splits([{"prompt": "a"}] * 5 + [{"prompt": "b"}] * 5)
+        tasks.cut_splits([{"prompt": "a"}] * 5 + [{"prompt": "b"}] * 5, whole_prompts_only=True)
+    # a prompt set of fewer prompts than splits (one prompt asked again and again) is cut by rows
+    repeated = tasks.cut_splits([{"prompt": "a", "i": i} for i in range(20)])
+    assert [len(repeated[s]) for s in ("validation", "test", "train")] == [2, 2, 16]
+    with pytest.raises(tasks.TaskError, match="at least 3 rows; got 2"):
+        tasks.cut_splits([{"prompt": "a"}] * 2)
 
 
 def test_builtin_tasks_load():

@@ -131,18 +131,25 @@ def read_rows(path: Path, check: Optional[Callable[[Any, str], dict]] = None) ->
     return rows
 
 
-def cut_splits(rows: list[dict], held_out: tuple[str, ...] = ("validation", "test")) -> dict[str, list[dict]]:
+def cut_splits(rows: list[dict], held_out: tuple[str, ...] = ("validation", "test"),
+               whole_prompts_only: bool = False) -> dict[str, list[dict]]:
     """About 10% of the rows for each held-out split, the rest train, cut by a hash of each row's
     prompt: deterministic, stable when rows are added, and all rows of one prompt (its preference
-    pairs, say) in one split, so no held-out prompt is trained on (#23)."""
+    pairs, say) in one split, so no held-out prompt is trained on (#23). Rows of fewer prompts than
+    splits (one prompt asked many times, as an RL prompt set may be) are cut one by one, their
+    held-out splits sampling training prompts anew, unless whole_prompts_only (preference pairs,
+    whose held-out accuracy would then be measured on trained prompts) refuses them."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
         text = row.get("prompt") or json.dumps(row.get("messages") or row.get("text"), sort_keys=True)
         groups.setdefault(hashlib.sha256(text.encode()).hexdigest(), []).append(row)
     ordered = [groups[k] for k in sorted(groups)]
+    if len(ordered) < len(held_out) + 1 and not whole_prompts_only:
+        ordered = [[row] for group in ordered for row in group]
     if len(ordered) < len(held_out) + 1:
+        unit = "prompts" if whole_prompts_only else "rows"
         raise TaskError(f"cutting {', '.join(held_out)} and train from one data set needs at least "
-                        f"{len(held_out) + 1} prompts; got {len(ordered)}")
+                        f"{len(held_out) + 1} {unit}; got {len(ordered)}")
     size = max(1, len(rows) // 10)
     ends = list(itertools.accumulate(len(g) for g in ordered))  # rows in groups [0, i]
     out, start = {}, 0
@@ -310,19 +317,20 @@ def rows_of(data: Any, where: str, check: Optional[Callable[[Any, str], dict]] =
     return [_check_row(row, f"{where}, row {n}") for n, row in enumerate(data, 1)]
 
 
-def splits_of(data: Any, check: Optional[Callable[[Any, str], dict]] = None) -> dict[str, list[dict]]:
+def splits_of(data: Any, check: Optional[Callable[[Any, str], dict]] = None,
+              whole_prompts_only: bool = False) -> dict[str, list[dict]]:
     """Train/validation/test rows from a mapping of splits (a datasets.DatasetDict, or a dict of
     lists or files), a missing validation or test split cut from train; or from one collection,
-    cut 80/10/10 as a single data file is."""
+    cut 80/10/10 as a single data file is (cut_splits)."""
     if not isinstance(data, Mapping):
-        return cut_splits(rows_of(data, "data", check))
+        return cut_splits(rows_of(data, "data", check), whole_prompts_only=whole_prompts_only)
     unknown = sorted(set(data) - set(SPLITS))
     if unknown or "train" not in data:
         raise TaskError(f"data splits must be train (required), validation and test; got "
                         f"{', '.join(map(str, data)) or 'none'}")
     given = {s: rows_of(data[s], f"data['{s}']", check) for s in SPLITS if s in data}
     missing = tuple(s for s in ("validation", "test") if s not in given)
-    return {**given, **cut_splits(given["train"], missing)} if missing else given
+    return {**given, **cut_splits(given["train"], missing, whole_prompts_only)} if missing else given
 
 
 def fingerprint(task: Task) -> str:

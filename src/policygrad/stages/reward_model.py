@@ -86,7 +86,7 @@ def check_pair(row: Any, where: str) -> dict:
 
 def pair_splits(data: Any) -> dict[str, list[dict]]:
     """Train/validation/test pairs from a file's path, rows, a Dataset or a dict of splits."""
-    return tasks.splits_of(data, check_pair)
+    return tasks.splits_of(data, check_pair, whole_prompts_only=True)
 
 
 # --- the model --------------------------------------------------------------------------------
