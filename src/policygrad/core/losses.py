@@ -67,10 +67,9 @@ def behaviour_weight(batch: Batch, cfg) -> tuple[Optional[torch.Tensor], dict]:
     correction = getattr(cfg, "behaviour_correction", "none")
     if correction == "none" or batch.behaviour_log_prob is None:
         return None, {}
-    weight = behaviour_weights(batch.log_prob, batch.behaviour_log_prob, batch.mask, correction,
-                               cfg.behaviour_level, cfg.behaviour_cap)  # (B, T)
     raw = behaviour_weights(batch.log_prob, batch.behaviour_log_prob, batch.mask, "tis", cfg.behaviour_level,
                             float("inf"))                               # (B, T) unbounded
+    weight = BEHAVIOUR_CORRECTIONS[correction](raw, cfg.behaviour_cap) * batch.mask  # (B, T)
     with torch.no_grad():
         bounded = batch_mean((weight != raw).float(), batch)
         return weight, {"policy/behaviour_weight": batch_mean(weight, batch).item(),
