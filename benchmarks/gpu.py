@@ -194,10 +194,10 @@ def one_step(policy: LMPolicy, opts, cfg: Config, prompts: torch.Tensor, job: Jo
         with clock("sampling"):
             out = policy.generator.generate(prompts, attention, sampling, seed, job.samples)
         batch = Batch(obs=torch.cat([prompts, out.tokens], 1), obs_mask=torch.cat([attention.float(), out.mask], 1),
-                      actions=out.tokens, log_prob=out.log_prob if out.log_prob is not None else out.mask * 0,
+                      actions=out.tokens, log_prob=out.log_prob, behaviour_log_prob=out.log_prob,
                       rewards=out.mask * 0, terminated=out.mask * 0, truncated=out.mask * 0, mask=out.mask)
         with clock("old_log_prob"), torch.no_grad():
-            if out.log_prob is None:  # under autocast the policy recomputes them (LMPolicy.generate)
+            if not out.exact:  # under autocast the policy recomputes them (LMPolicy.generate)
                 batch = batch.replace(log_prob=policy.log_prob(batch))
         with clock("reference"):
             batch = batch.replace(ref_log_prob=policy.reference_log_prob(batch))
