@@ -10,10 +10,12 @@ import torch
 from lm_helpers import make_tiny_lm, write_task
 from policygrad.algos import kl_loss
 from policygrad.batch import Batch
-from policygrad.config import Config, ConfigError, resolve
+from policygrad.config import Config, ConfigError
+from policygrad.resolve import resolve
 from policygrad.core import advantages
 from policygrad.core.losses import KL_ESTIMATORS, KL_REWARD_EXACT, POLICY_LOSSES, categorical_kl
-from policygrad.lm.rollout import KLController, LMWorkload, shaped_rewards
+from policygrad.lm.rollout import LMWorkload
+from policygrad.lm.scoring import KLController, shaped_rewards
 
 K = 4
 REF_LOGITS = torch.tensor([0.3, -1.2, 0.8, 0.1])
@@ -187,7 +189,7 @@ def test_loss_mode_uses_the_adaptive_controllers_coefficient(tiny_task):
     with torch.no_grad():  # move the policy away from the reference, so the KL is not 0
         for p in work.policy.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    work.kl.coef = 0.37
+    work.scoring.kl.coef = 0.37
     batch, metrics = work.collect()
     assert batch.kl_coef == 0.37 and metrics["kl/coef"] == 0.37
     log_prob = work.policy.log_prob(batch)
@@ -196,6 +198,6 @@ def test_loss_mode_uses_the_adaptive_controllers_coefficient(tiny_task):
     assert term_metrics["kl/loss_term"] > 0  # k3 >= 0 on every token
     work.after_update(batch, {})  # the controller's step, from the batch's KL per completion
     error = min(max(metrics["kl/to_reference"] / 0.001 - 1.0, -0.2), 0.2)
-    assert work.kl.coef == pytest.approx(0.37 * (1.0 + error * 4 / 4), rel=1e-9)
-    assert work.kl.coef != 0.37
-    assert work.collect()[0].kl_coef == work.kl.coef
+    assert work.scoring.kl.coef == pytest.approx(0.37 * (1.0 + error * 4 / 4), rel=1e-9)
+    assert work.scoring.kl.coef != 0.37
+    assert work.collect()[0].kl_coef == work.scoring.kl.coef

@@ -13,11 +13,13 @@ import torch
 
 from lm_helpers import make_tiny_lm, write_task
 from policygrad.algos import ALGOS, Progress
-from policygrad.config import Config, resolve
+from policygrad.config import Config
+from policygrad.resolve import resolve
 from policygrad.core import advantages
 from policygrad.lm import models, tasks
 from policygrad.lm.policy import LMPolicy
-from policygrad.lm.rollout import LMWorkload, NoSignalWatch, no_signal
+from policygrad.lm.rollout import LMWorkload
+from policygrad.lm.scoring import NoSignalWatch, no_signal
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +190,7 @@ def test_every_option_works_with_every_algorithm(tiny, algo, option):
     if extra.get("kl_in") == "loss":
         assert metrics["kl/loss_term"] != 0.0
     if extra.get("adaptive_kl"):
-        assert work.kl.coef != work.cfg.kl_coef
+        assert work.scoring.kl.coef != work.cfg.kl_coef
 
 
 @pytest.mark.parametrize("algo", ["reinforce", "ppo", "trpo"])

@@ -13,10 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from lm_helpers import make_tiny_lm, write_task
 from policygrad.algos import ALGOS, Progress
-from policygrad.config import ConfigError, resolve
+from policygrad.config import ConfigError
+from policygrad.resolve import resolve
 from policygrad.core import advantages
 from policygrad.lm import adapters
-from policygrad.lm.rollout import LMWorkload, kl_per_completion
+from policygrad.lm.rollout import LMWorkload
+from policygrad.lm.scoring import kl_per_completion
 
 
 @pytest.fixture(scope="module")

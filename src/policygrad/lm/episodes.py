@@ -28,18 +28,13 @@ import torch
 
 from .. import dist
 from ..batch import Batch
+from ..errors import EpisodeError, TaskError
 from ..log import write_samples
-from ..core.losses import KL_ESTIMATORS
-from .tasks import TaskError
+from .scoring import kl_per_completion, values_of
 
 REPLY_MARKER = "@@policygrad-reply@@"
 """Stands in for the model's reply when the chat template renders the environment's answer: the
 text after it is what the template writes between a reply and the next one."""
-
-
-class EpisodeError(TaskError):
-    """A text env that misbehaved (raised, answered with something that is not text, gave a
-    non-finite reward); shown as one line naming the env and the turn."""
 
 
 @dataclass
@@ -317,52 +312,50 @@ def episode_metrics(stats: np.ndarray, prefix: str) -> dict:
 
 
 class EpisodeCollector:
-    """An LMWorkload's rollouts and evaluation when its task is a text env (task.env): the same
-    prompt cursor, KL controller, baselines and seeds, over episodes instead of completions."""
+    """A language-model workload's rollouts and evaluation when its task is a text env (task.env):
+    episodes instead of completions, scored by the same path (lm/scoring.py) with the workload's
+    scoring state."""
 
-    def __init__(self, work):
-        self.work = work
+    def __init__(self, policy, task, cfg, placement, scoring):
+        self.policy, self.task, self.cfg, self.placement, self.scoring = policy, task, cfg, placement, scoring
         self.pool: list[gym.Env] = []
+        self.sample_times: dict[str, float] = {}
 
     def envs(self, n: int) -> list[gym.Env]:
         """n envs, made once and reused (reset with each episode's seed, as Gymnasium envs are):
         an env that loads a reward model or opens a connection does so once, not per episode."""
-        self.pool += [self.work.task.env() for _ in range(n - len(self.pool))]
+        self.pool += [self.task.env() for _ in range(n - len(self.pool))]
         return self.pool[:n]
 
     def play(self, rows: list[dict], n: int, seed: int, sampling=None, model_defaults: bool = False
              ) -> tuple[list[Episode], Batch]:
         """n episodes from each row's env seed, as a batch with the reference's log-probs;
         sampling: a config with other sampling settings (`sample`), else the run's."""
-        work = self.work
+        policy = self.policy
         seeds = [int(r["env_seed"]) for r in rows for _ in range(n)]
         # no_grad: under autocast the old log-probs' pass below would otherwise build a graph (and
         # bfloat16 episodes crashed reading them)
-        with work.policy.gathered(), torch.no_grad():
+        with policy.gathered(), torch.no_grad():
             start = time.perf_counter()
-            episodes = play(work.policy, self.envs(len(seeds)), work.task.name, seeds, sampling or work.cfg, seed, n,
+            episodes = play(policy, self.envs(len(seeds)), self.task.name, seeds, sampling or self.cfg, seed, n,
                             model_defaults)
             played = time.perf_counter()
-            batch = to_batch(episodes, work.policy.tokenizer.pad_token_id, work.placement.device,
-                             bootstrap_column=work.policy.value_head is not None)
-            if work.placement.mixed:  # sampled under autocast: the old log-probs come from the training pass
-                batch = batch.replace(log_prob=work.policy.log_prob(batch))
-            ref = work.policy.reference_log_prob(batch) if work.policy.reference is not None else batch.log_prob
-        work.sample_times = {"time/generate_s": played - start, "time/reference_s": time.perf_counter() - played}
+            batch = to_batch(episodes, policy.tokenizer.pad_token_id, self.placement.device,
+                             bootstrap_column=policy.value_head is not None)
+            if self.placement.mixed:  # sampled under autocast: the old log-probs come from the training pass
+                batch = batch.replace(log_prob=policy.log_prob(batch))
+            ref = policy.reference_log_prob(batch) if policy.reference is not None else batch.log_prob
+        self.sample_times = {"time/generate_s": played - start, "time/reference_s": time.perf_counter() - played}
         return episodes, batch.replace(ref_log_prob=ref)
 
-    def collect(self) -> tuple[Batch, dict]:
-        """This rank's block of the step's env seeds, samples_per_prompt episodes each (the group of
-        the rloo and group baselines); statistics over every rank's episodes."""
-        work, cfg = self.work, self.work.cfg
-        start = time.perf_counter()
-        row_ids = work.cursor.take(cfg.prompts_per_step)
-        lo, hi = dist.share(cfg.prompts_per_step)
-        rows = [work.task.rows("train")[i] for i in row_ids[lo:hi]]
-        episodes, batch = self.play(rows, cfg.samples_per_prompt, seed=work.seed * 1_000_003 + work.steps)
-        work.steps += 1
-        B, device = len(episodes), batch.mask.device
-        kl = ((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1)                    # (B,)
+    def collect(self, rows: list[dict], seed: int) -> tuple[Batch, dict]:
+        """samples_per_prompt episodes from each of this rank's rows (the group of the rloo and
+        group baselines), each turn's env reward on its reply's last token; statistics over every
+        rank's episodes."""
+        cfg = self.cfg
+        episodes, batch = self.play(rows, cfg.samples_per_prompt, seed=seed)
+        device = batch.mask.device
+        kl = kl_per_completion(batch)                                                       # (B,)
         rewards = batch.rewards                                                              # (B, T)
         if cfg.whiten_rewards:  # each turn's env reward, with the moments of every rank's turns
             pooled = torch.as_tensor(dist.gather_rows(np.array([r for e in episodes for r in e.rewards])),
@@ -371,51 +364,33 @@ class EpisodeCollector:
             for b, e in enumerate(episodes):
                 ends[b, e.ends] = 1.0
             rewards = (rewards - pooled.mean()) / (pooled.std() + 1e-8) * ends
-        if cfg.kl_in == "reward" and work.kl.coef:
-            estimate = KL_ESTIMATORS[cfg.kl_estimator](batch.ref_log_prob - batch.log_prob)  # (B, T)
-            rewards = rewards - work.kl.coef * estimate * batch.mask
-        values = next_values = None
-        if work.policy.value_head is not None:
-            with torch.no_grad():
-                raw = work.policy.values(batch)                                             # (B, T)
-            values = raw * batch.mask
-            rows_ = torch.arange(B, device=device)
-            finals = torch.tensor([e.ends[-1] for e in episodes], device=device)            # (B,)
-            next_values = torch.zeros_like(values)
-            next_values[rows_, finals] = raw[rows_, bootstrap_positions(episodes).to(device)]
-        group = torch.arange(hi - lo, device=device).repeat_interleave(cfg.samples_per_prompt)
-        baseline = torch.full((B,), work.moving_baseline, device=device)
-        batch = batch.replace(rewards=rewards, values=values, next_values=next_values, group=group,
-                              baseline=baseline, kl_coef=work.kl.coef)
+        finals = torch.tensor([e.ends[-1] for e in episodes], device=device)                # (B,)
+        values, next_values = values_of(self.policy, batch, (finals, bootstrap_positions(episodes).to(device)))
+        batch = self.scoring.finish(batch, rewards, values, next_values, len(rows))
         stats = dist.gather_rows(episode_stats(episodes, kl))                               # (B_global, 6)
-        scores = dist.gather_rows((rewards * batch.mask).sum(1).float().cpu().numpy().astype(np.float64))
-        work._last_scores, work._last_kl = torch.from_numpy(scores), torch.from_numpy(stats[:, 5])
-        return batch, {
-            **episode_metrics(stats, "train"), "kl/to_reference": float(stats[:, 5].mean()), "kl/coef": work.kl.coef,
-            "train/completion_length": float(stats[:, 4].mean()), **work.sample_times,
-            "time/collect_s": time.perf_counter() - start,
-            "time/tokens_per_s": float(stats[:, 4].sum()) / max(work.sample_times["time/generate_s"], 1e-9)}
+        scores = dist.gather_rows((batch.rewards * batch.mask).sum(1).float().cpu().numpy().astype(np.float64))
+        self.scoring.record(torch.from_numpy(scores), torch.from_numpy(stats[:, 5]))
+        return batch, {**episode_metrics(stats, "train"), **self.scoring.metrics(stats[:, 5], stats[:, 4],
+                                                                                self.sample_times)}
 
     def evaluate(self, split: str, out_dir: Optional[Path] = None) -> dict:
         """One episode per held-out env seed (a fixed sampling seed per chunk), over the ranks as
         LMWorkload.evaluate: mean reward per turn, return, turns, success rate, KL."""
-        work = self.work
-        rows = work.task.rows(split)
+        rows = self.task.rows(split)
         if split == "validation":
-            rows = rows[:work.cfg.eval_prompts]
-        size, mine = work.cfg.completions_per_step, []
+            rows = rows[:self.cfg.eval_prompts]
+        size, mine = self.cfg.completions_per_step, []
         # gathered once around the loop: with sharded weights, ranks may play different chunk counts,
         # and a gather per chunk would pair one rank's all-gather with another's gather_objects
-        with work.policy.gathered():
+        with self.policy.gathered():
             for start in range(0, len(rows), size)[dist.rank()::dist.world()]:
                 episodes, batch = self.play(rows[start:start + size], 1, seed=10_000_019 + start)
-                kl = ((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1)
-                mine.append((start, episode_stats(episodes, kl).tolist(), [e.as_sample() for e in episodes]))
+                mine.append((start, episode_stats(episodes, kl_per_completion(batch)).tolist(), [e.as_sample() for e in episodes]))
         chunks = sorted((c for part in dist.gather_objects(mine) for c in part), key=lambda c: c[0])
         stats = np.array([row for c in chunks for row in c[1]], dtype=np.float64).reshape(-1, 6)
         samples = [s for c in chunks for s in c[2]]
         if out_dir is not None and dist.is_main():
-            write_samples(out_dir, f"{split}-step{work.steps:05d}", samples)
+            write_samples(out_dir, f"{split}-step{self.scoring.steps:05d}", samples)
         prefix = "eval" if split == "validation" else split
         return {**episode_metrics(stats, prefix), f"{prefix}/kl_to_reference": float(stats[:, 5].mean()),
                 f"{prefix}/n": len(stats), **({"samples": samples} if out_dir is None else {})}

@@ -16,13 +16,12 @@ import torch
 from .. import config as config_mod
 from .. import dist
 from .. import placement as placement_mod
-from ..algos import ALGOS, DataTerm
-from ..batch import Batch
+from ..batch import Batch, DataTerm
 from ..log import write_samples
-from ..core.losses import KL_ESTIMATORS
 from . import episodes, supervised, tasks
-from .tasks import prompt_text
 from .policy import build_policy, policy_files, write_policy_config
+from .scoring import NoSignalWatch, Scoring, kl_per_completion, last_tokens, no_signal, values_of
+from .tasks import prompt_text
 
 
 class PromptCursor:
@@ -50,82 +49,17 @@ class PromptCursor:
         return {"epoch": self.epoch, "position": self.position}
 
 
-class KLController:
-    """Fixed, or adaptive towards a target KL per completion (Ziegler et al. 2019, section 2.2)."""
-
-    def __init__(self, cfg):
-        self.coef, self.cfg = cfg.kl_coef, cfg
-
-    def update(self, kl_per_completion: float, n_completions: int) -> None:
-        if not self.cfg.adaptive_kl:
-            return
-        error = float(np.clip(kl_per_completion / self.cfg.kl_target - 1.0, -0.2, 0.2))
-        self.coef *= 1.0 + error * n_completions / self.cfg.kl_horizon
-
-
 def extras_of(rows: list[dict]) -> dict[str, list]:
     """The rows' columns other than the prompt, as keyword lists for the rewards."""
     keys = sorted({k for r in rows for k in r} - {"prompt", "messages"})
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
-def shaped_rewards(score: torch.Tensor, batch: Batch, kl_coef: float, kl_estimator: str, kl_in: str
-                   ) -> torch.Tensor:
-    """(B, T) per-token rewards: the task score on each completion's last token; with kl_in=reward,
-    every token also carries -kl_coef * the KL estimate of that token (Ziegler et al. 2019)."""
-    B, T = batch.mask.shape
-    last = (batch.mask.sum(1).long() - 1).clamp(min=0)                        # (B,) last token
-    rewards = torch.zeros_like(batch.mask)                                    # (B, T)
-    rewards[torch.arange(B, device=rewards.device), last] = score.to(rewards.device)
-    if kl_in == "reward" and kl_coef:
-        estimate = KL_ESTIMATORS[kl_estimator](batch.ref_log_prob - batch.log_prob)  # (B, T)
-        rewards = rewards - kl_coef * estimate * batch.mask
-    return rewards
-
-
-def no_signal(task_reward: np.ndarray, samples_per_prompt: int) -> tuple[float, float]:
-    """The share of prompt groups whose completions all got the same task reward (a group baseline
-    then leaves them nothing to learn from), and 1.0 if the whole batch did, else 0.0.
-
-    With one sample per prompt a group cannot spread, so every group would count as flat: the
-    share is then the whole batch's flatness, the spread a moving-average baseline learns from
-    (issue #23)."""
-    rewards = np.asarray(task_reward, dtype=np.float64)                                # (B,)
-    everything = rewards.max() - rewards.min() <= 1e-9 * (1.0 + np.abs(rewards).max())
-    if samples_per_prompt == 1:
-        return float(everything), float(everything)
-    groups = rewards.reshape(-1, samples_per_prompt)                                  # (G, k)
-    flat = groups.max(1) - groups.min(1) <= 1e-9 * (1.0 + np.abs(groups).max(1))      # (G,)
-    return float(flat.mean()), float(everything)
-
-
-class NoSignalWatch:
-    """Remembers the share of flat prompt groups (with one sample per prompt: flat batches) over the
-    last `window` steps and words one warning, once, when most of them had no reward spread: such a
-    run shows a flat curve for a reason."""
-
-    def __init__(self, window: int = 10, samples_per_prompt: int = 2):
-        self.window, self.recent, self.warned = window, [], False
-        self.what = "batches" if samples_per_prompt == 1 else "prompt groups"
-
-    def add(self, share: float) -> Optional[str]:
-        self.recent = (self.recent + [share])[-self.window:]
-        if self.warned or len(self.recent) < self.window or np.mean(self.recent) <= 0.5:
-            return None
-        self.warned = True
-        return (f"{np.mean(self.recent):.0%} of the {self.what} in the last {self.window} steps got the "
-                "same reward for every completion, which gives the policy nothing to learn from; more "
-                "samples_per_prompt, a longer max_new_tokens or a denser reward usually help")
-
-
-def kl_per_completion(batch: Batch) -> torch.Tensor:
-    """(B,) sum over a completion's tokens of log pi - log pi_ref (k1): nats per completion."""
-    return ((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1)
-
-
 class LMWorkload:
     headline = "train/reward_mean"
     eval_headline = "eval/reward_mean"
+    one_thread = False
+    per_update = 1  # total_steps and eval_every count training steps
 
     def __init__(self, cfg, seed: int, model_path: Optional[Path] = None):
         """seed: of the weights' initialisation and the prompt order, the same on every rank;
@@ -137,7 +71,7 @@ class LMWorkload:
         self.task.rewards.configure(timeout=cfg.reward_timeout, retries=cfg.reward_retries,
                                     device=self.placement.device, normalize=cfg.reward_normalize)
         self.policy, self.adapted = build_policy(cfg, self.placement, seed, model_path)
-        if ALGOS[cfg.algo].double_backward:
+        if cfg.double_backward:
             # torch's fused CPU attention kernels have no double backward; the eager path has
             self.policy.model.set_attn_implementation("eager")
         self.cursor = PromptCursor(len(self.task.rows("train")), seed)
@@ -146,13 +80,12 @@ class LMWorkload:
         self.ptx: Optional[list[supervised.Example]] = None
         self.ptx_cursor: Optional[PromptCursor] = None
         self._ptx_position = {"epoch": 0, "position": 0}
-        self.kl = KLController(cfg)
-        self.moving_baseline = 0.0
-        self.steps = 0
+        self.scoring = Scoring(cfg)
         self.signal_watch, self._warnings = NoSignalWatch(samples_per_prompt=cfg.samples_per_prompt), []
         self.sample_times: dict[str, float] = {}
         # a text env's task (multi-turn) collects and evaluates episodes; the rest is shared
-        self.episodes = episodes.EpisodeCollector(self) if self.task.env is not None else None
+        self.episodes = episodes.EpisodeCollector(self.policy, self.task, cfg, self.placement, self.scoring) \
+            if self.task.env is not None else None
 
     # --- rollouts ---
     def sample(self, rows: list[dict], n: int, seed: int, reference: bool = True
@@ -200,41 +133,36 @@ class LMWorkload:
         """This rank's block of the step's prompts, sampled and scored; the statistics (reward
         whitening, metrics, the KL controller's and moving baseline's inputs) are the global
         batch's, computed from every rank's rows exactly as one process computes them."""
-        if self.episodes is not None:
-            return self.episodes.collect()
-        cfg = self.cfg
         start = time.perf_counter()
-        row_ids = self.cursor.take(cfg.prompts_per_step)  # the global step's prompts, on every rank
-        lo, hi = dist.share(cfg.prompts_per_step)
+        row_ids = self.cursor.take(self.cfg.prompts_per_step)  # the global step's prompts, on every rank
+        lo, hi = dist.share(self.cfg.prompts_per_step)
         rows = [self.task.rows("train")[i] for i in row_ids[lo:hi]]
-        batch, completions, task_reward = self.sample(rows, cfg.samples_per_prompt,
-                                                      seed=self.seed * 1_000_003 + self.steps)
-        self.steps += 1
-        generate_s = self.sample_times["time/generate_s"]
+        seed = self.scoring.step_seed(self.seed)
+        batch, metrics = (self.episodes.collect if self.episodes is not None else self._collect)(rows, seed)
+        return batch, {**metrics, "time/collect_s": time.perf_counter() - start}
+
+    def _collect(self, rows: list[dict], seed: int) -> tuple[Batch, dict]:
+        """Single completions: samples_per_prompt per row, the task score on each one's last token."""
+        cfg = self.cfg
+        batch, completions, task_reward = self.sample(rows, cfg.samples_per_prompt, seed=seed)
         B, T = batch.mask.shape
         device = batch.mask.device
-        last = (batch.mask.sum(1).long() - 1).clamp(min=0)                        # (B,) last token
+        last = last_tokens(batch.mask)                                            # (B,)
         score = torch.as_tensor(task_reward, dtype=torch.float32, device=device)  # (B,)
         all_reward = dist.gather_rows(np.asarray(task_reward, dtype=np.float64))  # (B_global,)
         if cfg.whiten_rewards:
             pooled = torch.as_tensor(all_reward, dtype=torch.float32, device=device)  # (B_global,)
             score = (score - pooled.mean()) / (pooled.std() + 1e-8)
-        rewards = shaped_rewards(score, batch, self.kl.coef, cfg.kl_estimator, cfg.kl_in)  # (B, T)
+        rewards = torch.zeros_like(batch.mask)                                   # (B, T)
+        rewards[torch.arange(B, device=device), last] = score
         terminated = torch.zeros_like(batch.mask)                                # (B, T)
         terminated[torch.arange(B, device=device), last] = 1.0
-        group = torch.arange(hi - lo, device=device).repeat_interleave(cfg.samples_per_prompt)
-        values = next_values = None
-        if self.policy.value_head is not None:
-            with torch.no_grad():
-                values = self.policy.values(batch) * batch.mask                  # (B, T)
-            next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
-        baseline = torch.full((B,), self.moving_baseline, device=device)
-        batch = batch.replace(rewards=rewards, terminated=terminated, group=group, values=values,
-                              next_values=next_values, baseline=baseline, kl_coef=self.kl.coef)
-        per_row = torch.stack([(rewards * batch.mask).sum(1), kl_per_completion(batch),
+        values, next_values = values_of(self.policy, batch)
+        batch = self.scoring.finish(batch, rewards, values, next_values, len(rows), terminated=terminated)
+        per_row = torch.stack([(batch.rewards * batch.mask).sum(1), kl_per_completion(batch),
                                batch.mask.sum(1)], 1)                             # (B, 3)
         scores, kls, lengths = torch.from_numpy(dist.gather_rows(per_row.float().cpu().numpy())).unbind(1)
-        self._last_scores, self._last_kl = scores, kls                            # (B_global,) each
+        self.scoring.record(scores, kls)                                          # (B_global,) each
         parts = {f"train/reward/{name}": float(dist.gather_rows(values).mean())
                  for name, values in self.reward_parts.items()}
         flat_groups, flat_batch = no_signal(all_reward, cfg.samples_per_prompt)
@@ -242,11 +170,7 @@ class LMWorkload:
         return batch, {
             "train/reward_mean": float(all_reward.mean()), "train/reward_std": float(all_reward.std()),
             **parts, "train/flat_group_share": flat_groups, "train/flat_batch": flat_batch,
-            "kl/to_reference": float(kls.mean()), "kl/coef": self.kl.coef,
-            "train/completion_length": float(lengths.mean()), **self.sample_times,
-            "time/collect_s": time.perf_counter() - start,
-            # every rank's tokens over this rank's generation time: ranks generate side by side
-            "time/tokens_per_s": float(lengths.sum()) / max(generate_s, 1e-9)}
+            **self.scoring.metrics(kls, lengths, self.sample_times)}
 
     # --- the data loss (J_data) ---
     def _ptx_examples(self) -> list[supervised.Example]:
@@ -278,8 +202,7 @@ class LMWorkload:
         return DataTerm(cfg.ptx_coef, micros, tokens, lambda b: supervised.nll_sum(self.policy, b))
 
     def after_update(self, batch: Batch, metrics: dict) -> dict:
-        self.kl.update(float(self._last_kl.mean()), len(self._last_kl))
-        self.moving_baseline = 0.9 * self.moving_baseline + 0.1 * float(self._last_scores.mean())
+        self.scoring.after_update()
         return {}
 
     def stop_early(self) -> bool:
@@ -316,7 +239,7 @@ class LMWorkload:
         samples = [x for c in chunks for x in c[3]]
         parts = {name: [x for c in chunks for x in c[4][name]] for name in (chunks[0][4] if chunks else {})}
         if out_dir is not None and dist.is_main():
-            write_samples(out_dir, f"{split}-step{self.steps:05d}", samples)
+            write_samples(out_dir, f"{split}-step{self.scoring.steps:05d}", samples)
         prefix = "eval" if split == "validation" else split
         return {f"{prefix}/reward_mean": float(np.mean(rewards)), f"{prefix}/reward_std": float(np.std(rewards)),
                 f"{prefix}/kl_to_reference": float(np.mean(kls)), f"{prefix}/n": len(rewards),
@@ -328,6 +251,14 @@ class LMWorkload:
         head = self.policy.value_head
         return {} if head is None else {f"value_head.{k}": v.detach().clone() for k, v in head.state_dict().items()}
 
+    @property
+    def trained_on(self) -> dict[str, str]:
+        return {"task": self.cfg.task}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        # the tensors hold the value head alone: the model's weights come from model_path's files
+        self.policy.load_state_dict(tensors, strict=False)
+
     def model_files(self) -> dict[str, dict[str, torch.Tensor]]:
         return policy_files(self.policy, self.adapted)
 
@@ -338,17 +269,14 @@ class LMWorkload:
         """JSON: the data cursor, KL controller, moving baseline, step count (the generation seeds
         derive from it) and the no-signal window, so a resumed run samples exactly what the
         uninterrupted one would and warns no second time."""
-        return {"cursor": self.cursor.state(), "kl_coef": self.kl.coef, "moving_baseline": self.moving_baseline,
-                "steps": self.steps, "flat_recent": self.signal_watch.recent, "flat_warned": self.signal_watch.warned,
+        return {"cursor": self.cursor.state(), **self.scoring.state(), "flat_recent": self.signal_watch.recent, "flat_warned": self.signal_watch.warned,
                 **({"ptx_cursor": self.ptx_cursor.state() if self.ptx_cursor else self._ptx_position}
                    if self.cfg.ptx_coef > 0 else {})}
 
     def load_state(self, state: dict, update: int) -> None:
         cursor = state["cursor"]
         self.cursor = PromptCursor(self.cursor.n_rows, self.init_seed, int(cursor["epoch"]), int(cursor["position"]))
-        self.kl.coef = float(state["kl_coef"])
-        self.moving_baseline = float(state["moving_baseline"])
-        self.steps = int(state["steps"])
+        self.scoring.load_state(state)
         self.signal_watch.recent = [float(x) for x in state.get("flat_recent", [])]  # older runs lack it
         self.signal_watch.warned = bool(state.get("flat_warned", False))
         if "ptx_cursor" in state:
