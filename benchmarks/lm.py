@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from policygrad.config import resolve
+from policygrad.resolve import resolve
 from policygrad.dist import threads_per_rank
 from policygrad.trainer import train
 
@@ -115,7 +115,7 @@ def worker_sampling(steps: int) -> dict:
     both forced to the full 32 tokens, alternating in one process; median seconds of each."""
     from policygrad.lm.rollout import LMWorkload
     cfg = resolve({}, {}, {"task": "positive-review"})
-    torch.set_num_threads(threads_per_rank(cfg.torch_threads, control=False))
+    torch.set_num_threads(threads_per_rank(cfg.torch_threads, one_thread=False))
     work = LMWorkload(cfg, 1)
     policy, rows = work.policy, work.task.rows("train")
     ours, plain = [], []
@@ -147,7 +147,7 @@ def floor_times(share_prompts: bool, steps: int) -> dict:
     forward/backward over them: no reference model, no rewards, no optimiser step."""
     from policygrad.lm.rollout import LMWorkload
     cfg = resolve({}, {"share_prompts": share_prompts}, {"task": "positive-review"})
-    torch.set_num_threads(threads_per_rank(cfg.torch_threads, control=False))
+    torch.set_num_threads(threads_per_rank(cfg.torch_threads, one_thread=False))
     work = LMWorkload(cfg, 1)
     rows = work.task.rows("train")
     gen, fb = [], []

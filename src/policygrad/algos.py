@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from . import dist
-from .batch import Batch
+from .batch import Batch, DataTerm
 from .core.losses import POLICY_LOSSES, batch_mean, kl_loss_per_token, sampler_mismatch, trpo_surrogate, value_loss
 from .core.trpo import trpo_step
 from .flat import FlatParameters, clip_grad_norm_, keep_adam_moments_adjacent
@@ -51,27 +51,8 @@ class Progress:
     before_step: Callable[[], None] = lambda: None
     """Called before the parameters or optimiser state first change: the trainer waits there for
     a checkpoint still being written from them, so the write overlaps rollout and backward pass."""
-    data: Optional["DataTerm"] = None
+    data: Optional[DataTerm] = None
     """The update's data loss (ptx_coef > 0), or None."""
-
-
-@dataclass
-class DataTerm:
-    """J_data, InstructGPT's "PTX" mix: coef x the mean token NLL of a batch of real data, added to
-    the loss of every gradient step of an update (TRPO: to the surrogate whose natural-gradient
-    step it takes). `micro_batches` are this rank's part of the update's data batch (as many on
-    every rank); the mean is over all ranks' `tokens`."""
-    coef: float
-    micro_batches: list[Batch]
-    tokens: float
-    """Loss tokens of the global data batch."""
-    nll_sum: Callable[[Batch], torch.Tensor]
-    """() summed NLL of a micro-batch's loss tokens under the policy (lm/supervised.py)."""
-
-    def share(self, micro: Batch) -> torch.Tensor:
-        """() the micro-batch's part of the global mean NLL (summed over micro-batches and ranks,
-        the mean)."""
-        return self.nll_sum(micro) / self.tokens
 
 
 class WeightedMetrics:

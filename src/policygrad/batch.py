@@ -1,14 +1,15 @@
 """`Batch`: the one contract between collecting experience and learning from it.
 
 Every per-step tensor is (B, T) with a `mask` of valid steps. For control, B = environments and
-T = steps; for a language model, B = completions and T = generated tokens.
+T = steps; for a language model, B = completions and T = generated tokens. `DataTerm` is the other
+thing a workload hands an update: a data loss (InstructGPT's PTX) to add to every gradient step.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -156,3 +157,22 @@ class Batch:
         for start in range(0, len(order), size):
             chunk = order[start:start + size]
             yield self.select_rows(chunk) if world == 1 else self.local_part(chunk, rank)
+
+
+@dataclass
+class DataTerm:
+    """J_data, InstructGPT's "PTX" mix: coef x the mean token NLL of a batch of real data, added to
+    the loss of every gradient step of an update (TRPO: to the surrogate whose natural-gradient
+    step it takes). `micro_batches` are this rank's part of the update's data batch (as many on
+    every rank); the mean is over all ranks' `tokens`."""
+    coef: float
+    micro_batches: list[Batch]
+    tokens: float
+    """Loss tokens of the global data batch."""
+    nll_sum: Callable[[Batch], torch.Tensor]
+    """() summed NLL of a micro-batch's loss tokens under the policy (lm/supervised.py)."""
+
+    def share(self, micro: Batch) -> torch.Tensor:
+        """() the micro-batch's part of the global mean NLL (summed over micro-batches and ranks,
+        the mean)."""
+        return self.nll_sum(micro) / self.tokens

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .errors import PolicygradError
+from .errors import RankExit
 
 
 @dataclass(frozen=True)
@@ -103,13 +103,13 @@ def rank_seed(seed: int, rank_index: int) -> int:
     return seed + 10_007 * rank_index
 
 
-def threads_per_rank(requested: Optional[int], control: bool) -> int:
+def threads_per_rank(requested: Optional[int], one_thread: bool) -> int:
     """Torch threads for this process: `requested` if the config names it; else one for a control
     run (small MLPs run fastest on one), and for a language model this machine's cores shared out
     among its ranks: two processes with two threads each on two cores ran ~10x slower a step."""
     if requested is not None:
         return requested
-    if control:
+    if one_thread:
         return 1
     try:
         cores = len(os.sched_getaffinity(0))
@@ -275,9 +275,6 @@ def on_main(fn):
     return outcome[1]
 
 
-class RankExit(PolicygradError):
-    """A rank other than 0 stops because rank 0 met an error it reports itself."""
-
     def __init__(self, message: str = "rank 0 stopped with an error, which it reports"):
         super().__init__(message)
 
@@ -318,7 +315,7 @@ def fsdp_shard(model: torch.nn.Module) -> HiddenPasses:
     forward passes go through the returned root. Gradients are summed over ranks, not averaged
     (see the module docstring). The root stays gathered after a forward until the backward: the
     policy reads the LM head's weight after the forward."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard  # FSDP's modules: only sharded runs load them
 
     names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
@@ -346,7 +343,7 @@ def fsdp_shard(model: torch.nn.Module) -> HiddenPasses:
 
 
 def _fsdp_modules(models: Sequence[torch.nn.Module]) -> list:
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # FSDP's modules: only sharded runs load them
     return [m for model in models for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -374,7 +371,7 @@ class gathered:
 
 
 def is_sharded(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # FSDP's modules: only sharded runs load them
     return isinstance(t, DTensor)
 
 
@@ -387,13 +384,14 @@ def shaped_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A rank's shard of an optimiser moment, made the sharded tensor its parameter is again."""
     if not is_sharded(param) or t.dim() == 0:
         return t
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # FSDP's modules: only sharded runs load them
     return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False, shape=param.shape,
                               stride=param.stride())
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole, unsharded weights on rank 0's CPU ({} on the others); a collective."""
+    # FSDP's modules: only sharded runs load them
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

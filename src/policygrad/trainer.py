@@ -16,27 +16,30 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import yaml
 
-from .errors import PolicygradError
 from . import checkpoint, dist, placement
 from . import config as config_mod
 from .algos import ALGOS, Optimizers, Progress
 from .config import Config, to_dict
+from .control.rollout import ControlWorkload
 from .core import advantages
+from .errors import TrainingError
+from .log import RunLogger
+from .protocols import Workload
 
 
-class TrainingError(PolicygradError, RuntimeError):
-    """Training cannot go on (e.g. updates keep going non-finite); shown to the user as one line."""
+def workload_class(cfg: Config) -> type[Workload]:
+    """A language model's workload or a Gymnasium env's: the one place the trainer tells them apart."""
+    if cfg.is_lm:
+        from .lm.rollout import LMWorkload  # transformers: not for control runs
+        return LMWorkload
+    return ControlWorkload
 
 
-def build_workload(cfg: Config, path: Optional[Path] = None):
+def build_workload(cfg: Config, path: Optional[Path] = None) -> Workload:
     """The run's workload (this rank's share of it), fresh or (path: a checkpoint folder) with a
     trained language model. Weights start from cfg.seed on every rank; sampling and environments
     draw from each rank's own seed stream."""
-    if cfg.is_lm:
-        from .lm.rollout import LMWorkload
-        return LMWorkload(cfg, cfg.seed, model_path=None if path is None else path / "policy")
-    from .control.rollout import ControlWorkload
-    return ControlWorkload(cfg, cfg.seed)
+    return workload_class(cfg)(cfg, cfg.seed, model_path=None if path is None else path / "policy")
 
 
 @dataclass
@@ -54,12 +57,12 @@ class RunState:
     """Training is over (the final checkpoint); a resume only redoes the final evaluation."""
 
 
-def evaluation_due(cfg: Config, state: RunState) -> bool:
+def evaluation_due(cfg: Config, state: RunState, per_update: int) -> bool:
+    """Whether this update crossed a multiple of eval_every (counted in the workload's steps)."""
     if cfg.eval_every <= 0:
         return False
-    if cfg.is_lm:
-        return state.update % cfg.eval_every == 0
-    return state.env_steps // cfg.eval_every > (state.env_steps - cfg.rollout_size) // cfg.eval_every
+    done = state.update * per_update
+    return done // cfg.eval_every > (done - per_update) // cfg.eval_every
 
 
 def checkpoint_due(cfg: Config, state: RunState) -> bool:
@@ -143,7 +146,7 @@ def restore(path: Path, cfg: Config, work, opts: Optimizers, generators: dict[st
     check_resume_world(saved, path, dist.world())
     part = "weights"
     try:
-        work.policy.load_state_dict(tensors, strict=not cfg.is_lm)
+        work.load_tensors(tensors)
         part = "optimizer state"
         for key, opt in opts.named().items():
             checkpoint.optimizer_from_flat(opt, checkpoint.split_optimizer_tensors(opt_tensors, key, dist.rank()),
@@ -184,15 +187,14 @@ def run_update(cfg: Config, work, algo, opts: Optimizers, state: RunState, gener
     note_bad_update(state, metrics, cfg, out_dir)
     step_s = time.perf_counter() - step_start
     # 4. evaluate on held-out data or environments (every rank gets the same numbers)
-    eval_metrics = work.evaluate("validation", out_dir) if evaluation_due(cfg, state) else {}
+    eval_metrics = work.evaluate("validation", out_dir) if evaluation_due(cfg, state, work.per_update) else {}
     # 5. log (rank 0); the metrics are the global batch's
     row = {"update": state.update, "step": state.update, "env_steps": state.env_steps,
            "time/elapsed_s": time.perf_counter() - start, "time/step_s": step_s,
            "time/checkpoint_wait_s": writer.take_waited_s(),
            **({"time/collective_s": dist.take_collective_s()} if dist.world() > 1 else {}),
            "update/skipped_total": state.skipped_updates, **collect_metrics, **metrics, **eval_metrics}
-    per_update = 1 if cfg.is_lm else cfg.rollout_size
-    logger.log(state.env_steps, row, per_update, headline=work.headline)
+    logger.log(state.env_steps, row, work.per_update, headline=work.headline)
     for message in work.take_warnings():
         logger.warn(message)
     # 6. checkpoint: periodically, and whenever validation reaches a new best (all ranks agree:
@@ -233,7 +235,7 @@ def run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False,
     Under torchrun (or --nproc) every rank calls this; out_dir must be a folder they all see."""
     ranks = dist.init(placement.resolve(cfg).device.type)
     config_mod.check_world(cfg, ranks.world)
-    torch.set_num_threads(dist.threads_per_rank(cfg.torch_threads, control=not cfg.is_lm))
+    torch.set_num_threads(dist.threads_per_rank(cfg.torch_threads, one_thread=workload_class(cfg).one_thread))
     path = checkpoint.latest(out_dir) if resume else None
     if ranks.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,9 +250,8 @@ def run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False,
     state = restore(path, cfg, work, opts, generators) if path is not None else RunState()
     if ranks.rank == 0:
         checkpoint.cut_metrics(out_dir / "metrics.jsonl", state.update)
-    from .log import RunLogger  # tensorboard's import is slow: after the run's own set-up errors
     # the bar counts training steps for language models, environment steps for control
-    per_update = 1 if cfg.is_lm else cfg.rollout_size
+    per_update = work.per_update
     logger = RunLogger(out_dir, cfg.total_updates * per_update, "step", enabled=ranks.rank == 0, progress=progress,
                        done=state.update * per_update, purge_step=state.env_steps + 1 if path else None,
                        wandb_config=to_dict(cfg) if cfg.wandb else None)
@@ -276,7 +277,7 @@ def run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False,
 
 
 def summary(cfg: Config, work, state: RunState, logger, final: dict, flat: Optional[float], start: float) -> dict:
-    return {"algo": cfg.algo, ("task" if cfg.is_lm else "env"): cfg.task if cfg.is_lm else cfg.env,
+    return {"algo": cfg.algo, **work.trained_on,
             "updates": state.update, "env_steps": state.env_steps, "skipped_updates": state.skipped_updates,
             "train_" + work.headline.split("/")[-1]: logger.last.get(work.headline, float("nan")),
             **({"best_" + work.eval_headline.replace("/", "_"): state.best_metric}
@@ -311,7 +312,7 @@ def load_workload(path: Path, device: Optional[str] = None):
         placement.resolve(cfg)  # one line if this machine lacks it
     work = build_workload(cfg, path)
     try:
-        work.policy.load_state_dict(tensors, strict=not cfg.is_lm)
+        work.load_tensors(tensors)
     except RuntimeError:
         raise checkpoint.CheckpointError(
             f"checkpoint '{path}' does not fit the policy its config describes (tensors differ)") from None

@@ -5,21 +5,19 @@ import copy
 import hashlib
 import re
 from collections import deque
+from pathlib import Path
+from typing import Optional
 
 import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
 
-from ..errors import PolicygradError
 from .. import dist
 from ..batch import Batch
-from ..runs import callable_identity
+from ..errors import EnvError
+from ..identity import callable_identity
 from .policy import ControlPolicy
-
-
-class EnvError(PolicygradError, ValueError):
-    """An environment id that Gymnasium cannot make; shown to the user as one line."""
 
 
 def make_envs(env_id: str, num_envs: int, vectorization: str = "sync") -> gym.vector.VectorEnv:
@@ -188,14 +186,24 @@ class ControlWorkload:
     """
     headline = "train/episode_return_mean"
     eval_headline = "eval/return_mean"
+    one_thread = True  # small MLPs run fastest on one torch thread
 
-    def __init__(self, cfg, seed: int):
+    def __init__(self, cfg, seed: int, model_path: Optional[Path] = None):
         """seed: of the weights' initialisation, the same on every rank; environments and action
-        sampling draw from this rank's own stream (dist.rank_seed)."""
+        sampling draw from this rank's own stream (dist.rank_seed). model_path is a language
+        model's: a control policy's weights come with load_tensors."""
         self.cfg, self.seed = cfg, dist.rank_seed(seed, dist.rank())
         self.policy = build_policy(cfg, seed)
         lo, hi = dist.share(cfg.num_envs)
         self.collector = Collector(make_envs(cfg.env, hi - lo, cfg.vectorization), self.seed, cfg.gamma)
+
+    @property
+    def per_update(self) -> int:
+        return self.cfg.rollout_size  # total_steps and eval_every count environment steps
+
+    @property
+    def trained_on(self) -> dict[str, str]:
+        return {"env": self.cfg.env}
 
     def _recent(self) -> tuple[np.ndarray, np.ndarray, int]:
         """Every rank's recent episode returns and lengths, and its episode count, summed."""
@@ -248,6 +256,9 @@ class ControlWorkload:
         """Weights and normalisers, copied: the normalisers move while the next rollout is collected,
         which may overlap the checkpoint's write."""
         return {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.policy.load_state_dict(tensors)  # every weight and normaliser is in the checkpoint's tensors
 
     def model_files(self) -> dict:
         return {}  # control policies live entirely in model.safetensors
