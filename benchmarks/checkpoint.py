@@ -16,7 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from policygrad.config import resolve
+from policygrad.resolve import resolve
 from policygrad.trainer import train
 
 

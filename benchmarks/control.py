@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policygrad.config import resolve
+from policygrad.resolve import resolve
 from policygrad.trainer import train
 
 SPEED_SEEDS = tuple(range(1, 11))  # time to a threshold varies a lot between seeds

@@ -138,7 +138,7 @@ def speed(args) -> dict:
     passes (policy.generate_ids) and one forward/backward over the step's conversations."""
     import torch
     from policygrad.algos import ALGOS, Progress
-    from policygrad.config import resolve
+    from policygrad.resolve import resolve
     from policygrad.core import advantages
     from policygrad.lm.rollout import LMWorkload
     cfg = resolve({}, {}, {"algo": "reinforce", "task": "dialogue", "model": args.model})

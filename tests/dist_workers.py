@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from policygrad import config as config_mod
 from policygrad import dist
+from policygrad import resolve as resolve_mod
 from policygrad.algos import ALGOS, Progress
 from policygrad.batch import Batch
 from policygrad.core import advantages
@@ -51,8 +52,8 @@ def case_config(name: str, lm_paths: tuple[str, str]):
         ptx = {"ptx_data": str(write_ptx_data(Path(task).parent))} if "ptx_coef" in extra else {}
         extra = dict(extra)
         task = extra.pop("task", task)
-        return config_mod.resolve({}, {**LM_OVERRIDES, **extra, **ptx}, {"algo": algo, "task": task, "model": model})
-    return config_mod.resolve({}, {"num_envs": 4, "n_steps": 16, "normalize_obs": True, **extra},
+        return resolve_mod.resolve({}, {**LM_OVERRIDES, **extra, **ptx}, {"algo": algo, "task": task, "model": model})
+    return resolve_mod.resolve({}, {"num_envs": 4, "n_steps": 16, "normalize_obs": True, **extra},
                               {"algo": algo, "env": "CartPole-v1"})
 
 
@@ -155,7 +156,7 @@ def early_stop_worker(rank: int, world: int, port: int, folder: str) -> None:
     push its approximate KL far past target_kl while rank 0's stays small. A rank deciding alone
     would leave the other in the next minibatch's all-reduce for ever."""
     join(rank, world, port)
-    cfg = config_mod.resolve({}, {"num_envs": 4, "n_steps": 32, "batch_size": 32, "n_epochs": 8,
+    cfg = resolve_mod.resolve({}, {"num_envs": 4, "n_steps": 32, "batch_size": 32, "n_epochs": 8,
                                   "target_kl": 0.001, "lr": 0.05}, {"algo": "ppo", "env": "CartPole-v1"})
     from policygrad.trainer import build_workload
     work = build_workload(cfg)
@@ -216,7 +217,7 @@ def evaluation_worker(rank: int, world: int, port: int, folder: str, lm_paths: t
 def eval_config(lm_paths: tuple[str, str], shard: str = "ddp", episodes: bool = False):
     model, task = lm_paths
     turns = {"max_turns": 3, "max_new_tokens": 4} if episodes else {}
-    return config_mod.resolve({}, {**LM_OVERRIDES, "eval_prompts": 20, "shard": shard, **turns},
+    return resolve_mod.resolve({}, {**LM_OVERRIDES, "eval_prompts": 20, "shard": shard, **turns},
                               {"algo": "reinforce", "task": "guess-number" if episodes else task, "model": model})
 
 

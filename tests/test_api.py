@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import policygrad
 from policygrad import cli
 from policygrad import config as config_mod
+from policygrad import resolve as resolve_mod
 from policygrad.runs import check_run_named
 
 SMALL = {"total_steps": 3, "seed": 3, "eval_every": 2, "prompts_per_step": 2, "samples_per_prompt": 2,
@@ -185,7 +186,7 @@ def test_the_clis_steps_is_total_steps_from_python_too():
     refused with a hint at n_steps, the rollout length); both names at once are one line."""
     small = dict(algo="ppo", env="CartPole-v1", num_envs=2, n_steps=64, eval_every=0, eval_episodes=2)
     assert policygrad.make_config(**small, steps=256) == policygrad.make_config(**small, total_steps=256)
-    assert config_mod.resolve({"total_steps": 64}, {"steps": 256}, small).total_steps == 256  # layered
+    assert resolve_mod.resolve({"total_steps": 64}, {"steps": 256}, small).total_steps == 256  # layered
     assert policygrad.make_config(policygrad.make_config(**small), steps=256).total_steps == 256
     result = policygrad.train(**small, steps=128, progress=False)
     assert result.config.total_steps == 128 and result.summary["updates"] == 1
@@ -258,10 +259,10 @@ def test_every_config_key_reads_the_same_from_python_and_from_the_command_line(k
             except policygrad.PolicygradError as e:
                 return f"{type(e).__name__}: {e}"
         from_python = outcome(lambda: policygrad.make_config(**{**named, key: value}))
-        overrides = config_mod.parse_overrides([f"{key}={text}"])
+        overrides = resolve_mod.parse_overrides([f"{key}={text}"])
         flags = {k: v for k, v in named.items() if k != key}
         from_cli = outcome(lambda: (check_run_named({**overrides, **flags}),
-                                    config_mod.resolve({}, overrides, flags))[1])
+                                    resolve_mod.resolve({}, overrides, flags))[1])
         assert from_python == from_cli, key
 
 

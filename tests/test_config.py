@@ -4,7 +4,9 @@ import dataclasses
 
 import pytest
 
-from policygrad.config import (CONTROL_KEYS, LM_KEYS, Config, ConfigError, field_names, resolve,
+from policygrad.config import CONTROL_KEYS, LM_KEYS, Config, ConfigError, field_names
+
+from policygrad.resolve import resolve
                                validate)
 
 TASK = "positive-review"  # a built-in task: resolving it reads its packaged prompts, no model

@@ -168,7 +168,7 @@ def test_every_trainable_parameter_changes_after_an_update(algo, env_id):
 def test_trpo_fisher_products_see_every_transition_unless_told_otherwise(monkeypatch, fraction, expected_rows):
     """fvp_fraction is a share of transitions, and control's default is all of them (it once took
     1 of the 2 environments of every preset)."""
-    from policygrad.config import resolve
+    from policygrad.resolve import resolve
     overrides = {"num_envs": 2, "n_steps": 64, **({} if fraction is None else {"fvp_fraction": fraction})}
     cfg = resolve({}, overrides, {"algo": "trpo", "env": "CartPole-v1"})
     policy = build_policy(cfg, seed=0)

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import dist_workers as w
 from policygrad import config as config_mod
+from policygrad import resolve as resolve_mod
 from policygrad.batch import Batch
 
 
@@ -99,7 +100,7 @@ def test_ranks_whose_data_disagree_stop_ppo_epochs_together(tmp_path):
     ({"shard": "fsdp"}, 1, "shard=fsdp splits a model over the processes"),
 ])
 def test_a_batch_that_does_not_fit_the_processes_is_refused(tiny_lm, task_file, overrides, world, message):
-    cfg = config_mod.resolve({}, overrides, {"algo": "reinforce", "task": str(task_file), "model": str(tiny_lm)})
+    cfg = resolve_mod.resolve({}, overrides, {"algo": "reinforce", "task": str(task_file), "model": str(tiny_lm)})
     with pytest.raises(config_mod.ConfigError, match=message):
         config_mod.check_world(cfg, world)
 

@@ -11,7 +11,7 @@ import torch
 import policygrad
 from policygrad.batch import Batch
 from policygrad.cli import main
-from policygrad.config import resolve
+from policygrad.resolve import resolve
 from policygrad.core import advantages as adv
 from policygrad.lm import tasks
 from policygrad.lm.generation import Generated

@@ -8,7 +8,8 @@ import torch
 
 from policygrad.algos import ALGOS, Progress
 from policygrad.batch import Batch
-from policygrad.config import Config, resolve
+from policygrad.config import Config
+from policygrad.resolve import resolve
 from policygrad.core import advantages
 from policygrad.lm import models, rewards, tasks
 from policygrad.lm.generation import token_log_probs

@@ -6,7 +6,8 @@ import torch
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from policygrad.algos import ALGOS, Progress
-from policygrad.config import Config, resolve
+from policygrad.config import Config
+from policygrad.resolve import resolve
 from policygrad.core import advantages
 from policygrad.core.losses import value_loss
 from policygrad.lm.rollout import LMWorkload

@@ -11,7 +11,8 @@ import torch
 from lm_helpers import make_tiny_lm, write_task
 from policygrad import placement
 from policygrad.algos import ALGOS, Progress
-from policygrad.config import ConfigError, resolve
+from policygrad.config import ConfigError
+from policygrad.resolve import resolve
 from policygrad.core import advantages
 from policygrad.lm.rollout import LMWorkload
 from policygrad.placement import DeviceError, Placement, resolve_device, resolve_dtype

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import policygrad
 from policygrad import cli
 from policygrad.algos import ALGOS, Progress
-from policygrad.config import resolve
+from policygrad.resolve import resolve
 from policygrad.core import advantages
 from policygrad.lm import supervised
 from policygrad.lm.rollout import LMWorkload, PromptCursor

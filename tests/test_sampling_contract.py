@@ -11,7 +11,8 @@ import torch
 
 from policygrad.algos import ALGOS, Progress
 from policygrad.batch import Batch
-from policygrad.config import ConfigError, resolve
+from policygrad.config import ConfigError
+from policygrad.resolve import resolve
 from policygrad.core import advantages
 from policygrad.core.losses import POLICY_LOSSES, behaviour_weights, trpo_surrogate
 from policygrad.lm.rollout import LMWorkload

@@ -110,7 +110,7 @@ def test_two_steps_of_each_algorithm_on_the_default_model(tmp_path, monkeypatch,
 
 
 def test_ppo_learns_cartpole(tmp_path):
-    from policygrad.config import resolve
+    from policygrad.resolve import resolve
     from policygrad.trainer import train
     cfg = resolve({}, {"eval_episodes": 10, "eval_every": 0}, {"algo": "ppo", "env": "CartPole-v1",
                                                                "total_steps": 60_000, "seed": 1})

@@ -12,17 +12,14 @@ __version__ = "0.1.0"
 
 from .api import evaluate, make_config, merge, plot, sample, serve_reward, train  # noqa: E402
 from .pipeline import nll, pairs, reward_model, sft  # noqa: E402
-from .checkpoint import CheckpointError  # noqa: E402
-from .config import Config, ConfigError  # noqa: E402
-from .control.rollout import EnvError  # noqa: E402
-from .errors import PolicygradError  # noqa: E402
-from .lm.models import ModelError  # noqa: E402
+from .config import Config  # noqa: E402
+from .errors import (CheckpointError, ConfigError, EnvError, ModelError, PolicygradError, RewardError,  # noqa: E402
+                     TaskError, TrainingError, UsageError)
 from .lm.reward_model import RewardModel  # noqa: E402
-from .lm.rewards import RewardError, RewardSet, WeightedReward  # noqa: E402
-from .lm.tasks import Task, TaskEnv, TaskError  # noqa: E402
+from .lm.rewards import RewardSet, WeightedReward  # noqa: E402
+from .lm.tasks import Task, TaskEnv  # noqa: E402
 from .results import ControlEvaluation, LMEvaluation, Sample, TrainResult  # noqa: E402
-from .runs import UsageError  # noqa: E402
-from .trainer import Callback, TrainingError  # noqa: E402
+from .trainer import Callback  # noqa: E402
 
 __all__ = ["train", "evaluate", "sample", "make_config", "merge", "plot", "serve_reward", "reward_model", "pairs",
            "sft", "nll", "Config", "Task", "TaskEnv", "WeightedReward", "RewardSet", "RewardModel",

@@ -22,16 +22,27 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+
+import gymnasium as gym
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from . import checkpoint as checkpoint_mod
 from . import config as config_mod
-from . import dist, runs, trainer
+from . import dist, placement, resolve, runs, trainer
 from .config import Config
+from .control.rollout import evaluate as play_episodes
+from .control.rollout import register_env
+from .curves import plot_runs
+from .errors import UsageError
+from .lm import models, tasks
+from .lm.models import check_model_object
+from .lm.reward_server import serve
+from .lm.tasks import prompt_text
+from .merging import MergeWarning, merge_run
 from .results import ControlEvaluation, Evaluation, LMEvaluation, Sample, TrainResult
-from .runs import UsageError
 from .trainer import Callback
 
 SPLITS = ("validation", "test")
@@ -46,7 +57,7 @@ def _config_values(config: Any) -> dict:
     if isinstance(config, Mapping):
         return dict(config)
     if isinstance(config, (str, os.PathLike)):
-        return config_mod.load_yaml(str(config))
+        return resolve.load_yaml(str(config))
     raise UsageError(f"config must be a policygrad.Config, a dict of config keys or a YAML file's path; "
                      f"got {type(config).__name__}")
 
@@ -59,7 +70,6 @@ def _task_name(task: Any, data: Any, rewards: Any, values: dict) -> Optional[str
     """The config's task: as given, or (objects, data, rewards) built and registered."""
     if task is None and data is None and rewards is None:
         return None
-    from .lm import tasks
     if task is None:
         task = values.get("task")  # data or rewards replacing those of the config's task
     return tasks.from_python(task, data, rewards, set(config_mod.field_names()))
@@ -71,7 +81,6 @@ def _as_task(env: Any, task: Any) -> tuple[Any, Any]:
     multi-turn episodes; any other env stays a control env."""
     if env is None or _is_name(env):
         return env, task
-    import gymnasium as gym
     made = env
     if not isinstance(env, gym.Env):
         try:
@@ -88,7 +97,6 @@ def _as_task(env: Any, task: Any) -> tuple[Any, Any]:
 def _env_name(env: Any) -> Optional[str]:
     if env is None or _is_name(env):
         return None if env is None else str(env)
-    from .control.rollout import register_env
     return register_env(env)
 
 
@@ -116,7 +124,7 @@ def _resolve(config: Any = None, *, algo: Optional[str] = None, env: Any = None,
         return config_mod.validate(config_mod.apply(config, changes), user=set(changes))
     if require_named:
         runs.check_run_named({**values, **keys, **named})
-    return config_mod.resolve(values, keys, named)
+    return resolve.resolve(values, keys, named)
 
 
 # --- train ------------------------------------------------------------------------------------
@@ -145,7 +153,6 @@ def train(config: Any = None, *, algo: Optional[str] = None, env: Any = None, ta
     if out is None and dist.launched().world > 1:
         raise UsageError("training as several processes needs out= (a folder every process sees)")
     if model is not None and not _is_name(model):
-        from .lm.models import check_model_object
         check_model_object(model)
     scratch = Path(tempfile.mkdtemp(prefix="policygrad-run-")) if out is None else None
     folder = scratch or Path(out)
@@ -171,7 +178,6 @@ def check_arguments(model: Any, tokenizer: Any, callbacks: Any, keys: dict) -> N
 
 def _train(cfg: Config, folder: Path, model_object: Any, tokenizer: Any, overwrite: bool, progress: bool,
            callbacks: Sequence[Callback], keep: bool) -> TrainResult:
-    from .lm import models
     if model_object is None:
         runs.preflight(cfg)  # before the run folder is touched
     caller_group = dist.group_exists()  # the caller's own process group is left as it was
@@ -200,7 +206,6 @@ def _train(cfg: Config, folder: Path, model_object: Any, tokenizer: Any, overwri
 
 
 def _device_type(cfg: Config) -> str:
-    from . import placement
     return placement.resolve(cfg).device.type
 
 
@@ -255,7 +260,7 @@ def _run_workload(run: Any, checkpoint: str, device: Optional[str], **objects):
 
 def _base_workload(run: Any, checkpoint: str, device: Optional[str], **objects):
     """The model a language-model run started from, with the run's config (read, not loaded)."""
-    from .lm.rollout import LMWorkload
+    from .lm.rollout import LMWorkload  # transformers: not for control runs
     path = _run_checkpoint(run, checkpoint, device, **objects)
     cfg = run.config if path is None else trainer.load_config(checkpoint_mod.load_state(path), path)
     if device is not None:
@@ -290,15 +295,13 @@ def evaluate(run: Any = None, *, split: str = "test", checkpoint: str = "latest"
     work, cfg = (_base_workload if base else _run_workload)(run, checkpoint, device, **objects)
     if cfg.is_lm:
         return LMEvaluation.from_metrics(work.evaluate(split), split)
-    from .control.rollout import evaluate as play
-    returns = play(work.policy, cfg.env, episodes, seed)
+    returns = play_episodes(work.policy, cfg.env, episodes, seed)
     return ControlEvaluation(cfg.env, len(returns), float(returns.mean()), float(returns.std()), returns.tolist())
 
 
 def _evaluate_untrained(split: str, device: Optional[str], model: Any, tokenizer: Any, task: Any, data: Any,
                         rewards: Any, keys: dict) -> LMEvaluation:
-    from .lm import models
-    from .lm.rollout import LMWorkload
+    from .lm.rollout import LMWorkload  # transformers: not for control runs
     if task is None and data is None:
         raise UsageError("evaluate needs a run, or task= (and model=) to evaluate an untrained model")
     with tempfile.TemporaryDirectory(prefix="policygrad-model-") as scratch:
@@ -350,7 +353,6 @@ def sample(run: Any, prompts: Union[str, Sequence[Union[str, dict]], None] = Non
     rows = [p if isinstance(p, dict) else {"prompt": p} for p in ([prompts] if isinstance(prompts, str) else prompts)]
     texts = [work.policy.render(r) for r in rows for _ in range(n)]
     batch = work.policy.generate(texts, sampling, seed, model_defaults=model_defaults)
-    from .lm.tasks import prompt_text
     shown = [prompt_text(r) for r in rows for _ in range(n)]
     return [Sample(p, c) for p, c in zip(shown, work.policy.decode(batch.actions, batch.mask))]
 
@@ -362,9 +364,7 @@ def merge(run: Union[str, os.PathLike], out: Union[str, os.PathLike], checkpoint
     transformers folder; the folder written. dtype: float32 (keeps every update), bfloat16,
     float16 or base (the base model's own); a MergeWarning when it rounds away over 1% of the
     update's norm."""
-    import warnings
 
-    from .merging import MergeWarning, merge_run
     if not Path(run).is_dir():
         raise UsageError(f"run folder '{run}' does not exist")
     merged = merge_run(Path(run), Path(out), checkpoint, dtype)
@@ -378,7 +378,6 @@ def plot(runs_: Sequence[Union[str, os.PathLike]], metric: Union[str, Sequence[s
     """Learning curves of runs (seeds of one run: mean and min-max band) into an image; what was
     plotted and which runs lack the metric. metric: one or several (one figure); by default the
     held-out curve of the first run's kind."""
-    from .curves import plot_runs
     folders = [Path(r) for r in ([runs_] if _is_name(runs_) else runs_)]
     if metric is not None and not isinstance(metric, str):
         if not metric:
@@ -394,8 +393,6 @@ def plot(runs_: Sequence[Union[str, os.PathLike]], metric: Union[str, Sequence[s
 def serve_reward(task: Any = None, rewards: Any = None, host: str = "127.0.0.1", port: int = 8000,
                  timeout: float = 30.0) -> None:
     """Serve a task's rewards, or rewards (functions, names, specs), over HTTP until interrupted."""
-    from .lm import tasks
-    from .lm.reward_server import serve
     if (task is None) == (rewards is None):
         raise UsageError("serve-reward needs either a task (--task NAME) or rewards (--reward SPEC, repeatable)")
     if not 0 < port < 65536:
@@ -404,7 +401,6 @@ def serve_reward(task: Any = None, rewards: Any = None, host: str = "127.0.0.1",
                   else tasks.reward_set(rewards))
     reward_set.configure(timeout=timeout, retries=0)
     serve(reward_set, host, port)
-
 
 
 # --- stages around RL -------------------------------------------------------------------------

@@ -23,13 +23,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import PolicygradError
 from . import dist
+from .errors import CheckpointError
 from .tensorfile import write_safetensors
-
-
-class CheckpointError(PolicygradError, ValueError):
-    """A checkpoint that is missing or cannot be read; shown to the user as one line."""
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from . import __version__, api, checkpoint, merging, pipeline, runs
+from . import __version__, api, checkpoint, dist, launch, merging, pipeline, resolve, runs
 from . import config as config_mod
-from .errors import PolicygradError
+from .errors import PolicygradError, RankExit, TrainingError, UsageError
+from .launch import without_nproc
+from .lm.rewards import BUILTIN
+from .lm.tasks import BUILTINS
 from .log import format_table
-from .runs import UsageError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -144,12 +147,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise UsageError("train needs --out (a run folder), or --resume RUN")
-        file_values = config_mod.load_yaml(args.config) if args.config else {}
-        overrides = config_mod.parse_overrides(args.overrides)
+        file_values = resolve.load_yaml(args.config) if args.config else {}
+        overrides = resolve.parse_overrides(args.overrides)
         runs.check_run_named({**file_values, **overrides, **{k: v for k, v in flags.items() if v is not None}})
-        cfg = config_mod.resolve(file_values, overrides, flags)
+        cfg = resolve.resolve(file_values, overrides, flags)
         out = Path(args.out)
-    from . import dist, launch
     world = launch.check_processes(args.nproc, cfg, dist.launched().world)
     if args.nproc is not None and args.nproc > 1:  # this process launches the ranks
         runs.preflight(cfg)
@@ -177,7 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.vs_base:
             raise UsageError("--vs-base compares a trained run with its base model: give the run folder")
         result = api.evaluate(task=args.task, model=args.model, split=args.split, device=args.device)
-        model = config_mod.resolve({}, {}, {"task": args.task, "model": args.model}).model
+        model = resolve.resolve({}, {}, {"task": args.task, "model": args.model}).model
         print_result({"model": model, "task": args.task, **result.as_dict()})
         return 0
     given = [flag for flag, value in (("--task", args.task), ("--model", args.model)) if value is not None]
@@ -227,7 +229,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", merging.MergeWarning)
@@ -244,7 +245,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     summary = pipeline.reward_model(args.data, out=args.out, model=args.model, overwrite=args.overwrite,
-                                    progress=not args.no_progress, **config_mod.parse_overrides(args.overrides))
+                                    progress=not args.no_progress, **resolve.parse_overrides(args.overrides))
     print(format_table(summary), file=sys.stderr)
     print(json.dumps(summary))
     return 0
@@ -253,7 +254,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     summary = pipeline.sft(args.data, out=args.out, model=args.model, task=args.task,
                            best_of=args.best_of, from_run=args.from_run, overwrite=args.overwrite,
-                           progress=not args.no_progress, **config_mod.parse_overrides(args.overrides))
+                           progress=not args.no_progress, **resolve.parse_overrides(args.overrides))
     print(format_table(summary), file=sys.stderr)
     print(json.dumps(summary))
     return 0
@@ -261,16 +262,14 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 def cmd_pairs(args: argparse.Namespace) -> int:
     print(json.dumps(pipeline.pairs(args.task, args.out, model=args.model, samples=args.samples, min_gap=args.min_gap,
-                               split=args.split, **config_mod.parse_overrides(args.overrides))))
+                               split=args.split, **resolve.parse_overrides(args.overrides))))
     return 0
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from .lm.rewards import BUILTIN
-    from .lm.tasks import BUILTIN_DESCRIPTIONS, BUILTIN_ENVS
 
     print("built-in tasks:")
-    for name, text in {**BUILTIN_DESCRIPTIONS, **BUILTIN_ENVS}.items():
+    for name, text in BUILTINS.items():
         print(f"  {name:<16} {text}")
     print("a text env: module:Class (a gymnasium.Env whose observations and actions are text)")
     print("rewards: " + ", ".join(BUILTIN) + ", python:path/to/file.py:function, http://host:port/path, "
@@ -305,17 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     if takes_keys:
         args.overrides = [*args.overrides, *extra]
     if args.command == "train":
-        from .launch import without_nproc
         args.argv_without_nproc = without_nproc(list(sys.argv[1:] if argv is None else argv))
     commands = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "tasks": cmd_tasks,
                 "plot": cmd_plot, "serve-reward": cmd_serve_reward, "merge": cmd_merge, "rm": cmd_rm, "sft": cmd_sft,
                 "pairs": cmd_pairs}
-    from . import dist
-    from .trainer import TrainingError
     rank = dist.launched().rank
     try:
         return commands[args.command](args)
-    except dist.RankExit:  # rank 0 reports the error
+    except RankExit:  # rank 0 reports the error
         return 2
     except PolicygradError as e:
         # a collective decision to stop is every rank's alike: rank 0 says it; any other error may

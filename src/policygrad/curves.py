@@ -13,16 +13,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .errors import PolicygradError
+from .errors import PlotError
+
 
 FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 # A seed part is a whole dash/underscore/dot-separated token: `seed1`, `seed-2`, `seed=4` or `s3`,
 # so `ppo-s1000steps` or `lr3e-4` are left alone.
 SEED_PART = re.compile(r"(?i)(?:^|[-_.])(?:seed[-_=]?|s)\d+(?=$|[-_.])")
-
-
-class PlotError(PolicygradError, ValueError):
-    """A user mistake (bad folder, metric, option); the CLI shows it as one line."""
 
 
 def group_name(name: str) -> str:
@@ -146,7 +143,7 @@ def plot_runs(run_dirs: list[Path], metric: str | list[str], out: Path, smooth: 
         raise PlotError(f"metric '{', '.join(metrics)}' is in none of the runs{where}; metrics found: "
                         f"{listed or 'none'}")
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: only plotting loads it
     from matplotlib.figure import Figure  # a bare Figure on Agg: no pyplot, no global backend switch
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")

@@ -13,6 +13,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from . import dist
+
 
 class FlatParameters:
     """Re-homes each parameter's data and .grad as views into one flat buffer.
@@ -48,7 +50,6 @@ class FlatParameters:
 
     def sum_over_ranks(self, values: Optional[dict[str, float]] = None) -> Optional[dict[str, float]]:
         """Sum the gradient over ranks, and values (the step's statistics), if given, with it."""
-        from . import dist
         if values is None:
             dist.sum_gradients([self.param.grad])
             return None

@@ -5,6 +5,7 @@ starts the processes, watches them and hands back one exit code.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -15,13 +16,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import PolicygradError
-from . import checkpoint
+from . import checkpoint, trainer
 from . import config as config_mod
-
-
-class LaunchError(PolicygradError, ValueError):
-    """A process count that does not fit the command; shown as one line."""
+from .errors import LaunchError
 
 
 def check_processes(nproc: Optional[int], cfg, launched_world: int) -> int:
@@ -40,8 +37,6 @@ def check_processes(nproc: Optional[int], cfg, launched_world: int) -> int:
 
 def check_resume_world(out: Path, cfg, overwrite: bool, world: int) -> None:
     """Before launching: a run that will resume must resume at the process count that wrote it."""
-    from .trainer import check_resume_world as check
-
     if overwrite or not (out / "config.yaml").is_file():
         return
     path = checkpoint.latest(out)
@@ -51,7 +46,7 @@ def check_resume_world(out: Path, cfg, overwrite: bool, world: int) -> None:
         except (json.JSONDecodeError, OSError, UnicodeDecodeError):
             return  # the run itself reports a corrupt checkpoint
         if isinstance(saved.get("config"), dict) and config_mod.same_run(saved["config"], config_mod.to_dict(cfg)):
-            check(saved, path, world)
+            trainer.check_resume_world(saved, path, world)
 
 
 def without_nproc(argv: list[str]) -> list[str]:
@@ -78,7 +73,6 @@ def free_port() -> int:
 def _die_with_parent() -> None:
     """In a spawned rank (Linux): a SIGKILL of the launcher ends the rank too, as torchrun's do."""
     try:
-        import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass

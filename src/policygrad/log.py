@@ -13,12 +13,8 @@ from typing import Optional
 
 from tqdm.auto import tqdm  # a notebook widget in Jupyter, the terminal bar elsewhere
 
-from .errors import PolicygradError
 from .checkpoint import write_text_atomic
-
-
-class LoggingError(PolicygradError, ValueError):
-    """A logging back-end asked for but not usable (wandb missing); shown as one line."""
+from .errors import LoggingError
 
 
 def write_samples(out_dir: Path, name: str, samples: list[dict]) -> None:
@@ -35,7 +31,7 @@ def start_wandb(out_dir: Path, config: dict):
     """A W&B run in out_dir/wandb, offline unless WANDB_MODE says otherwise (`wandb sync` uploads
     it later); its id is kept in the run folder so that a resumed run logs into the same W&B run."""
     try:
-        import wandb
+        import wandb  # optional: only wandb=true needs it
     except ImportError:
         raise LoggingError("--wandb needs the wandb package: pip install wandb") from None
     id_file = out_dir / "wandb-id"

@@ -17,13 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import PolicygradError
 from . import checkpoint
-from .checkpoint import CheckpointError
-
-
-class MergeError(PolicygradError, ValueError):
-    """The run or --out does not fit a merge; shown to the user as one line."""
+from .errors import CheckpointError, MergeError
+from .lm import adapters, models
+from .trainer import load_config
 
 
 class MergeWarning(UserWarning):
@@ -72,7 +69,6 @@ def rounding_loss(base: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]
 
 def merged_model(path: Path, cfg):
     """(model, tokenizer) of checkpoint `path`, the adapter (if any) merged into float32 weights."""
-    from .lm import adapters, models
 
     folder = path / "policy"
     if not cfg.uses_lora:
@@ -85,9 +81,8 @@ def merged_model(path: Path, cfg):
 
 def base_dtype(cfg) -> torch.dtype:
     """The dtype the base model's own config names (float32 if none)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers: not for control runs
 
-    from .lm import models
     config = AutoConfig.from_pretrained(models.resolve(cfg.model))
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
@@ -98,8 +93,6 @@ def base_dtype(cfg) -> torch.dtype:
 def merge_run(run: Path, out: Path, which: str = "latest", dtype: str = "float32") -> Merged:
     """Write checkpoint `which` of `run` merged into `out` (atomically: a folder renamed into place),
     its weights in `dtype` (a name of DTYPES)."""
-    from .lm import models
-    from .trainer import load_config
 
     if dtype not in DTYPES:
         raise MergeError(f"dtype '{dtype}' is not one of: {', '.join(DTYPES)}")

@@ -7,12 +7,18 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
+import torch
+
 from . import checkpoint as checkpoint_mod
+from . import placement as placement_mod
 from . import runs, trainer
 from .api import SPLITS, _is_name, _read_json, _resolve
 from .config import Config
+from .errors import UsageError
+from .lm import models, supervised, tasks
+from .stages import reward_model as reward_model_stage
 from .results import TrainResult
-from .runs import UsageError
+from .stages.pairs import build_pairs
 
 
 def reward_model(data: Any, *, out: Union[str, os.PathLike], model: Any = "smollm2-135m", overwrite: bool = False,
@@ -21,8 +27,7 @@ def reward_model(data: Any, *, out: Union[str, os.PathLike], model: Any = "smoll
     Bradley-Terry loss: data is a pairs file's path, rows, a Dataset or a dict of splits (prompt,
     chosen, rejected, margin). Its folder, out/reward-model, is an `rm:` reward. The same call
     again resumes the run in `out`. Returns the closing numbers."""
-    from .lm import tasks
-    from .stages import reward_model as stage
+    stage = reward_model_stage
     if out is None:
         raise UsageError("reward_model needs out= (the folder its model is written to)")
     # pairs in memory are named by their content, as a task built from rows is
@@ -46,8 +51,7 @@ def sft(data: Any = None, *, out: Union[str, os.PathLike], model: Any = None, to
     prompt of `task`, the best by its reward kept and learnt. from_run: start from a trained run's
     model and take its task. The model is written to out/model; the same call again resumes the
     run in `out`. Returns the closing numbers."""
-    from .lm import models, supervised, tasks
-    from .stages import sft as stage
+    from .stages import sft as stage  # transformers' model classes, through lm.policy
     if out is None:
         raise UsageError("sft needs out= (the folder its model is written to)")
     if task is not None and not best_of:
@@ -85,7 +89,6 @@ def nll(model: Any, data: Any, *, tokenizer: Any = None, checkpoint: str = "late
     chat rows; loss on the tokens SFT learns) under a model: a folder, an alias or a transformers
     object (where it is), a training run (a folder or TrainResult, at `checkpoint`) or an SFT run
     folder (its model/, an adapter with LoRA)."""
-    from .lm import supervised, tasks
     policy = _scoring_policy(model, tokenizer, checkpoint, device)
     rows = tasks.rows_of(data, "data", supervised.check_row)
     examples = supervised.encode_rows(rows, policy.tokenizer, supervised.eos_of(policy), max_length, "data")
@@ -94,11 +97,8 @@ def nll(model: Any, data: Any, *, tokenizer: Any = None, checkpoint: str = "late
 
 def _scoring_policy(model: Any, tokenizer: Any, checkpoint: str, device: str):
     """The policy class around `model` (no reference): what computes log-probabilities of data."""
-    import torch
-
-    from . import placement as placement_mod
-    from .lm.policy import LMPolicy, build_policy
-    from .stages import sft as sft_stage
+    from .lm.policy import LMPolicy, build_policy  # transformers: only scoring loads it
+    from .stages import sft as sft_stage  # the same
     if isinstance(model, TrainResult):
         model, tokenizer = (model.out, None) if model.out is not None else (model.policy, model.tokenizer)
     if not _is_name(model):  # an object: scored where it is
@@ -134,7 +134,6 @@ def pairs(task: Any, out: Union[str, os.PathLike], *, model: Any = "smollm2-135m
     """Preference pairs from a task with a rule reward: `samples` completions per prompt of
     `split`, the i-th best against the i-th worst where their rewards differ by min_gap or more,
     written to `out` (JSONL). What was written."""
-    from .stages.pairs import build_pairs
     if samples < 2:
         raise UsageError(f"samples (--samples) must be 2 or more to make a pair; got {samples}")
     if split not in ("train", *SPLITS):

@@ -19,13 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError
+from . import dist
+from .errors import DeviceError
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class DeviceError(ConfigError):
-    """A device or dtype this machine cannot give; shown to the user as one line."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,6 @@ def _mps_available() -> bool:
 
 def _local_gpu(count: int) -> int:
     """The GPU of this process: under torchrun (or --nproc) the one its LOCAL_RANK names."""
-    from . import dist
     ranks = dist.launched()
     if ranks.local_world > 1 and ranks.local_rank >= count:
         raise DeviceError(f"{ranks.local_world} processes on this machine need a GPU each, and torch sees {count}: "
@@ -116,7 +113,6 @@ def resolve_device(name: str, small_model: bool = False) -> torch.device:
                               f"(cuda:0 .. cuda:{count - 1})")
         if name == "cuda":
             return torch.device("cuda", _local_gpu(count))
-        from . import dist
         if dist.launched().local_world > 1:
             raise DeviceError(f"device={name} names one GPU, and {dist.launched().local_world} processes share "
                               "this machine: use device=cuda or auto (each process takes the GPU its LOCAL_RANK names)")

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from . import checkpoint
 from .config import Config
+from .trainer import load_workload
 
 
 @dataclass
@@ -100,7 +102,5 @@ class TrainResult:
 
     def work(self) -> Any:
         if self.workload is None:
-            from . import checkpoint
-            from .trainer import load_workload
             self.workload, _ = load_workload(checkpoint.latest(self.out))
         return self.workload

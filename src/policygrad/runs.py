@@ -3,26 +3,23 @@
 API both go through here."""
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
-from . import checkpoint
+from . import checkpoint, placement
 from . import config as config_mod
-from .errors import PolicygradError
+from .control.rollout import make_envs
+from .errors import UsageError
+from .lm import adapters, models, supervised, tasks
+from .trainer import is_complete
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "samples", "final_eval.json", "wandb",
              "wandb-id", "curves.png", "base-model")
 """What a run writes into its folder; --overwrite removes these and nothing else."""
 BASE_MODEL = "base-model"
 """Where a run started from a model object (policygrad.train(model=<transformers model>)) keeps it."""
-
-
-class UsageError(PolicygradError, ValueError):
-    """A wrong command line or argument, or an out/run folder that does not fit."""
 
 
 def check_run_named(named: dict) -> None:
@@ -45,18 +42,14 @@ def check_run_named(named: dict) -> None:
 def preflight(cfg) -> None:
     """What can be checked in a second fails here, before the run folder is touched: the device and
     dtype, the model, LoRA targets and a starting adapter, the environment."""
-    from . import placement
     placement.resolve(cfg)
     if cfg.is_lm:
-        from .lm import adapters, models
         folder = models.resolve(cfg.model)
         if cfg.uses_lora:
             adapters.check(cfg, folder)
         if cfg.ptx_coef > 0:  # its rows' columns (tokenising them waits for the first update)
-            from .lm import supervised, tasks
             tasks.rows_of(cfg.ptx_data, "ptx_data", supervised.check_row)
     else:
-        from .control.rollout import make_envs
         make_envs(cfg.env, 1).close()
 
 
@@ -104,18 +97,6 @@ def prepare_out(out: Path, cfg_dict: dict, overwrite: bool) -> bool:
 
 def prepare_run(out: Path, cfg, overwrite: bool) -> tuple[bool, bool]:
     """(whether to resume the run in out, whether it is already complete)."""
-    from .trainer import is_complete
     resume = prepare_out(out, config_mod.to_dict(cfg), overwrite)
     return resume, resume and is_complete(out)
 
-
-def callable_identity(fn: Callable) -> str:
-    """What names a Python function (a reward, an env factory) across processes: its module,
-    qualified name and code. An edited body is another function; a closure's captured values are
-    not part of it."""
-    target = fn if hasattr(fn, "__code__") else type(fn).__call__
-    code = getattr(target, "__code__", None)
-    parts = [getattr(target, "__module__", ""), getattr(target, "__qualname__", type(fn).__qualname__)]
-    if code is not None:
-        parts += [code.co_code.hex(), repr(code.co_consts), repr(code.co_names)]
-    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:12]

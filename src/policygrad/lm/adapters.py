@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import AdapterError
+
 
 TRAINED = "default"
 """PEFT's name of the adapter being trained."""
@@ -29,10 +31,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 """How PEFT's saved keys start, before the module path inside the transformers model."""
-
-
-class AdapterError(ConfigError):
-    """An adapter folder or LoRA setting that does not fit the model; shown as one line."""
 
 
 @dataclass
@@ -60,7 +58,7 @@ class Adapted:
 
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
         """The trained adapter's weights under the names PEFT saves and loads (live tensors)."""
-        from peft import get_peft_model_state_dict
+        from peft import get_peft_model_state_dict  # peft: only LoRA runs load it
         return {k: v.detach() for k, v in get_peft_model_state_dict(self.peft, adapter_name=TRAINED).items()}
 
     def write_config(self, folder: Path, base: str) -> None:
@@ -73,7 +71,7 @@ class Adapted:
 
 
 def lora_config(cfg):
-    from peft import LoraConfig
+    from peft import LoraConfig  # peft: only LoRA runs load it
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules) if cfg.lora_target_modules else "all-linear",
                       bias="none", task_type="CAUSAL_LM")
@@ -82,7 +80,7 @@ def lora_config(cfg):
 def attach(model: nn.Module, cfg, trained: Optional[Path] = None) -> Adapted:
     """LoRA on `model`: a trained adapter folder (a checkpoint's), else cfg.adapter, else a new one
     from cfg's lora_* keys. The trainable adapter is float32 whatever the base's dtype."""
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model  # peft: only LoRA runs load it
 
     start = trained if trained is not None else (Path(cfg.adapter) if cfg.adapter else None)
     initial = cfg.adapter is not None and cfg.lora_reference == "initial"
@@ -113,7 +111,7 @@ def set_dropout(model: nn.Module, training: bool) -> None:
 def merged(base: nn.Module, folder: Path) -> nn.Module:
     """`base` with the adapter in `folder` added into its weights (B @ A * alpha / r), PEFT's
     layers removed: a plain transformers model."""
-    from peft import PeftModel
+    from peft import PeftModel  # peft: only LoRA runs load it
     with quiet_peft():
         return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
 
@@ -130,7 +128,7 @@ def quiet_peft():
 # --- checks before a run starts (nothing loaded but a config) ---
 def meta_model(model_folder: Path) -> nn.Module:
     """The model's module tree without weights (meta device): names and shapes only, in milliseconds."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # transformers: not for control runs
 
     config = AutoConfig.from_pretrained(model_folder)
     with torch.device("meta"):
@@ -158,8 +156,6 @@ def check(cfg, model_folder: Path) -> None:
 
 
 def check_adapter_folder(folder: Path, model: nn.Module, model_name: str) -> None:
-    from safetensors import SafetensorError, safe_open
-
     if not folder.is_dir():
         raise AdapterError(f"adapter folder '{folder}' does not exist")
     config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS

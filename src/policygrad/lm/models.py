@@ -16,11 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import PolicygradError
-
-
-class ModelError(PolicygradError, ValueError):
-    """A model path or alias that cannot be loaded; shown to the user as one line."""
+from ..errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -51,7 +47,7 @@ def find_gguf(alias: GgufAlias) -> Path:
 
 def convert_gguf(gguf: Path, dest: Path) -> None:
     """Dequantise a GGUF file into a plain transformers folder at dest (atomically)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # transformers: not for control runs
 
     print(f"policygrad: converting {gguf.name} once into {dest} ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -94,8 +90,8 @@ def resolve(name: str) -> Path:
 def load(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     """(model, tokenizer): the weights in `dtype` on `device`, the tokenizer padding on the left
     for generation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # transformers: not for control runs
+    from transformers.utils import logging as hf_logging  # transformers: not for control runs
 
     hf_logging.disable_progress_bar()  # our own bar is the one to watch
 
@@ -117,7 +113,7 @@ def write_model(model, tokenizer, dest: Path) -> None:
     the model it started from as they find any other."""
     check_model_object(model)
     if tokenizer is None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # transformers: not for control runs
         try:
             tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
         except (OSError, ValueError, TypeError):

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .rewards import RewardError
+from ..errors import RewardError
 
 STATS_FILE = "reward_stats.json"
 
@@ -106,6 +106,7 @@ class RewardModel:
     @classmethod
     def load(cls, spec: str, base: Path = Path(".")) -> "RewardModel":
         """`rm:PATH` or `rm:PATH#LABEL`; PATH relative to `base` (a task file's folder)."""
+        # transformers: not for control runs
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         path_text, _, label = spec[len("rm:"):].partition("#")

@@ -12,7 +12,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-from .rewards import RewardError, RewardSet
+from ..errors import RewardError
+from .rewards import RewardSet
 
 
 class BadRequest(ValueError):

@@ -25,12 +25,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..errors import PolicygradError
-from ..runs import callable_identity
-
-
-class RewardError(PolicygradError, ValueError):
-    """A reward that cannot be built or that misbehaves; shown to the user as one line."""
+from ..errors import RewardError
+from ..identity import callable_identity
+from .reward_model import RewardModel
 
 
 RewardFn = Callable[[list[str], list[str], dict[str, list]], list[float]]
@@ -38,7 +35,7 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def _vader(params: dict) -> RewardFn:
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # loaded by the one reward that uses it
 
     analyzer = SentimentIntensityAnalyzer()
     return lambda prompts, completions, extras: [analyzer.polarity_scores(c)["compound"] for c in completions]
@@ -100,7 +97,7 @@ def _length(params: dict) -> RewardFn:
 
 def _sacrebleu(metric: str) -> Callable[[dict], RewardFn]:
     def build(params: dict) -> RewardFn:
-        import sacrebleu
+        import sacrebleu  # loaded by the one reward that uses it
 
         scorer = sacrebleu.sentence_chrf if metric == "chrf" else sacrebleu.sentence_bleu
 
@@ -281,7 +278,6 @@ def build(spec: Any, base: Path = Path(".")) -> WeightedReward:
         name, weight = spec, 1.0
     if not isinstance(weight, (int, float)) or isinstance(weight, bool):
         raise RewardError(f"reward '{name}' has a non-numeric weight {weight!r}")
-    from .reward_model import RewardModel
     if isinstance(name, RewardModel):
         return WeightedReward(name.name, _callable(name), float(weight), name.name, model=name)
     if isinstance(name, torch.nn.Module):

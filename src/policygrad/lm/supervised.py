@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from ..batch import Batch
-from .tasks import TaskError
+from ..errors import TaskError
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,23 @@
-"""Text tasks: a prompt data set with train/validation/test splits plus a reward.
+"""Text tasks, and every way to name one: a task is prompt rows in train / validation / test splits
+plus rewards (lm/data.py reads the rows), or a text Gymnasium env whose seeded resets are the
+prompts and whose steps give the rewards (lm/episodes.py plays them).
 
-Data comes from JSONL, CSV or Parquet files with a `prompt` column (or chat `messages`); the other
-columns (`answer`, `reference`, ...) are handed to the rewards. Splits are three files, or cut
-deterministically 80/10/10 from one. Built-in tasks ship their data as package data.
+A name resolves here, and only here (`load`): a built-in task (`BUILTINS`: data tasks below,
+multi-turn envs in lm/text_envs.py), a task YAML file (data + rewards, `extends:` a built-in, or
+`env:`), a text env as `module:Class`, or a task built in Python and registered under
+`<base>@<fingerprint>`.
 """
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import hashlib
-import itertools
+import importlib
 import json
 import os
-import random
 import string
-from collections.abc import Mapping
+import sys
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,14 +25,12 @@ import gymnasium as gym
 import yaml
 from gymnasium import spaces
 
-from ..errors import PolicygradError
-from .rewards import RewardError, RewardSet, build
-
-SPLITS = ("train", "validation", "test")
-
-
-class TaskError(PolicygradError, ValueError):
-    """A task or data file that cannot be used; shown to the user as one line."""
+from ..config import field_names
+from ..errors import RewardError, TaskError
+from . import text_envs
+from .data import SPLITS, arithmetic_rows, cut_splits, packaged, prompt_text, read_rows, rows_of, splits_of
+from .episodes import reset
+from .rewards import RewardSet, build
 
 
 @dataclass
@@ -59,7 +57,6 @@ class Task:
     @classmethod
     def load(cls, name: str) -> "Task":
         """A built-in task, a task YAML file or a text env module:Class, as the CLI's --task."""
-        from ..config import field_names
         return load(name, set(field_names()))
 
     @classmethod
@@ -74,133 +71,27 @@ class Task:
             raise TaskError(f"task '{name}' made a {type(made).__name__}, not a gymnasium.Env")
         # every episode of a batch needs its own env: copies of an instance, or the factory's new ones
         make = (lambda: copy.deepcopy(env)) if isinstance(env, gym.Env) else env
-        from .text_envs import env_task  # it builds on this module
         return env_task(make, type(made).__name__, first=made)
 
 
-# --- reading data -----------------------------------------------------------------------------
-def _check_prompt_row(row: Any, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise TaskError(f"{where}: expected an object with a 'prompt' field")
-    if "prompt" not in row and "messages" not in row:
-        raise TaskError(f"{where}: no 'prompt' column (nor chat 'messages'); columns: {', '.join(row) or 'none'}")
-    prompt = row.get("prompt")
-    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
-        raise TaskError(f"{where}: 'prompt' must be a non-empty string")
-    messages = row.get("messages")
-    if prompt is None and (not isinstance(messages, list) or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-        raise TaskError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-    return row
-
-
-def read_rows(path: Path, check: Optional[Callable[[Any, str], dict]] = None) -> list[dict]:
-    """The rows of a JSONL, CSV or Parquet file, each passed through `check` (a task's prompt rows
-    by default)."""
-    _check_row = check or _check_prompt_row
-    if not path.is_file():
-        raise TaskError(f"data file '{path}' not found")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(_check_row(json.loads(line), f"{path}:{n}"))
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = [_check_row(dict(r), f"{path}:{n}") for n, r in enumerate(csv.DictReader(f), 2)]
-    elif suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise TaskError("reading Parquet needs pyarrow: pip install pyarrow") from None
-        try:
-            table = pq.read_table(path)
-        except Exception as e:
-            raise TaskError(f"data file '{path}' is not valid Parquet ({e.__class__.__name__})") from None
-        rows = [_check_row(r, f"{path}: row {n}") for n, r in enumerate(table.to_pylist(), 1)]
-    else:
-        raise TaskError(f"data file '{path}' must be .jsonl, .csv or .parquet")
-    if not rows:
-        raise TaskError(f"data file '{path}' holds no rows")
-    return rows
-
-
-def cut_splits(rows: list[dict], held_out: tuple[str, ...] = ("validation", "test"),
-               whole_prompts_only: bool = False) -> dict[str, list[dict]]:
-    """About 10% of the rows for each held-out split, the rest train, cut by a hash of each row's
-    prompt: deterministic, stable when rows are added, and all rows of one prompt (its preference
-    pairs, say) in one split, so no held-out prompt is trained on (#23). Rows of fewer prompts than
-    splits (one prompt asked many times, as an RL prompt set may be) are cut one by one, their
-    held-out splits sampling training prompts anew, unless whole_prompts_only (preference pairs,
-    whose held-out accuracy would then be measured on trained prompts) refuses them."""
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        text = row.get("prompt") or json.dumps(row.get("messages") or row.get("text"), sort_keys=True)
-        groups.setdefault(hashlib.sha256(text.encode()).hexdigest(), []).append(row)
-    ordered = [groups[k] for k in sorted(groups)]
-    if len(ordered) < len(held_out) + 1 and not whole_prompts_only:
-        ordered = [[row] for group in ordered for row in group]
-    if len(ordered) < len(held_out) + 1:
-        unit = "prompts" if whole_prompts_only else "rows"
-        raise TaskError(f"cutting {', '.join(held_out)} and train from one data set needs at least "
-                        f"{len(held_out) + 1} {unit}; got {len(ordered)}")
-    size = max(1, len(rows) // 10)
-    ends = list(itertools.accumulate(len(g) for g in ordered))  # rows in groups [0, i]
-    out, start = {}, 0
-    for i, split in enumerate(held_out):
-        # the prompt boundary nearest (i + 1) x size rows, leaving a prompt for each later split;
-        # one row per prompt cuts exactly (i + 1) x size
-        last = len(ordered) - (len(held_out) - i)
-        stop = min(range(start + 1, last + 1), key=lambda b: abs(ends[b - 1] - (i + 1) * size))
-        out[split], start = [r for g in ordered[start:stop] for r in g], stop
-    return {**out, "train": [r for g in ordered[start:] for r in g]}
-
-
 # --- built-in tasks ---------------------------------------------------------------------------
-def _packaged(name: str) -> Path:
-    return Path(str(resources.files("policygrad.lm").joinpath("data", name)))
-
-
-def arithmetic_rows(split: str, n: int, difficulty: str = "easy") -> list[dict]:
-    """Addition/subtraction (and multiplication above easy) with a fixed seed per split."""
-    seed = {"train": 11, "validation": 22, "test": 33}[split]
-    rng = random.Random(f"{difficulty}-{seed}")
-    top = {"easy": 9, "medium": 99, "hard": 999}[difficulty]
-    ops = "+-" if difficulty == "easy" else "+-*"
-    rows = []
-    for _ in range(n):
-        a, b, op = rng.randint(0, top), rng.randint(0, top), rng.choice(ops)
-        answer = a + b if op == "+" else a - b if op == "-" else a * b
-        rows.append({"prompt": f"What is {a} {op} {b}? Answer with just the number.", "answer": answer})
-    return rows
-
-
-BUILTIN_DESCRIPTIONS = {
+DATA_TASKS = {
     "positive-review": "write a short movie review; reward = VADER compound sentiment",
     "arithmetic": "answer generated +, -, x problems; reward = 1 if the last number is right",
     "translation": "translate English to French; reward = chrF against the reference",
 }
-
-BUILTIN_ENVS = {
-    "guess-number": "multi-turn: find a number in 1..32 from 'higher'/'lower' answers; reward 1 when "
-                    "guessed, minus 0.05 a turn",
-    "dialogue": "multi-turn: a scripted user asks for something, then two follow-ups on the reply; "
-                "reward per turn = VADER of the reply",
-}
-"""Built-in multi-turn tasks (text envs, lm/text_envs.py)."""
+"""The built-in tasks of prompt rows, by name (`builtin` makes them)."""
+BUILTINS = {**DATA_TASKS, **{name: env.description for name, env in text_envs.ENVS.items()}}
+"""Every built-in task's name and what it is (`policygrad tasks` lists them)."""
 
 
 def builtin(name: str) -> Task:
+    if name in text_envs.ENVS:
+        return builtin_env_task(name)
     if name == "positive-review":
         # lr and kl_coef from benchmarks/lm.py: lr 1e-5 learnt too slowly in 40 steps, 4e-5 with
         # kl_coef 0.05 passed 5 nats of KL per completion by step 15
-        return Task(name, cut_splits(read_rows(_packaged("positive_review.jsonl"))),
+        return Task(name, cut_splits(read_rows(packaged("positive_review.jsonl"))),
                     RewardSet([build("vader")]),
                     {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 32, "temperature": 1.0,
                      "kl_coef": 0.1})
@@ -209,7 +100,7 @@ def builtin(name: str) -> Task:
         return Task(name, splits, RewardSet([build({"reward": "last-number", "format_bonus": 0.0})]),
                     {"max_new_tokens": 16, "temperature": 1.0})
     if name == "translation":
-        return Task(name, cut_splits(read_rows(_packaged("translation_en_fr.jsonl"))),
+        return Task(name, cut_splits(read_rows(packaged("translation_en_fr.jsonl"))),
                     RewardSet([build("chrf")]), {"max_new_tokens": 32})
     raise KeyError(name)
 
@@ -225,7 +116,6 @@ def from_yaml(path: Path, config_keys: set[str]) -> Task:
     data, reward_specs, parent = spec.pop("data", None), spec.pop("rewards", None), spec.pop("extends", None)
     env, env_kwargs = spec.pop("env", None), spec.pop("env_kwargs", None)
     if env is not None:
-        from .text_envs import from_yaml_env  # it builds on this module
         return from_yaml_env(path, env, env_kwargs, data, reward_specs, spec, config_keys)
     if env_kwargs is not None:
         raise TaskError(f"task file '{path}': env_kwargs are the arguments of a text env; add env: module:Class")
@@ -251,9 +141,9 @@ def from_yaml(path: Path, config_keys: set[str]) -> Task:
 def _extended(path: Path, parent: Any, data: Any, reward_specs: Any, spec: dict, config_keys: set[str]) -> Task:
     """`extends: NAME`: a built-in task's prompts and defaults with this file's own rewards (a
     learned reward model on positive-review's prompts, say) and keys."""
-    if parent not in BUILTIN_DESCRIPTIONS:
+    if parent not in DATA_TASKS:
         raise TaskError(f"task file '{path}': extends '{parent}' is not a built-in task "
-                        f"({', '.join(BUILTIN_DESCRIPTIONS)})")
+                        f"({', '.join(DATA_TASKS)})")
     if data is not None:
         raise TaskError(f"task file '{path}': a task that extends '{parent}' takes its data; drop 'data'")
     if not reward_specs or not isinstance(reward_specs, list):
@@ -267,11 +157,6 @@ def _extended(path: Path, parent: Any, data: Any, reward_specs: Any, spec: dict,
 
 
 # --- tasks and Gymnasium environments --------------------------------------------------------
-def prompt_text(row: dict) -> str:
-    """A row's prompt as the rewards see it: its `prompt`, or its chat's last message."""
-    return row.get("prompt") or row["messages"][-1]["content"]
-
-
 class TaskEnv(gym.Env):
     """A text task as a Gymnasium env: reset() gives a prompt, step(completion) its reward; each
     episode is one step. Seeded resets pick rows reproducibly."""
@@ -294,43 +179,88 @@ class TaskEnv(gym.Env):
         return "", reward, True, False, {}
 
 
+# --- text envs as tasks (module:Class, a task YAML's env:, the built-in ones) ------------------------
+ENV_SEEDS = {"train": (0, 2000), "validation": (1_000_000, 50), "test": (2_000_000, 100)}
+
+
+def env_class(spec: str) -> Callable[..., gym.Env]:
+    """A user's text env class from `module:Class` (the module found beside the user, as `python -m`
+    finds it)."""
+    module_name, _, class_name = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise TaskError(f"text env '{spec}' not found ({e.__class__.__name__}: {e})") from None
+
+
+def from_env(spec: str, env_kwargs: Optional[dict] = None, defaults: Optional[dict] = None) -> Task:
+    """A task from a user's text env `module:Class`, made with env_kwargs (see env_task)."""
+    cls, kwargs = env_class(spec), dict(env_kwargs or {})
+
+    def make() -> gym.Env:
+        try:
+            return cls(**kwargs)
+        except Exception as e:  # the user's code
+            raise TaskError(f"text env '{spec}' could not be made: {e.__class__.__name__}: {e}") from None
+    return env_task(make, spec, defaults=defaults)
+
+
+def env_task(make: Callable[[], gym.Env], spec: str, defaults: Optional[dict] = None,
+             first: Optional[gym.Env] = None) -> Task:
+    """A multi-turn task from a text env's maker: each split's rows are env seeds from its own
+    range, with the first message of that seed's reset (shown in samples); episodes are played by
+    lm/episodes.py, each in an env of a pool made with make and reset per episode."""
+    env = first if first is not None else make()
+
+    def row_at(seed: int) -> dict:
+        messages = reset(env, seed, spec)
+        return {"prompt": messages[-1]["content"], "env_seed": seed} if len(messages) == 1 \
+            else {"messages": messages, "env_seed": seed}
+
+    splits = {s: [row_at(start + i) for i in range(n)] for s, (start, n) in ENV_SEEDS.items()}
+    return Task(spec, splits, RewardSet(), dict(defaults or {}), env=make)
+
+
+def from_yaml_env(path: Path, env: Any, env_kwargs: Any, data: Any, reward_specs: Any, spec: dict,
+              config_keys: set[str]) -> Task:
+    """`env: module:Class` (or a built-in multi-turn task's name) with `env_kwargs` and config keys."""
+    if data is not None or reward_specs is not None:
+        raise TaskError(f"task file '{path}': a text env's prompts come from its resets and its rewards from "
+                        "its steps; drop 'data' and 'rewards' (give the env its own in env_kwargs)")
+    if env_kwargs is not None and not isinstance(env_kwargs, dict):
+        raise TaskError(f"task file '{path}': env_kwargs must be a mapping of the env's arguments")
+    unknown = sorted(set(spec) - config_keys)
+    if unknown:
+        raise TaskError(f"task file '{path}': unknown key '{unknown[0]}' (env, env_kwargs, or any config key)")
+    if env in text_envs.ENVS:
+        return builtin_env_task(str(env), env_kwargs or {}, spec, name=path.stem)
+    if not isinstance(env, str) or ":" not in env:
+        raise TaskError(f"task file '{path}': env must be module:Class (a text gymnasium.Env) or one of "
+                        f"{', '.join(text_envs.ENVS)}; got {env!r}")
+    task = from_env(env, env_kwargs, spec)
+    return dataclasses.replace(task, name=path.stem)
+
+
+
+
+def builtin_env_task(kind: str, env_kwargs: Optional[dict] = None, overrides: Optional[dict] = None,
+                 name: Optional[str] = None) -> Task:
+    """A built-in multi-turn task, its env made with env_kwargs (a task YAML's `env: dialogue` with
+    `env_kwargs: {reward: ...}`), its defaults under the YAML's own keys."""
+    cls, kwargs = text_envs.ENVS[kind], dict(env_kwargs or {})
+    try:
+        first = cls(**kwargs)  # a bad argument fails here, in one line, before any run starts
+    except (TypeError, ValueError) as e:  # an unknown name; a cost that is not a number
+        raise TaskError(f"{kind}: bad env_kwargs ({e})") from None
+    task = env_task(lambda: cls(**kwargs), kind, defaults={**cls.run_defaults, **(overrides or {})}, first=first)
+    return task if name is None else Task(name, task.splits, task.rewards, task.defaults, env=task.env)
+
+
 # --- tasks from Python objects (policygrad.train(data=..., rewards=..., task=...)) ---------------
 REGISTERED: dict[str, Task] = {}
 """Tasks built in Python, by the name a run's config records (`<base>@<fingerprint>`)."""
-
-
-def rows_of(data: Any, where: str, check: Optional[Callable[[Any, str], dict]] = None) -> list[dict]:
-    """Rows from a list of dicts, a `datasets.Dataset` or a pandas DataFrame (neither imported
-    here: `datasets` stays optional), or a data file's path; each passed through `check`."""
-    _check_row = check or _check_prompt_row
-    if isinstance(data, (str, os.PathLike)):
-        return read_rows(Path(data), _check_row)
-    if callable(getattr(data, "to_list", None)):  # datasets.Dataset
-        data = data.to_list()
-    elif callable(getattr(data, "to_dict", None)) and hasattr(data, "columns"):  # pandas
-        data = data.to_dict("records")
-    if not isinstance(data, (list, tuple)):
-        raise TaskError(f"{where} must be a list of dicts, a datasets.Dataset or a data file's path; "
-                        f"got {type(data).__name__}")
-    if not data:
-        raise TaskError(f"{where} holds no rows")
-    return [_check_row(row, f"{where}, row {n}") for n, row in enumerate(data, 1)]
-
-
-def splits_of(data: Any, check: Optional[Callable[[Any, str], dict]] = None,
-              whole_prompts_only: bool = False) -> dict[str, list[dict]]:
-    """Train/validation/test rows from a mapping of splits (a datasets.DatasetDict, or a dict of
-    lists or files), a missing validation or test split cut from train; or from one collection,
-    cut 80/10/10 as a single data file is (cut_splits)."""
-    if not isinstance(data, Mapping):
-        return cut_splits(rows_of(data, "data", check), whole_prompts_only=whole_prompts_only)
-    unknown = sorted(set(data) - set(SPLITS))
-    if unknown or "train" not in data:
-        raise TaskError(f"data splits must be train (required), validation and test; got "
-                        f"{', '.join(map(str, data)) or 'none'}")
-    given = {s: rows_of(data[s], f"data['{s}']", check) for s in SPLITS if s in data}
-    missing = tuple(s for s in ("validation", "test") if s not in given)
-    return {**given, **cut_splits(given["train"], missing, whole_prompts_only)} if missing else given
 
 
 def fingerprint(task: Task) -> str:
@@ -401,21 +331,18 @@ def load(name: str, config_keys: set[str]) -> Task:
     if "@" in name and not name.endswith((".yaml", ".yml")):
         raise TaskError(f"task '{name}' was built in Python from in-memory data or rewards; pass the same "
                         "task, data and rewards to policygrad.train or policygrad.evaluate to use it again")
-    if name in BUILTIN_DESCRIPTIONS:
+    if name in BUILTINS:
         return builtin(name)
-    if name in BUILTIN_ENVS:
-        from . import text_envs  # it builds on this module
-        return text_envs.builtin_task(name)
     if ":" in name and not name.endswith((".yaml", ".yml")):
-        from .text_envs import from_env  # it builds on this module
         return from_env(name)
     path = Path(name)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise TaskError(f"task file '{name}' not found")
         return from_yaml(path, config_keys)
-    raise TaskError(f"unknown task '{name}'; built-in tasks: {', '.join({**BUILTIN_DESCRIPTIONS, **BUILTIN_ENVS})}, "
+    raise TaskError(f"unknown task '{name}'; built-in tasks: {', '.join(BUILTINS)}, "
                     "a task .yaml file, or a text env as module:Class")
 
 
-__all__ = ["Task", "TaskError", "RewardError", "load", "builtin", "read_rows", "cut_splits"]
+__all__ = ["Task", "TaskError", "RewardError", "load", "builtin", "read_rows", "cut_splits", "splits_of",
+           "rows_of", "prompt_text", "SPLITS"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

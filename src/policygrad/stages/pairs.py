@@ -33,7 +33,7 @@ def ranked_pairs(prompt: str, completions: list[str], rewards: np.ndarray, min_g
 def build_pairs(cfg: Config, out: Path, samples: int, min_gap: float, split: str = "train") -> dict:
     """Sample, rank and pair; write the pairs to `out` (JSONL, atomically). Prompts go in chunks of
     prompts_per_step, each chunk with its own seed."""
-    from ..lm.rollout import LMWorkload
+    from ..lm.rollout import LMWorkload  # transformers: only generating pairs loads it
     work = LMWorkload(cfg, cfg.seed)
     rows = work.task.rows(split)
     pairs, prompts_used = [], 0

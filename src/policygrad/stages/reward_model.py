@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,15 @@ from typing import Any, Optional
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from .. import checkpoint
-from ..config import ConfigError
 from ..core.losses import bradley_terry_loss
+from ..errors import ConfigError
 from ..lm import models, tasks
 from ..lm.reward_model import STATS_FILE, Truncation, encode, scored_text
-from . import epoch_order, stage_config
 from ..log import RunLogger
+from . import epoch_order, stage_config
 
 OUTPUT = "reward-model"
 
@@ -93,8 +95,8 @@ def pair_splits(data: Any) -> dict[str, list[dict]]:
 def load_scorer(name: str, seed: int, device: torch.device, weights: Optional[Path] = None):
     """(model, tokenizer): the base model with a scalar head, the head drawn from `seed`; or the
     trained folder `weights`."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # transformers: not for control runs
+    from transformers.utils import logging as hf_logging  # transformers: not for control runs
 
     hf_logging.disable_progress_bar()
     path = weights or models.resolve(name)
@@ -242,13 +244,11 @@ def train(cfg: RewardModelConfig, out: Path, pairs: Any = None, progress: bool =
 
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
     return load_file(str(path / OUTPUT / "model.safetensors"))
 
 
 def write_output(out: Path, model, tokenizer, stats: dict) -> None:
     """out/reward-model: a folder transformers loads, with reward_stats.json (written atomically)."""
-    import shutil
     tmp = out / f".tmp-{OUTPUT}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -31,7 +31,8 @@ import yaml
 from .. import checkpoint
 from .. import config as config_mod
 from .. import placement as placement_mod
-from ..config import ConfigError
+from .. import resolve
+from ..errors import ConfigError
 from ..lm import supervised, tasks
 from ..lm.policy import build_policy, policy_files, write_policy_config
 from ..log import RunLogger
@@ -111,8 +112,8 @@ def policy_config(cfg: SFTConfig) -> config_mod.Config:
 def best_of_rows(cfg: SFTConfig) -> tuple[list[dict], dict]:
     """The best of cfg.best_of samples for each of the task's training prompts, by its reward
     (prompts in chunks of the task's prompts_per_step, each chunk with its own seed)."""
-    from ..lm.rollout import LMWorkload
-    rl = config_mod.resolve({}, {"seed": cfg.seed}, {"task": cfg.task, "model": cfg.model, "algo": "reinforce"})
+    from ..lm.rollout import LMWorkload  # transformers' generation: best-of-N only
+    rl = resolve.resolve({}, {"seed": cfg.seed}, {"task": cfg.task, "model": cfg.model, "algo": "reinforce"})
     work = LMWorkload(rl, rl.seed)
     rows, chosen, means = work.task.rows("train"), [], []
     n = cfg.best_of
