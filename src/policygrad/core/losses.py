@@ -226,7 +226,7 @@ def trpo_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, 
     """() the loss TRPO takes its natural-gradient step on: the surrogate plus the KL term (kl_in=
     loss), with the KL term's metrics. The KL term is built first: the order in which autograd
     meets the uses of log_prob is the order its gradients are summed in."""
-    kl_term, metrics = kl_loss(log_prob, batch, cfg)
+    kl_term, metrics = kl_loss(log_prob, batch, cfg)                    # ()
     return trpo_surrogate(log_prob, batch, cfg) + kl_term, metrics
 
 
@@ -254,12 +254,12 @@ def joint_loss(log_prob: torch.Tensor, entropy: torch.Tensor, values: Optional[t
     """() one minibatch's loss from the policy's (B, T) log_prob, entropy and values (None without
     a critic), with its metrics. measure_sampler: the parameters are still those that sampled
     (sampler_mismatch is only meaningful there)."""
-    loss, metrics = POLICY_LOSSES[options.policy](log_prob, batch, cfg)
+    loss, metrics = POLICY_LOSSES[options.policy](log_prob, batch, cfg)  # ()
     if measure_sampler:
         metrics.update(sampler_mismatch(log_prob, batch))
-    kl_term, kl_metrics = kl_loss(log_prob, batch, cfg)
+    kl_term, kl_metrics = kl_loss(log_prob, batch, cfg)                 # ()
     entropy_mean = batch_mean(entropy, batch)                           # ()
-    total = loss + kl_term
+    total = loss + kl_term                                              # ()
     if options.entropy_always:
         total = total - cfg.ent_coef * entropy_mean
     if values is not None and cfg.advantage != "sequence" and (cfg.value_baseline or not options.baseline_switch):
