@@ -1,13 +1,13 @@
 """Config resolution refuses every key combination a run cannot use, each in one message that
 names the keys and what would be right; the combinations a run can use resolve."""
 import dataclasses
+import re
+from typing import Optional
 
 import pytest
 
-from policygrad.config import CONTROL_KEYS, LM_KEYS, Config, ConfigError, field_names
-
+from policygrad.config import CONTROL_KEYS, LM_KEYS, Config, ConfigError, field_names, validate
 from policygrad.resolve import resolve
-                               validate)
 
 TASK = "positive-review"  # a built-in task: resolving it reads its packaged prompts, no model
 
@@ -182,3 +182,76 @@ def test_a_run_folder_from_before_new_keys_is_the_same_run():
     assert same_run(saved, current)
     assert not same_run({**saved, "lr": 0.5}, current)
     assert not same_run(None, current)
+
+
+# Keys with choices that an `if` decides rather than a registry (schedules, switches of one module).
+DECIDED_BY_AN_IF = {"vectorization", "lr_schedule", "clip_schedule", "activation", "kl_in", "lora_reference",
+                    "shard"}
+
+
+def test_every_registry_holds_exactly_the_choices_of_the_key_that_names_it():
+    from policygrad import algos, placement
+    from policygrad.config import CHOICES
+    from policygrad.core import advantages, losses
+    registries = {
+        "algo": algos.ALGOS,
+        "advantage": advantages.ADVANTAGES,
+        "baseline": advantages.SEQUENCE_BASELINES,
+        "turn_advantage": advantages.TURN_ADVANTAGES,
+        "kl_estimator": losses.KL_ESTIMATORS,
+        "behaviour_level": losses.BEHAVIOUR_LEVELS,
+        "behaviour_correction": {"none": None, **losses.BEHAVIOUR_CORRECTIONS},  # none: no weight at all
+        "dtype": {"auto": None, **placement.DTYPES},  # auto: picked for the device
+    }
+    for key, registry in registries.items():
+        assert set(registry) == set(CHOICES[key]), key
+    assert set(losses.KL_LOSS_FORMS) == set(CHOICES["kl_estimator"])
+    # a new key with choices is either a registry's (above) or decided by an if
+    assert set(CHOICES) == set(registries) | DECIDED_BY_AN_IF
+    # the config says which algorithm differentiates twice (the LM workload reads it) as ALGOS does
+    for algo, entry in algos.ALGOS.items():
+        assert Config(algo=algo).double_backward == entry.double_backward, algo
+
+
+def test_key_groups_and_choices_come_from_the_fields_tags():
+    from policygrad.config import CHOICES, CRITIC_KEYS, FAMILIES, LORA_SHAPE_KEYS, PPO_KEYS, TRPO_KEYS, family_keys
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    assert CHOICES["algo"] == fields["algo"].metadata["choices"] == ("reinforce", "trpo", "ppo")
+    assert set(PPO_KEYS) == {"n_epochs", "clip_eps", "clip_schedule"}
+    assert "value_epochs" in TRPO_KEYS and "value_epochs" in CRITIC_KEYS  # a key may be of two families
+    assert set(LORA_SHAPE_KEYS) <= set(LM_KEYS)
+    for family in FAMILIES:
+        assert family_keys(family), family
+    assert all(set(f.metadata.get("families", ())) <= set(FAMILIES) for f in fields.values())
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("lr", -1.0, "lr must be positive; got -1.0"),
+    ("target_kl", 0.0, "target_kl must be positive (or null to disable); got 0.0"),
+    ("ent_coef", -0.1, "ent_coef must be >= 0; got -0.1"),
+    ("gamma", 1.5, "gamma must lie in [0, 1]; got 1.5"),
+    ("activation", "gelu", "activation 'gelu' is not one of: tanh, relu"),
+    ("lr", float("nan"), "lr must be a finite number; got nan"),
+])
+def test_a_tagged_rule_refuses_a_value_out_of_range(key, value, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        validate(dataclasses.replace(Config(), **{key: value}))
+
+
+def test_one_coercer_serves_the_config_and_the_stages():
+    from policygrad.config import apply, coerce
+    from policygrad.stages import sft
+    # numbers written as text, floats that are ints, ints where floats are due: alike in both
+    assert apply(Config(), {"lr": "1e-4", "n_epochs": 3.0, "gamma": 1}).lr == 1e-4
+    cfg = sft.make_config({"lr": "1e-4", "epochs": 3.0, "max_grad_norm": 1})
+    assert (cfg.lr, cfg.epochs, cfg.max_grad_norm) == (1e-4, 3, 1.0) and isinstance(cfg.epochs, int)
+    assert coerce("task", None, Optional[str]) is None
+    # the messages name the key as each surface does
+    with pytest.raises(ConfigError, match=re.escape("config key 'n_epochs' must be int; got 2.5")):
+        apply(Config(), {"n_epochs": 2.5})
+    with pytest.raises(ConfigError, match=re.escape("epochs must be int; got 2.5")):
+        sft.make_config({"epochs": 2.5})
+    with pytest.raises(ConfigError, match=re.escape("lr must be float; got True")):
+        sft.make_config({"lr": True})
+    with pytest.raises(ConfigError, match=re.escape("config key 'hidden_sizes' must be a list")):
+        apply(Config(), {"hidden_sizes": 64})

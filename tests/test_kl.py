@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lm_helpers import make_tiny_lm, write_task
-from policygrad.algos import kl_loss
+from policygrad.core.losses import kl_loss
 from policygrad.batch import Batch
 from policygrad.config import Config, ConfigError
 from policygrad.resolve import resolve

@@ -1,4 +1,5 @@
 """Policy losses, value loss and KL estimators on hand-computed cases."""
+import dataclasses
 import math
 
 import pytest
@@ -132,3 +133,129 @@ def test_gaussian_kl_closed_form():
                             torch.tensor([math.log(2.0)]))
     # KL(N(0,1) || N(1,4)) = log 2 + (1 + 1) / 8 - 1/2
     assert abs(kl.item() - (math.log(2.0) + 2 / 8 - 0.5)) < 1e-6
+
+
+# --- the KL term, TRPO's loss and the joint loss ---------------------------------------------------
+def kl_batch(log_prob, ref_log_prob, advantages, kl_coef, mask=None):
+    """On-policy (old = log_prob) steps with a reference."""
+    return batch(log_prob, advantages, mask=mask).replace(ref_log_prob=torch.tensor([ref_log_prob]),
+                                                          kl_coef=kl_coef)
+
+
+def test_kl_loss_on_hand_computed_values():
+    # log pi = -1, log ref = -1.5 at both steps: log ratio ref/pi = -0.5; the second step is padding
+    b = kl_batch([-1.0, -1.0], [-1.5, -1.5], [0.0, 0.0], kl_coef=0.2, mask=[1.0, 0.0])
+    expected = {"k1": 0.5, "k2": 0.5 * 0.25, "k3": math.exp(-0.5) - 1.0 + 0.5}  # k3 = 0.1065307
+    for name, kl in expected.items():
+        cfg = Config(task="t", kl_in="loss", kl_estimator=name)
+        term, metrics = losses.kl_loss(b.log_prob, b, cfg)
+        assert term.item() == pytest.approx(0.2 * kl, abs=1e-7)
+        assert metrics["kl/loss_term"] == pytest.approx(kl, abs=1e-7)
+    # k2's gradient: d/dlog pi of 0.5 (log ref - log pi)^2 = log pi - log ref = 0.5, times kl_coef
+    log_prob = b.log_prob.clone().requires_grad_()
+    losses.kl_loss(log_prob, b, Config(task="t", kl_in="loss", kl_estimator="k2"))[0].backward()
+    torch.testing.assert_close(log_prob.grad, torch.tensor([[0.1, 0.0]]))
+
+
+def test_kl_loss_is_zero_as_a_reward_without_a_reference_or_at_coefficient_zero():
+    b = kl_batch([-1.0], [-1.5], [0.0], kl_coef=0.2)
+    assert losses.kl_loss(b.log_prob, b, Config(task="t", kl_in="reward")) == (torch.zeros(()), {})
+    assert losses.kl_loss(b.log_prob, b.replace(kl_coef=0.0), Config(task="t", kl_in="loss"))[1] == {}
+    assert losses.kl_loss(b.log_prob, b.replace(ref_log_prob=None), Config(task="t", kl_in="loss"))[1] == {}
+
+
+def test_trpo_loss_is_the_surrogate_plus_the_kl_term():
+    # on-policy (ratio 1): surrogate -mean(A) = -(1 + 3) / 2 = -2; k1 = 0.5 per step, times 0.2 = 0.1
+    b = kl_batch([-1.0, -2.0], [-1.5, -2.5], [1.0, 3.0], kl_coef=0.2)
+    log_prob = b.log_prob.clone().requires_grad_()
+    loss, metrics = losses.trpo_loss(log_prob, b, Config(task="t", kl_in="loss", kl_estimator="k1"))
+    assert loss.item() == pytest.approx(-1.9, abs=1e-6)
+    assert metrics == {"kl/loss_term": pytest.approx(0.5, abs=1e-7)}
+    loss.backward()
+    # surrogate: -A / 2; KL term ratio * k1 through the ratio: (k1 + 1) / 2 * 0.2 = 0.15 per step
+    torch.testing.assert_close(log_prob.grad, torch.tensor([[-0.35, -1.35]]))
+    assert losses.trpo_loss(b.log_prob, b, Config(task="t", kl_in="reward"))[0].item() == pytest.approx(-2.0)
+
+
+OPTIONS = losses.JointLoss("reinforce", clip_value=False, baseline_switch=False, entropy_always=False)
+
+
+def critic_batch():
+    """REINFORCE loss -mean(log_prob * A) = -(-1 - 3) / 2 = 2; value errors (2 - 3)^2 = 1, and with
+    clip_value_eps 0.5 the clipped prediction 1 + 0.5 has (1.5 - 3)^2 = 2.25."""
+    return batch([-1.0, -1.0], [1.0, 3.0], values=[1.0, 1.0], returns=[3.0, 3.0])
+
+
+def joint(options, cfg, entropy=(0.5, 1.5), values=(2.0, 2.0), measure_sampler=False, b=None):
+    b = critic_batch() if b is None else b
+    entropy = torch.tensor([entropy], requires_grad=True)
+    log_prob = b.log_prob.clone().requires_grad_()
+    total, metrics = losses.joint_loss(log_prob, entropy, None if values is None else torch.tensor([values]),
+                                       b, cfg, options, measure_sampler)
+    return total, metrics, entropy
+
+
+def test_joint_loss_adds_policy_value_and_entropy_terms():
+    total, metrics, _ = joint(OPTIONS, Config(vf_coef=0.5, ent_coef=0.1))
+    assert total.item() == pytest.approx(2.0 + 0.5 * 1.0 - 0.1 * 1.0)
+    assert metrics == {"policy/loss": 2.0, "value/loss": 1.0, "policy/entropy": 1.0}
+    ppo = dataclasses.replace(OPTIONS, policy="ppo")  # ratio 1: -mean(A) = -2
+    assert joint(ppo, Config(vf_coef=0.5))[0].item() == pytest.approx(-2.0 + 0.5 * 1.0)
+    # no critic, or a critic-free advantage: no value term
+    assert "value/loss" not in joint(OPTIONS, Config(), values=None)[1]
+    assert "value/loss" not in joint(OPTIONS, Config(task="t", advantage="sequence"))[1]
+
+
+def test_joint_loss_option_clip_value_clips_the_value_loss_at_clip_value_eps():
+    cfg = Config(vf_coef=0.5, clip_value_eps=0.5)
+    unclipped, m_unclipped, _ = joint(OPTIONS, cfg)
+    clipped, m_clipped, _ = joint(dataclasses.replace(OPTIONS, clip_value=True), cfg)
+    assert (m_unclipped["value/loss"], m_clipped["value/loss"]) == (1.0, 2.25)
+    assert clipped.item() - unclipped.item() == pytest.approx(0.5 * (2.25 - 1.0))
+    # with clip_value_eps unset the option changes nothing
+    assert joint(dataclasses.replace(OPTIONS, clip_value=True), Config(vf_coef=0.5))[1]["value/loss"] == 1.0
+
+
+def test_joint_loss_option_baseline_switch_obeys_value_baseline():
+    switch = dataclasses.replace(OPTIONS, baseline_switch=True)
+    off, on = Config(value_baseline=False), Config(value_baseline=True)
+    assert "value/loss" not in joint(switch, off)[1]  # REINFORCE with its baseline switched off
+    assert joint(switch, off)[0].item() == 2.0
+    assert joint(switch, on)[1]["value/loss"] == 1.0
+    assert joint(OPTIONS, off)[1]["value/loss"] == 1.0  # PPO's critic: value_baseline is not its switch
+
+
+def test_joint_loss_option_entropy_always_keeps_the_entropy_term_at_ent_coef_zero():
+    always = dataclasses.replace(OPTIONS, entropy_always=True)
+    total, _, entropy = joint(always, Config(ent_coef=0.0))
+    total.backward()
+    torch.testing.assert_close(entropy.grad, torch.zeros(1, 2))  # in the graph, weighed 0
+    total, _, entropy = joint(OPTIONS, Config(ent_coef=0.0))
+    total.backward()
+    assert entropy.grad is None  # not in the graph at all
+    # so a non-finite entropy poisons only the loss that always adds it
+    assert math.isnan(joint(always, Config(ent_coef=0.0), entropy=(math.nan, 1.0))[0].item())
+    assert joint(OPTIONS, Config(ent_coef=0.0), entropy=(math.nan, 1.0))[0].item() == 2.5
+
+
+def test_joint_loss_option_entropy_always_sets_the_order_of_the_float_sum():
+    """In float32, 2^24 + 1 rounds to 2^24: policy loss 1, entropy term 1, value term 2^24 give
+    (1 - 1) + 2^24 = 2^24 with the entropy first, and (1 + 2^24) - 1 = 2^24 - 1 with it last."""
+    b = batch([-1.0], [1.0], values=[0.0], returns=[0.0])  # REINFORCE loss 1; value error 4096^2 = 2^24
+    cfg = Config(ent_coef=1.0, vf_coef=1.0)
+    first = joint(dataclasses.replace(OPTIONS, entropy_always=True), cfg, entropy=(1.0,), values=(4096.0,), b=b)
+    last = joint(OPTIONS, cfg, entropy=(1.0,), values=(4096.0,), b=b)
+    assert (first[0].item(), last[0].item()) == (2.0 ** 24, 2.0 ** 24 - 1)
+
+
+def test_joint_loss_measures_the_sampler_only_when_asked():
+    b = critic_batch().replace(behaviour_log_prob=torch.tensor([[-1.0, -1.0]]))
+    assert joint(OPTIONS, Config(), b=b, measure_sampler=True)[1]["train/sampler_kl"] == 0.0
+    assert "train/sampler_kl" not in joint(OPTIONS, Config(), b=b)[1]
+
+
+def test_reinforce_and_ppo_use_the_joint_loss_with_their_own_options():
+    from policygrad import algos
+    assert algos.REINFORCE_LOSS == losses.JointLoss("reinforce", clip_value=False, baseline_switch=True,
+                                                    entropy_always=True)
+    assert algos.PPO_LOSS == losses.JointLoss("ppo", clip_value=True, baseline_switch=False, entropy_always=False)

@@ -155,3 +155,24 @@ def test_a_task_file_extends_a_built_in_task_with_its_own_rewards(tmp_path):
     path.write_text("extends: nowhere\nrewards: [vader]\n")
     with pytest.raises(policygrad.TaskError, match="not a built-in task"):
         tasks.from_yaml(path, set())
+
+
+def test_the_stage_configs_share_one_base_and_keep_their_own_defaults_and_rules():
+    import dataclasses
+
+    from policygrad.stages import StageConfig
+    from policygrad.stages import sft
+    base = [f.name for f in dataclasses.fields(StageConfig)]
+    for cls in (sft.SFTConfig, stage.RewardModelConfig):
+        assert issubclass(cls, StageConfig) and [f.name for f in dataclasses.fields(cls)][:len(base)] == base
+    assert (sft.SFTConfig().max_length, stage.RewardModelConfig().max_length) == (512, 256)
+    for make in (sft.make_config, stage.make_config):  # the base's rules, in both stages
+        with pytest.raises(policygrad.ConfigError, match="epochs must be positive; got 0"):
+            make({"epochs": 0})
+        with pytest.raises(policygrad.ConfigError, match="max_grad_norm must be >= 0; got -1"):
+            make({"max_grad_norm": -1})
+    with pytest.raises(policygrad.ConfigError, match="device 'mps' is not one of: auto, cpu, cuda"):
+        stage.make_config({"device": "mps"})
+    assert sft.make_config({"device": "mps"}).device == "mps"  # sft places its policy as RL does
+    with pytest.raises(policygrad.ConfigError, match="keep_checkpoints must be positive"):
+        sft.make_config({"keep_checkpoints": 0})

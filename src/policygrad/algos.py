@@ -17,7 +17,7 @@ import torch
 
 from . import dist
 from .batch import Batch, DataTerm
-from .core.losses import POLICY_LOSSES, batch_mean, kl_loss_per_token, sampler_mismatch, trpo_surrogate, value_loss
+from .core.losses import JointLoss, joint_loss, sampler_mismatch, trpo_loss, value_loss
 from .core.trpo import trpo_step
 from .flat import FlatParameters, clip_grad_norm_, keep_adam_moments_adjacent
 
@@ -194,66 +194,38 @@ def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batc
     return metrics
 
 
-def kl_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:
-    """batch.kl_coef * KL(policy || reference) as a loss term, when cfg.kl_in == 'loss'.
-
-    Averaged per token like the policy loss beside it, so one nat of KL per completion weighs what
-    it weighs as a reward penalty (kl_in=reward subtracts kl_coef * the completion's summed KL from
-    its score, which the per-token policy loss spreads over its tokens): kl_coef is the price of a
-    nat per completion in both modes. The gradient is that of the per-token KL (see
-    core.losses.kl_loss_per_token); the README says how it differs from the sequence-level one."""
-    if cfg.kl_in != "loss" or batch.ref_log_prob is None or batch.kl_coef == 0:
-        return torch.zeros(()), {}
-    per_token = kl_loss_per_token(log_prob, batch.log_prob, batch.ref_log_prob, cfg.kl_estimator)  # (B, T)
-    kl = batch_mean(per_token, batch)                                   # ()
-    return batch.kl_coef * kl, {"kl/loss_term": kl.item()}
+def _joint_loss_fn(policy, cfg, options: JointLoss, measure_sampler: Callable[[], bool]
+                   ) -> Callable[[Batch], tuple[torch.Tensor, dict]]:
+    """A minibatch's joint loss (core.losses.joint_loss) at the policy's current parameters."""
+    def loss_fn(mb: Batch) -> tuple[torch.Tensor, dict]:
+        log_prob, entropy, values = policy.evaluate(mb, entropy_grad=cfg.ent_coef != 0)
+        return joint_loss(log_prob, entropy, values, mb, cfg, options, measure_sampler())
+    return loss_fn
 
 
 # --- REINFORCE ---------------------------------------------------------------------------------
+REINFORCE_LOSS = JointLoss("reinforce", clip_value=False, baseline_switch=True, entropy_always=True)
+
+
 def reinforce_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) -> dict:
     """One gradient step on the score-function loss (plus the baseline's regression)."""
     _set_lr(opts.main, progress, cfg)
-
-    def loss_fn(mb: Batch) -> tuple[torch.Tensor, dict]:
-        log_prob, entropy, values = policy.evaluate(mb, entropy_grad=cfg.ent_coef != 0)
-        loss, metrics = POLICY_LOSSES["reinforce"](log_prob, mb, cfg)
-        metrics.update(sampler_mismatch(log_prob, mb))  # one step: every pass is at the sampling weights
-        kl_term, kl_metrics = kl_loss(log_prob, mb, cfg)
-        entropy_mean = batch_mean(entropy, mb)
-        total = loss + kl_term - cfg.ent_coef * entropy_mean
-        if cfg.value_baseline and values is not None and cfg.advantage != "sequence":
-            v_loss = value_loss(values, mb)
-            total = total + cfg.vf_coef * v_loss
-            metrics["value/loss"] = v_loss.item()
-        return total, {**metrics, **kl_metrics, "policy/entropy": entropy_mean.item()}
-
+    # one step: every pass is at the sampling weights, so each measures the sampler mismatch
+    loss_fn = _joint_loss_fn(policy, cfg, REINFORCE_LOSS, lambda: True)
     return _gradient_step(opts.main, opts.main_params, batch, loss_fn, cfg, progress.before_step, opts.scaler,
                           progress.data)
 
 
 # --- PPO ---------------------------------------------------------------------------------------
+PPO_LOSS = JointLoss("ppo", clip_value=True, baseline_switch=False, entropy_always=False)
+
+
 def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) -> dict:
     """Epochs x shuffled minibatches of the clipped surrogate, value loss and entropy bonus."""
     _set_lr(opts.main, progress, cfg)
     step_cfg = dataclasses.replace(cfg, clip_eps=_scheduled(cfg.clip_eps, cfg.clip_schedule, progress))
-    critic = batch.values is not None and cfg.advantage != "sequence"
     stepped = [False]  # the sampler mismatch is measured before the first step, at the sampling weights
-
-    def loss_fn(mb: Batch) -> tuple[torch.Tensor, dict]:
-        log_prob, entropy, values = policy.evaluate(mb, entropy_grad=cfg.ent_coef != 0)
-        loss, metrics = POLICY_LOSSES["ppo"](log_prob, mb, step_cfg)
-        if not stepped[0]:
-            metrics.update(sampler_mismatch(log_prob, mb))
-        kl_term, kl_metrics = kl_loss(log_prob, mb, cfg)
-        entropy_mean = batch_mean(entropy, mb)
-        total = loss + kl_term
-        if critic:
-            v_loss = value_loss(values, mb, cfg.clip_value_eps)
-            total = total + cfg.vf_coef * v_loss
-            metrics["value/loss"] = v_loss.item()
-        if cfg.ent_coef:
-            total = total - cfg.ent_coef * entropy_mean
-        return total, {**metrics, **kl_metrics, "policy/entropy": entropy_mean.item()}
+    loss_fn = _joint_loss_fn(policy, step_cfg, PPO_LOSS, lambda: not stepped[0])
 
     def within_kl(metrics: dict) -> bool:
         # SB3's order: the minibatch whose KL (at the parameters before its step) crosses the limit
@@ -319,10 +291,10 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
     kl_metrics = WeightedMetrics()  # of the gradient's pass, at the parameters before the step
 
     def surrogate_of(log_prob: torch.Tensor, b: Batch, weight: Optional[float] = None) -> torch.Tensor:
-        kl_term, metrics = kl_loss(log_prob, b, cfg)
+        loss, metrics = trpo_loss(log_prob, b, cfg)
         if weight is not None:  # the gradient's pass, at the sampling weights
             kl_metrics.add({**metrics, **sampler_mismatch(log_prob, b)}, weight)
-        return trpo_surrogate(log_prob, b, cfg) + kl_term
+        return loss
 
     loss_pieces = [(w, lambda m=m, w=w: surrogate_of(policy.log_prob(m), m, weight=w)) for w, m in micros]
     kl_pieces = [(w, lambda m=m, old=old: policy.kl(m, old)) for (w, m), old in zip(fvp_micros, fvp_olds)]

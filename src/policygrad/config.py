@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Optional
@@ -12,38 +13,77 @@ from typing import Any, Callable, Collection, Optional
 from .errors import ConfigError
 
 
+FAMILIES = ("lm", "control", "ppo", "trpo", "critic", "lora_shape")
+"""The kinds of run a key is read by (tagged on its field; the key groups below derive from them)."""
+
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "positive": (lambda v: v > 0, "must be positive"),
+    "positive_when_set": (lambda v: v is None or v > 0, "must be positive (or null to disable)"),
+    "non_negative": (lambda v: v >= 0, "must be >= 0"),
+    "unit_interval": (lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]"),
+}
+"""Range rules a field may be tagged with: (whether a value keeps it, what the message says)."""
+
+
+def setting(default: Any = None, *families: str, choices: tuple[str, ...] = (), rule: Optional[str] = None,
+            factory: Optional[Callable[[], Any]] = None) -> Any:
+    """A config field with its tags in the field's metadata: the families of run that read it
+    (FAMILIES; none: every run), the values it may take, and its range rule (RULES)."""
+    assert set(families) <= set(FAMILIES) and rule in (None, *RULES), (families, rule)
+    metadata = {"families": families, "choices": choices, "rule": rule}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_choices(cfg: Any) -> None:
+    """Each field of a config dataclass tagged with choices holds one of them."""
+    for f in dataclasses.fields(cfg):
+        allowed = f.metadata.get("choices")
+        if allowed and getattr(cfg, f.name) not in allowed:
+            raise ConfigError(f"{f.name} '{getattr(cfg, f.name)}' is not one of: {', '.join(allowed)}")
+
+
+def check_ranges(cfg: Any) -> None:
+    """Each field of a config dataclass against its range rule, rule by rule (RULES order)."""
+    for rule, (keeps, says) in RULES.items():
+        for f in dataclasses.fields(cfg):
+            if f.metadata.get("rule") == rule and not keeps(getattr(cfg, f.name)):
+                raise ConfigError(f"{f.name} {says}; got {getattr(cfg, f.name)}")
+
+
 @dataclass
 class Config:
     # --- what to train ---
-    algo: str = "ppo"
+    algo: str = setting("ppo", choices=("reinforce", "trpo", "ppo"))
     """Algorithm: reinforce | trpo | ppo."""
-    env: str = "CartPole-v1"
+    env: str = setting("CartPole-v1", "control")
     """A registered Gymnasium environment id (control runs)."""
     task: Optional[str] = None
     """A text task: a built-in name (`policygrad tasks`) or a task YAML file; set, it makes a
     language-model run."""
-    model: str = "smollm2-135m"
+    model: str = setting("smollm2-135m", "lm")
     """Language model: a local Hugging Face folder or an alias (smollm2-135m)."""
-    total_steps: int = 100_000
+    total_steps: int = setting(100_000, rule="positive")
     """Control: environment steps to train for. Language models: training steps (one batch of
     completions each). Also named `steps`, as the CLI's --steps."""
-    seed: int = 1
+    seed: int = setting(1, rule="non_negative")
     """Seed of the run; each rank and environment derives its own from it."""
 
     # --- rollouts ---
-    num_envs: int = 8
+    num_envs: int = setting(8, "control", rule="positive")
     """Parallel environments in the vector env."""
-    n_steps: int = 128
+    n_steps: int = setting(128, "control", rule="positive")
     """Steps per environment in each rollout; a rollout holds num_envs * n_steps transitions."""
-    vectorization: str = "sync"
+    vectorization: str = setting("sync", "control", choices=("sync", "async"))
     """Gymnasium vector env: sync (one process) | async (one process per env)."""
 
     # --- advantages ---
-    advantage: str = "gae"
+    advantage: str = setting("gae", choices=("gae", "mc", "sequence"))
     """Advantage estimator: gae | mc (Monte-Carlo discounted returns minus the baseline)."""
-    gamma: float = 0.99
+    gamma: float = setting(0.99, rule="unit_interval")
     """Discount factor."""
-    gae_lambda: float = 0.95
+    gae_lambda: float = setting(0.95, rule="unit_interval")
     """GAE lambda (1.0 gives Monte-Carlo returns minus the value)."""
     normalize_advantages: bool = True
     """Whiten advantages over the batch's valid steps before the update. It acts after a sequence
@@ -52,195 +92,195 @@ class Config:
     over the batch's tokens (set false for the group whitening alone, as GRPO)."""
 
     # --- optimisation (shared) ---
-    lr: float = 3e-4
+    lr: float = setting(3e-4, rule="positive")
     """Adam learning rate of the policy (and, for PPO/REINFORCE, the shared value head)."""
-    lr_schedule: str = "constant"
+    lr_schedule: str = setting("constant", choices=("constant", "linear"))
     """constant | linear (anneal to 0 over total_steps)."""
-    max_grad_norm: float = 0.5
+    max_grad_norm: float = setting(0.5, rule="non_negative")
     """Clip the global gradient norm to this (0 disables)."""
-    value_baseline: bool = True
+    value_baseline: bool = setting(True, "critic")
     """REINFORCE: subtract a learned value baseline."""
-    vf_coef: float = 0.5
+    vf_coef: float = setting(0.5, "critic", rule="non_negative")
     """Weight of the value loss in the joint loss (PPO, REINFORCE)."""
-    ent_coef: float = 0.0
+    ent_coef: float = setting(0.0, rule="non_negative")
     """Weight of the entropy bonus."""
 
     # --- PPO ---
-    n_epochs: int = 10
+    n_epochs: int = setting(10, "ppo", rule="positive")
     """PPO epochs over each rollout."""
-    batch_size: int = 64
+    batch_size: int = setting(64, rule="positive")
     """Minibatch size (transitions) for PPO and for TRPO's value regression."""
-    clip_eps: float = 0.2
+    clip_eps: float = setting(0.2, "ppo", rule="positive")
     """PPO ratio clip epsilon."""
-    clip_schedule: str = "constant"
+    clip_schedule: str = setting("constant", "ppo", choices=("constant", "linear"))
     """constant | linear (anneal clip_eps to 0 over total_steps)."""
-    clip_value_eps: Optional[float] = None
+    clip_value_eps: Optional[float] = setting(None, rule="positive_when_set")
     """Clip the value update to +-this around the old value (None disables)."""
-    target_kl: Optional[float] = None
+    target_kl: Optional[float] = setting(None, rule="positive_when_set")
     """Stop the PPO epochs early once the approximate KL exceeds 1.5 * this (None disables)."""
 
     # --- TRPO ---
-    max_kl: float = 0.01
+    max_kl: float = setting(0.01, "trpo", rule="positive")
     """Trust region: the mean KL(old || new) a TRPO step may reach."""
-    cg_iters: int = 15
+    cg_iters: int = setting(15, "trpo", rule="positive")
     """Conjugate-gradient iterations for the natural-gradient direction."""
-    cg_damping: float = 0.1
+    cg_damping: float = setting(0.1, "trpo", rule="non_negative")
     """Damping added to the Fisher-vector product."""
-    line_search_steps: int = 10
+    line_search_steps: int = setting(10, "trpo", rule="positive")
     """Backtracking steps before a TRPO update is rejected."""
-    line_search_shrink: float = 0.8
+    line_search_shrink: float = setting(0.8, "trpo", rule="unit_interval")
     """Step shrink factor per backtracking step."""
-    value_lr: float = 1e-3
+    value_lr: float = setting(1e-3, "critic", rule="positive")
     """TRPO: Adam learning rate of the value regression."""
-    value_epochs: int = 10
+    value_epochs: int = setting(10, "trpo", "critic", rule="positive")
     """TRPO: passes of value regression over each rollout."""
 
     # --- policy network ---
-    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
+    hidden_sizes: list[int] = setting(None, "control", factory=lambda: [64, 64])
     """Hidden layer widths of the actor and of the critic MLP."""
-    activation: str = "tanh"
+    activation: str = setting("tanh", "control", choices=("tanh", "relu"))
     """tanh | relu."""
-    log_std_init: float = 0.0
+    log_std_init: float = setting(0.0, "control")
     """Initial log standard deviation of the Gaussian head (Box actions)."""
-    ortho_init: bool = True
+    ortho_init: bool = setting(True, "control")
     """Orthogonal initialisation (gain sqrt(2) hidden, 0.01 policy head, 1 value head)."""
-    normalize_obs: bool = False
+    normalize_obs: bool = setting(False, "control")
     """Running observation normalisation (saved with the checkpoint)."""
-    normalize_reward: bool = False
+    normalize_reward: bool = setting(False, "control")
     """Scale rewards by the running std of the discounted return (as SB3's VecNormalize)."""
-    clip_obs: float = 10.0
+    clip_obs: float = setting(10.0, "control", rule="positive")
     """Clip normalised observations to +-this."""
 
     # --- language models ---
-    prompts_per_step: int = 4
+    prompts_per_step: int = setting(4, "lm", rule="positive")
     """Prompts in each training batch."""
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = setting(4, "lm", rule="positive")
     """Completions sampled per prompt (the group of the rloo and group baselines)."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = setting(32, "lm", rule="positive")
     """Longest completion, in tokens."""
-    temperature: float = 1.0
+    temperature: float = setting(1.0, "lm", rule="positive")
     """Sampling temperature (log-probabilities are of the tempered distribution)."""
-    top_p: float = 1.0
+    top_p: float = setting(1.0, "lm", rule="unit_interval")
     """Nucleus sampling mass (1.0 disables)."""
-    top_k: int = 0
+    top_k: int = setting(0, "lm", rule="non_negative")
     """Sample among the k most likely tokens (0 disables)."""
-    behaviour_correction: str = "none"
+    behaviour_correction: str = setting("none", "lm", choices=("none", "tis", "mis"))
     """Correct for a sampler whose log-probs differ from the trainer's (another engine, or bfloat16
     sampling): the update's ratio becomes pi_theta / pi_old x w, w = pi_old / pi_sampler: none |
     tis (w truncated at behaviour_cap) | mis (tokens or sequences whose w leaves [1/cap, cap]
     masked out). With an exact sampler (float32) w is 1 and the update is unchanged."""
-    behaviour_level: str = "token"
+    behaviour_level: str = setting("token", "lm", choices=("token", "sequence", "geometric"))
     """What w is computed over: token (each token's own) | sequence (the product over a completion's
     tokens) | geometric (their geometric mean, a per-token size)."""
-    behaviour_cap: float = 2.0
+    behaviour_cap: float = setting(2.0, "lm")
     """tis: the most w may be; mis: w outside [1/cap, cap] is masked (> 1)."""
-    baseline: str = "rloo"
+    baseline: str = setting("rloo", "lm", choices=("none", "moving-average", "rloo", "group"))
     """Critic-free baseline of a sequence's score: none | moving-average | rloo | group."""
-    kl_coef: float = 0.05
+    kl_coef: float = setting(0.05, "lm", rule="non_negative")
     """Price of one nat of KL(policy || reference) per completion, in task-reward units; the same
     unit with kl_in=reward and kl_in=loss (README: "The KL to the reference, exactly")."""
-    kl_estimator: str = "k1"
+    kl_estimator: str = setting("k1", "lm", choices=("k1", "k2", "k3"))
     """Per-token KL estimator: k1 | k2 | k3 (k2 and k3 only with kl_in=loss: as a reward their
     gradient of the KL is biased)."""
-    kl_in: str = "reward"
+    kl_in: str = setting("reward", "lm", choices=("reward", "loss"))
     """Where the KL term goes: reward (a per-token penalty in the rewards: the sequence-level KL) |
     loss (an importance-weighted per-token term added to the loss: the per-token KL)."""
-    adaptive_kl: bool = False
+    adaptive_kl: bool = setting(False, "lm")
     """Adapt the KL coefficient towards kl_target (Ziegler et al. 2019, eq. 2), in either kl_in mode."""
-    kl_target: float = 6.0
+    kl_target: float = setting(6.0, "lm", rule="positive")
     """Target KL per completion (nats) of the adaptive controller."""
-    kl_horizon: int = 10_000
+    kl_horizon: int = setting(10_000, "lm", rule="positive")
     """Horizon (completions) of the adaptive controller."""
-    use_value_head: bool = False
+    use_value_head: bool = setting(False, "lm")
     """Language-model PPO/TRPO: learn a value head and use GAE instead of a critic-free baseline."""
-    whiten_rewards: bool = False
+    whiten_rewards: bool = setting(False, "lm")
     """Whiten the task rewards over each batch before the KL penalty is added."""
-    ptx_data: Optional[str] = None
+    ptx_data: Optional[str] = setting(None, "lm")
     """J_data: a file of real data (text, prompt/completion or chat rows) whose mean token NLL,
     times ptx_coef, is added to every gradient step's loss (InstructGPT's "PTX" mix, which keeps
     the model's language while RL moves it; TRPO: added to the surrogate it steps on)."""
-    ptx_coef: float = 0.0
+    ptx_coef: float = setting(0.0, "lm", rule="non_negative")
     """gamma, the weight of the data loss; 0: none."""
-    ptx_batch_size: int = 8
+    ptx_batch_size: int = setting(8, "lm", rule="positive")
     """Rows of ptx_data per update (taken in a shuffled order, epoch after epoch)."""
-    ptx_max_length: int = 256
+    ptx_max_length: int = setting(256, "lm", rule="positive")
     """Tokens kept of each ptx_data row."""
-    reward_normalize: bool = False
+    reward_normalize: bool = setting(False, "lm")
     """Normalise a learned reward model's scores (rm: rewards) with the mean and std of its rewards
     on its training answers, saved beside it (reward_stats.json)."""
-    micro_batch_size: int = 0
+    micro_batch_size: int = setting(0, "lm", rule="non_negative")
     """Completions per forward/backward pass; gradients accumulate over a minibatch (0: all at once)."""
-    fvp_fraction: float = 1.0
+    fvp_fraction: float = setting(1.0, "trpo", rule="unit_interval")
     """TRPO: share of a batch's rows, drawn at random, used for the Fisher-vector products:
     transitions of a control rollout (default 1.0, all of them, as sb3-contrib), completions of a
     language model (default 0.125: each product is a double backward through the model)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = setting(False, "lm")
     """Language models: recompute activations in the backward pass instead of keeping them. Every
     training pass then runs each completion in full, checkpointed (the shared-prompt pass keeps a
     KV cache, which a checkpointed layer cannot pass): less memory, a slower step (README: peak RSS
     and step time with and without, `benchmarks/lm.py --only memory`)."""
-    share_prompts: bool = True
+    share_prompts: bool = setting(True, "lm")
     """Forward passes over a batch's n completions of one prompt run the prompt once and repeat its
     KV cache (sampling, reference, training); false: every row in full, as a check."""
-    logprob_chunk: int = 8
+    logprob_chunk: int = setting(8, "lm", rule="positive")
     """Completion positions per chunk when computing log-probabilities over the vocabulary."""
-    max_turns: int = 8
+    max_turns: int = setting(8, "lm", rule="positive")
     """Multi-turn tasks (a text env): the most replies in an episode. Reaching it ends the episode
     as a terminal state (the game's horizon: nothing is bootstrapped after it), unless
     max_turns_truncates."""
-    max_turns_truncates: bool = False
+    max_turns_truncates: bool = setting(False, "lm")
     """Multi-turn tasks: an episode that reaches max_turns is truncated, and a critic bootstraps its
     return from the value of the state after the environment's last answer (for envs that are
     really endless, whose turn count the model does not see)."""
-    max_episode_tokens: int = 1024
+    max_episode_tokens: int = setting(1024, "lm", rule="positive")
     """Multi-turn tasks: the most tokens of an episode after its first prompt (the model's and the
     environment's); an episode that spends them is truncated."""
-    turn_advantage: str = "outcome"
+    turn_advantage: str = setting("outcome", "lm", choices=("outcome", "discounted", "gae"))
     """Multi-turn tasks' credit assignment: outcome (the episode's return on every turn, minus the
     baseline) | discounted (each turn's discounted return-to-go, gamma over turns, minus the
     baseline) | gae (GAE over turns from a value head: use_value_head=true, advantage=gae)."""
-    eval_prompts: int = 40
+    eval_prompts: int = setting(40, "lm", rule="positive")
     """Validation prompts per periodic evaluation (the test split is evaluated whole)."""
 
     # --- devices, precision, adapters ---
     device: str = "auto"
     """auto (language models: the first CUDA GPU, else Apple mps, else the CPU; control: the CPU,
     where small MLPs run fastest) | cpu | cuda | cuda:N | mps."""
-    dtype: str = "auto"
+    dtype: str = setting("auto", "lm", choices=("auto", "float32", "bfloat16", "float16"))
     """Language models' compute precision: auto (bfloat16 on a GPU that has it, else float32) |
     float32 | bfloat16 | float16. Trainable weights and optimiser state stay float32; forward and
     backward run under autocast; frozen weights (reference, LoRA base) are stored in this dtype."""
-    lora_r: int = 0
+    lora_r: int = setting(0, "lm", rule="non_negative")
     """Rank of LoRA adapters (PEFT) on the language model; 0: full fine-tuning."""
-    lora_alpha: float = 32.0
+    lora_alpha: float = setting(32.0, "lm", "lora_shape", rule="positive")
     """LoRA scale numerator: an adapter's update is (lora_alpha / lora_r) * B @ A."""
-    lora_dropout: float = 0.0
+    lora_dropout: float = setting(0.0, "lm", "lora_shape", rule="unit_interval")
     """Dropout on the adapters' input in training passes (sampling never drops: a positive value
     makes the trained and the sampled policy differ)."""
-    lora_target_modules: Optional[list[str]] = None
+    lora_target_modules: Optional[list[str]] = setting(None, "lm", "lora_shape")
     """Module names (or name suffixes) that get adapters; None: every linear layer of attention and
     MLP (not the LM head)."""
-    adapter: Optional[str] = None
+    adapter: Optional[str] = setting(None, "lm")
     """Start from this PEFT LoRA adapter folder (made for `model`) and train it further; its own
     adapter_config.json sets r, alpha, dropout and targets."""
-    lora_reference: str = "initial"
+    lora_reference: str = setting("initial", "lm", choices=("initial", "base"))
     """With adapter=PATH, the KL reference: initial (the model with the starting adapter, what the
     run starts from) | base (the bare base model, adapter off)."""
 
     # --- evaluation, logging ---
-    eval_every: int = 10_000
+    eval_every: int = setting(10_000, rule="non_negative")
     """Evaluate every this many environment steps (control) or training steps (language models);
     0: only at the end."""
-    eval_episodes: int = 10
+    eval_episodes: int = setting(10, "control", rule="positive")
     """Episodes per periodic evaluation (deterministic actions)."""
-    stop_at_return: Optional[float] = None
+    stop_at_return: Optional[float] = setting(None, "control")
     """Stop early once the mean return of the last 20 training episodes reaches this (None: never)."""
-    torch_threads: Optional[int] = None
+    torch_threads: Optional[int] = setting(None, rule="positive_when_set")
     """Torch intra-op threads per process; None: one for control (small MLPs run fastest on one),
     and for a language model the machine's cores shared out among the processes on it."""
 
     # --- processes ---
-    shard: str = "ddp"
+    shard: str = setting("ddp", choices=("ddp", "fsdp"))
     """How a run launched as several processes (torchrun, or `train --nproc N`) shares the model:
     ddp (every rank holds the whole model; gradients are summed over ranks) | fsdp (language
     models: each transformer block's weights, gradients and optimiser state are split over the
@@ -249,17 +289,17 @@ class Config:
     """Also log to Weights & Biases (offline unless WANDB_MODE says otherwise; `wandb sync` later)."""
 
     # --- checkpoints, resume, failure handling ---
-    checkpoint_every: int = 10
+    checkpoint_every: int = setting(10, rule="non_negative")
     """Write a checkpoint every this many updates (0: only at the end and at a new best
     validation result); a killed run resumes from the newest one."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = setting(2, rule="positive")
     """Newest checkpoints kept; the best by validation result is kept as well."""
-    max_bad_updates: int = 3
+    max_bad_updates: int = setting(3, rule="positive")
     """Stop after this many updates in a row whose loss or gradient was not finite (each is
     skipped: the parameters and optimiser state stay as they were)."""
-    reward_timeout: float = 30.0
+    reward_timeout: float = setting(30.0, "lm", rule="positive")
     """Seconds a reward (a function or a remote server) may take for one batch before it fails."""
-    reward_retries: int = 3
+    reward_retries: int = setting(3, "lm", rule="non_negative")
     """Retries of a remote (http) reward after a failed request (back-off 0.5 s, 1 s, 2 s, ...)
     before the run stops with an error."""
 
@@ -296,50 +336,24 @@ class Config:
         return self.total_steps if self.is_lm else max(1, self.total_steps // self.rollout_size)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "algo": ("reinforce", "trpo", "ppo"),
-    "vectorization": ("sync", "async"),
-    "advantage": ("gae", "mc", "sequence"),
-    "lr_schedule": ("constant", "linear"),
-    "clip_schedule": ("constant", "linear"),
-    "activation": ("tanh", "relu"),
-    "baseline": ("none", "moving-average", "rloo", "group"),
-    "kl_estimator": ("k1", "k2", "k3"),
-    "kl_in": ("reward", "loss"),
-    "behaviour_correction": ("none", "tis", "mis"),
-    "behaviour_level": ("token", "sequence", "geometric"),
-    "turn_advantage": ("outcome", "discounted", "gae"),
-    "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "lora_reference": ("initial", "base"),
-    "shard": ("ddp", "fsdp"),
-}
-POSITIVE = ("total_steps", "num_envs", "n_steps", "n_epochs", "batch_size", "cg_iters",
-            "line_search_steps", "value_epochs", "eval_episodes", "lr", "value_lr",
-            "max_kl", "clip_eps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
-            "temperature", "logprob_chunk", "eval_prompts", "kl_horizon", "keep_checkpoints", "lora_alpha",
-            "max_bad_updates", "reward_timeout", "kl_target", "clip_obs", "ptx_batch_size",
-            "ptx_max_length", "max_turns", "max_episode_tokens")
-POSITIVE_WHEN_SET = ("clip_value_eps", "target_kl", "torch_threads")
-NON_NEGATIVE = ("seed", "eval_every", "checkpoint_every", "micro_batch_size", "top_k", "kl_coef", "ent_coef", "lora_r",
-                "vf_coef", "cg_damping", "max_grad_norm", "reward_retries", "ptx_coef")
-UNIT_INTERVAL = ("gamma", "gae_lambda", "line_search_shrink", "top_p", "fvp_fraction", "lora_dropout")
+CHOICES: dict[str, tuple[str, ...]] = {f.name: f.metadata["choices"] for f in dataclasses.fields(Config)
+                                       if f.metadata.get("choices")}
+"""The values each key with choices may take (tagged on its field; tests/test_config.py checks that
+every registry a key names holds these)."""
 
 # Keys only one kind of run reads. Every key has a default, so only a key the user set (file,
 # override or flag) for the other kind is refused: it would be silently ignored.
-LM_KEYS = ("model", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature", "top_p",
-           "top_k", "baseline", "kl_coef", "kl_estimator", "kl_in", "adaptive_kl", "kl_target", "kl_horizon",
-           "use_value_head", "whiten_rewards", "micro_batch_size", "gradient_checkpointing", "share_prompts",
-           "logprob_chunk", "eval_prompts", "reward_timeout", "reward_retries", "dtype", "lora_r", "lora_alpha",
-           "lora_dropout", "lora_target_modules", "adapter", "lora_reference", "ptx_data", "ptx_coef",
-           "ptx_batch_size", "ptx_max_length", "reward_normalize", "max_turns", "max_turns_truncates",
-           "max_episode_tokens", "turn_advantage", "behaviour_correction", "behaviour_level", "behaviour_cap")
-LORA_SHAPE_KEYS = ("lora_alpha", "lora_dropout", "lora_target_modules")
-CONTROL_KEYS = ("env", "num_envs", "n_steps", "vectorization", "hidden_sizes", "activation", "log_std_init",
-                "ortho_init", "normalize_obs", "normalize_reward", "clip_obs", "eval_episodes", "stop_at_return")
-PPO_KEYS = ("n_epochs", "clip_eps", "clip_schedule")
-TRPO_KEYS = ("max_kl", "cg_iters", "cg_damping", "line_search_steps", "line_search_shrink", "fvp_fraction",
-             "value_epochs")
-CRITIC_KEYS = ("vf_coef", "value_lr", "value_epochs", "value_baseline")
+def family_keys(family: str) -> tuple[str, ...]:
+    """Config's keys tagged with `family` (FAMILIES), in field order."""
+    return tuple(f.name for f in dataclasses.fields(Config) if family in f.metadata.get("families", ()))
+
+
+LM_KEYS = family_keys("lm")
+CONTROL_KEYS = family_keys("control")
+PPO_KEYS = family_keys("ppo")
+TRPO_KEYS = family_keys("trpo")
+CRITIC_KEYS = family_keys("critic")
+LORA_SHAPE_KEYS = family_keys("lora_shape")
 
 Check = Callable[[Config], bool]
 # Keys the user set that this run would ignore: (keys, when the run ignores them, why and what would
@@ -502,19 +516,22 @@ def canonical(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check one value against its field's type; ints are accepted where floats are due."""
+def coerce(key: str, value: Any, hint: Any, named: Optional[str] = None) -> Any:
+    """value checked against the type hint of its field (Config's or a stage config's); ints are
+    accepted where floats are due, and numbers written as text (PyYAML reads 4e-5 as a string).
+    `named`: how a message names the key (default: config key 'KEY')."""
+    named = f"config key '{key}'" if named is None else named
     origin = typing.get_origin(hint)
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None
         (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(key, value, inner)
+        return coerce(key, value, inner, named)
     if origin is list:
         (inner,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' must be a list, e.g. {key}=[64,64]; got {value!r}")
-        return [_coerce(key, v, inner) for v in value]
+            raise ConfigError(f"{named} must be a list, e.g. {key}=[64,64]; got {value!r}")
+        return [coerce(key, v, inner, named) for v in value]
     if isinstance(value, str) and hint in (int, float):
         try:  # PyYAML reads 4e-5 (no dot) as a string
             value = float(value)
@@ -532,9 +549,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, (str, int, float, os.PathLike)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"config key '{key}' must be {getattr(hint, '__name__', hint)}; got {value!r}")
+    raise ConfigError(f"{named} must be {getattr(hint, '__name__', hint)}; got {value!r}")
 
 
 def _unknown_key(key: str) -> ConfigError:
@@ -551,7 +568,7 @@ def apply(cfg: Config, values: dict[str, Any]) -> Config:
     for key, value in canonical(values).items():
         if key not in hints or key not in field_names():
             raise _unknown_key(key)
-        changes[key] = _coerce(key, value, hints[key])
+        changes[key] = coerce(key, value, hints[key])
     return dataclasses.replace(cfg, **changes)
 
 
@@ -565,25 +582,12 @@ def validate(cfg: Config, user: Collection[str] = ()) -> Config:
 
 def check_values(cfg: Config) -> None:
     """Each key on its own: choices and ranges."""
-    for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"{key} '{getattr(cfg, key)}' is not one of: {', '.join(allowed)}")
+    check_choices(cfg)
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{f.name} must be a finite number; got {value}")
-    for key in POSITIVE:
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive; got {getattr(cfg, key)}")
-    for key in POSITIVE_WHEN_SET:
-        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive (or null to disable); got {getattr(cfg, key)}")
-    for key in NON_NEGATIVE:
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0; got {getattr(cfg, key)}")
-    for key in UNIT_INTERVAL:
-        if not 0.0 <= getattr(cfg, key) <= 1.0:
-            raise ConfigError(f"{key} must lie in [0, 1]; got {getattr(cfg, key)}")
+    check_ranges(cfg)
     if not cfg.hidden_sizes or any(h <= 0 for h in cfg.hidden_sizes):
         raise ConfigError(f"hidden_sizes must be a non-empty list of positive ints; got {cfg.hidden_sizes}")
 

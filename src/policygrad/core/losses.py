@@ -1,8 +1,11 @@
 """Policy losses, registered by name with one signature: fn(log_prob, batch, cfg) -> (loss, metrics);
-plus the value loss and KL estimators they share. All (B, T) tensors are averaged over batch.mask.
+plus the value loss, the KL estimators and KL term they share, and the losses the algorithms step on:
+REINFORCE's and PPO's joint loss (one assembly, their differences as JointLoss options) and TRPO's
+surrogate with its KL term. All (B, T) tensors are averaged over batch.mask.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -202,6 +205,70 @@ def kl_loss_per_token(log_prob: torch.Tensor, old_log_prob: torch.Tensor, ref_lo
     k = KL_ESTIMATORS[estimator](ref_log_prob - log_prob)               # (B, T)
     ratio = torch.exp(log_prob - old_log_prob)                          # (B, T) pi / pi_old
     return KL_LOSS_FORMS[estimator](k, ratio)                           # (B, T)
+
+
+def kl_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:
+    """batch.kl_coef * KL(policy || reference) as a loss term, when cfg.kl_in == 'loss'; 0 otherwise.
+
+    Averaged per token like the policy loss beside it, so one nat of KL per completion weighs what
+    it weighs as a reward penalty (kl_in=reward subtracts kl_coef * the completion's summed KL from
+    its score, which the per-token policy loss spreads over its tokens): kl_coef is the price of a
+    nat per completion in both modes. The gradient is that of the per-token KL (kl_loss_per_token);
+    the README says how it differs from the sequence-level one."""
+    if cfg.kl_in != "loss" or batch.ref_log_prob is None or batch.kl_coef == 0:
+        return torch.zeros(()), {}
+    per_token = kl_loss_per_token(log_prob, batch.log_prob, batch.ref_log_prob, cfg.kl_estimator)  # (B, T)
+    kl = batch_mean(per_token, batch)                                   # ()
+    return batch.kl_coef * kl, {"kl/loss_term": kl.item()}
+
+
+def trpo_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:
+    """() the loss TRPO takes its natural-gradient step on: the surrogate plus the KL term (kl_in=
+    loss), with the KL term's metrics. The KL term is built first: the order in which autograd
+    meets the uses of log_prob is the order its gradients are summed in."""
+    kl_term, metrics = kl_loss(log_prob, batch, cfg)                    # ()
+    return trpo_surrogate(log_prob, batch, cfg) + kl_term, metrics
+
+
+# --- REINFORCE's and PPO's joint loss ------------------------------------------------------------
+@dataclass(frozen=True)
+class JointLoss:
+    """Where REINFORCE's and PPO's joint losses differ; joint_loss is the rest, shared:
+    policy loss + KL term (kl_in=loss) - ent_coef x entropy + vf_coef x value loss."""
+    policy: str
+    """The policy loss, a key of POLICY_LOSSES."""
+    clip_value: bool
+    """PPO: the value loss is clipped at cfg.clip_value_eps around the batch's values (the
+    pessimistic max of value_loss); REINFORCE regresses its baseline unclipped."""
+    baseline_switch: bool
+    """REINFORCE: the value loss joins only with cfg.value_baseline (its critic is a baseline the
+    user may switch off); PPO trains its critic whenever the policy has one."""
+    entropy_always: bool
+    """REINFORCE: -ent_coef x entropy is in the sum even at ent_coef = 0 (a non-finite entropy then
+    makes the loss non-finite), before the value loss; PPO adds it only when ent_coef != 0, after
+    the value loss. The order of a float sum sets its last bits: each keeps its own."""
+
+
+def joint_loss(log_prob: torch.Tensor, entropy: torch.Tensor, values: Optional[torch.Tensor], batch: Batch,
+               cfg, options: JointLoss, measure_sampler: bool) -> tuple[torch.Tensor, dict]:
+    """() one minibatch's loss from the policy's (B, T) log_prob, entropy and values (None without
+    a critic), with its metrics. measure_sampler: the parameters are still those that sampled
+    (sampler_mismatch is only meaningful there)."""
+    loss, metrics = POLICY_LOSSES[options.policy](log_prob, batch, cfg)  # ()
+    if measure_sampler:
+        metrics.update(sampler_mismatch(log_prob, batch))
+    kl_term, kl_metrics = kl_loss(log_prob, batch, cfg)                 # ()
+    entropy_mean = batch_mean(entropy, batch)                           # ()
+    total = loss + kl_term                                              # ()
+    if options.entropy_always:
+        total = total - cfg.ent_coef * entropy_mean
+    if values is not None and cfg.advantage != "sequence" and (cfg.value_baseline or not options.baseline_switch):
+        v_loss = value_loss(values, batch, cfg.clip_value_eps if options.clip_value else None)  # ()
+        total = total + cfg.vf_coef * v_loss
+        metrics["value/loss"] = v_loss.item()
+    if not options.entropy_always and cfg.ent_coef:
+        total = total - cfg.ent_coef * entropy_mean
+    return total, {**metrics, **kl_metrics, "policy/entropy": entropy_mean.item()}
 
 
 def categorical_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

@@ -26,46 +26,27 @@ import yaml
 from safetensors.torch import load_file
 
 from .. import checkpoint
+from ..config import setting
 from ..core.losses import bradley_terry_loss
 from ..errors import ConfigError
 from ..lm import models, tasks
 from ..lm.reward_model import STATS_FILE, Truncation, encode, scored_text
 from ..log import RunLogger
-from . import epoch_order, stage_config
+from . import StageConfig, advance, epoch_steps, stage_config
 
 OUTPUT = "reward-model"
 
 
 @dataclass
-class RewardModelConfig:
-    model: str = "smollm2-135m"
-    """Base model: a local Hugging Face folder or an alias; a scalar head is put on it."""
+class RewardModelConfig(StageConfig):
+    """`policygrad rm`'s keys: StageConfig's, the model being the base a scalar head is put on;
+    a row is a preference pair."""
     data: str = ""
     """Pairs: a JSONL, CSV or Parquet file of prompt, chosen, rejected (and margin) rows."""
-    epochs: int = 2
-    """Passes over the training pairs."""
-    batch_size: int = 8
-    """Pairs per optimiser step."""
-    lr: float = 1e-5
-    """AdamW learning rate."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clip (0: none)."""
-    max_length: int = 256
+    max_length: int = setting(256, rule="positive")
     """Tokens kept of each scored text, prompt and answer (the end is cut); the rm: reward cuts alike."""
-    seed: int = 1
-    """Seed of the head's initialisation and of the pair order."""
-    checkpoint_every: int = 50
-    """Steps between checkpoints (one is also written after every epoch)."""
-    device: str = "auto"
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
     """auto (cuda when there is one), cpu or cuda."""
-
-    def check(self) -> "RewardModelConfig":
-        for key in ("epochs", "batch_size", "lr", "max_length", "checkpoint_every"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be positive; got {getattr(self, key)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device '{self.device}' is not one of: auto, cpu, cuda")
-        return self
 
 
 def make_config(values: dict) -> RewardModelConfig:
@@ -208,27 +189,20 @@ def train(cfg: RewardModelConfig, out: Path, pairs: Any = None, progress: bool =
     model.train()
     start = time.perf_counter()
     try:
-        while run["epoch"] < cfg.epochs:
-            epoch = run["epoch"]
-            shuffled = epoch_order(len(train_rows), cfg.seed, epoch)
-            while run["epoch"] == epoch:  # the epoch's last step moves run["epoch"] on
-                batch = [train_rows[i] for i in shuffled[run["position"]:run["position"] + cfg.batch_size]]
-                writer.wait()  # a checkpoint being written reads these weights
-                loss, metrics = pair_loss(model, tokenizer, batch, cfg.max_length)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-                opt.step()
-                run["update"] += 1
-                run["position"] += len(batch)
-                row = {"update": run["update"], "step": run["update"], "epoch": run["epoch"],
-                       "time/elapsed_s": time.perf_counter() - start, "grad/norm": norm.item(), **metrics}
-                if run["position"] >= len(train_rows):  # the epoch's end: held-out accuracy
-                    run["epoch"], run["position"] = run["epoch"] + 1, 0
-                    row.update(evaluate(model, tokenizer, splits["validation"], cfg, "eval"))
-                logger.log(run["update"], row, 1, headline="rm/accuracy")
-                if run["position"] == 0 or run["update"] % cfg.checkpoint_every == 0:
-                    save(out, model, tokenizer, opt, cfg, run, writer)
+        for epoch, batch in epoch_steps(train_rows, cfg, run, writer):
+            loss, metrics = pair_loss(model, tokenizer, batch, cfg.max_length)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            opt.step()
+            epoch_end, checkpoint_due = advance(run, batch, train_rows, cfg)
+            row = {"update": run["update"], "step": run["update"], "epoch": epoch,
+                   "time/elapsed_s": time.perf_counter() - start, "grad/norm": norm.item(), **metrics}
+            if epoch_end:  # held-out accuracy
+                row.update(evaluate(model, tokenizer, splits["validation"], cfg, "eval"))
+            logger.log(run["update"], row, 1, headline="rm/accuracy")
+            if checkpoint_due:
+                save(out, model, tokenizer, opt, cfg, run, writer)
         final = evaluate(model, tokenizer, splits["test"], cfg, "test")
         stats = reward_stats(model, tokenizer, train_rows, cfg)
         run["finished"] = True

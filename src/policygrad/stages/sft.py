@@ -32,46 +32,32 @@ from .. import checkpoint
 from .. import config as config_mod
 from .. import placement as placement_mod
 from .. import resolve
+from ..config import setting
 from ..errors import ConfigError
 from ..lm import supervised, tasks
 from ..lm.policy import build_policy, policy_files, write_policy_config
 from ..log import RunLogger
-from . import epoch_order, stage_config
+from . import StageConfig, advance, epoch_steps, stage_config
 
 OUTPUT = "model"
 
 
 @dataclass
-class SFTConfig:
-    model: str = "smollm2-135m"
-    """Model to fine-tune: a local Hugging Face folder or an alias."""
+class SFTConfig(StageConfig):
+    """`policygrad sft`'s keys: StageConfig's (the model is the one fine-tuned) and these."""
     data: str = ""
     """Rows: a JSONL, CSV or Parquet file of prompt/completion, messages or text rows (rows given
     from Python: their fingerprint; with best_of: empty, the rows are sampled)."""
-    epochs: int = 2
-    """Passes over the training rows."""
-    batch_size: int = 8
-    """Rows per optimiser step."""
-    micro_batch_size: int = 0
-    """Rows per forward/backward pass; gradients accumulate over a step (0: the whole step at once)."""
-    lr: float = 1e-5
-    """AdamW learning rate (LoRA: try 10x)."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clip (0: none)."""
-    max_length: int = 512
+    max_length: int = setting(512, rule="positive")
     """Tokens kept of each row (the prompt's start and the completion's end are cut)."""
-    seed: int = 1
-    """Seed of the row order, a new adapter's initialisation and best-of-N's sampling."""
-    checkpoint_every: int = 50
-    """Steps between checkpoints (one is also written after every epoch)."""
-    keep_checkpoints: int = 2
+    micro_batch_size: int = setting(0, rule="non_negative")
+    """Rows per forward/backward pass; gradients accumulate over a step (0: the whole step at once)."""
+    keep_checkpoints: int = setting(2, rule="positive")
     """Newest checkpoints kept."""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N | mps."""
     dtype: str = "auto"
     """Compute precision: auto | float32 | bfloat16 (weights and AdamW stay float32)."""
-    lora_r: int = 0
-    """Rank of LoRA adapters; 0: every weight is fine-tuned."""
+    lora_r: int = setting(0, rule="non_negative")
+    """Rank of LoRA adapters; 0: every weight is fine-tuned (with LoRA try 10x the lr)."""
     lora_alpha: float = 32.0
     """LoRA scale numerator."""
     task: Optional[str] = None
@@ -80,12 +66,7 @@ class SFTConfig:
     """Best-of-N: completions sampled per training prompt (the best is kept); 0: plain SFT on data."""
 
     def check(self) -> "SFTConfig":
-        for key in ("epochs", "batch_size", "lr", "max_length", "checkpoint_every", "keep_checkpoints"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be positive; got {getattr(self, key)}")
-        for key in ("micro_batch_size", "max_grad_norm", "lora_r", "seed"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0; got {getattr(self, key)}")
+        super().check()
         if self.dtype == "float16":
             raise ConfigError("dtype=float16 would need a loss scale, which sft does not keep: use dtype=bfloat16 "
                               "or float32")
@@ -209,30 +190,23 @@ def _epochs(cfg: SFTConfig, out: Path, policy, adapted, opt, params, data: dict,
     """The training steps from where `run` stands: shuffled rows per epoch, a validation NLL and a
     checkpoint at each epoch's end, a checkpoint every cfg.checkpoint_every steps."""
     train_rows = data["train"]
-    while run["epoch"] < cfg.epochs:
-        epoch = run["epoch"]
-        shuffled = epoch_order(len(train_rows), cfg.seed, epoch)
-        while run["epoch"] == epoch:  # the epoch's last step moves run["epoch"] on
-            batch = [train_rows[i] for i in shuffled[run["position"]:run["position"] + cfg.batch_size]]
-            writer.wait()  # a checkpoint being written reads these weights
-            opt.zero_grad(set_to_none=True)
-            nll, tokens = step_loss(policy, batch, cfg.micro_batch_size)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            finite = math.isfinite(nll) and math.isfinite(norm.item())
-            if finite:  # a non-finite step would poison the weights and AdamW's moments for good
-                opt.step()
-            run["update"] += 1
-            run["position"] += len(batch)
-            row = {"update": run["update"], "step": run["update"], "epoch": epoch,
-                   "time/elapsed_s": time.perf_counter() - start, "train/nll": nll, "train/tokens": tokens,
-                   "grad/norm": norm.item(), "update/nonfinite": float(not finite)}
-            if run["position"] >= len(train_rows):  # the epoch's end: held-out NLL
-                run["epoch"], run["position"] = epoch + 1, 0
-                row["eval/nll"] = supervised.mean_nll(policy, data["validation"], cfg.batch_size)
-                row["eval/nll_before"] = run["before"]["validation/nll"]
-            logger.log(run["update"], row, 1, headline="train/nll")
-            if run["position"] == 0 or run["update"] % cfg.checkpoint_every == 0:
-                save(out, policy, adapted, opt, cfg, run, writer)
+    for epoch, batch in epoch_steps(train_rows, cfg, run, writer):
+        opt.zero_grad(set_to_none=True)
+        nll, tokens = step_loss(policy, batch, cfg.micro_batch_size)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        finite = math.isfinite(nll) and math.isfinite(norm.item())
+        if finite:  # a non-finite step would poison the weights and AdamW's moments for good
+            opt.step()
+        epoch_end, checkpoint_due = advance(run, batch, train_rows, cfg)
+        row = {"update": run["update"], "step": run["update"], "epoch": epoch,
+               "time/elapsed_s": time.perf_counter() - start, "train/nll": nll, "train/tokens": tokens,
+               "grad/norm": norm.item(), "update/nonfinite": float(not finite)}
+        if epoch_end:  # held-out NLL
+            row["eval/nll"] = supervised.mean_nll(policy, data["validation"], cfg.batch_size)
+            row["eval/nll_before"] = run["before"]["validation/nll"]
+        logger.log(run["update"], row, 1, headline="train/nll")
+        if checkpoint_due:
+            save(out, policy, adapted, opt, cfg, run, writer)
 
 
 def _best_of_file(cfg: SFTConfig, out: Path) -> tuple[list[dict], dict]:
