@@ -364,7 +364,6 @@ def merge(run: Union[str, os.PathLike], out: Union[str, os.PathLike], checkpoint
     transformers folder; the folder written. dtype: float32 (keeps every update), bfloat16,
     float16 or base (the base model's own); a MergeWarning when it rounds away over 1% of the
     update's norm."""
-
     if not Path(run).is_dir():
         raise UsageError(f"run folder '{run}' does not exist")
     merged = merge_run(Path(run), Path(out), checkpoint, dtype)

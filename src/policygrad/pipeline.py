@@ -27,20 +27,19 @@ def reward_model(data: Any, *, out: Union[str, os.PathLike], model: Any = "smoll
     Bradley-Terry loss: data is a pairs file's path, rows, a Dataset or a dict of splits (prompt,
     chosen, rejected, margin). Its folder, out/reward-model, is an `rm:` reward. The same call
     again resumes the run in `out`. Returns the closing numbers."""
-    stage = reward_model_stage
     if out is None:
         raise UsageError("reward_model needs out= (the folder its model is written to)")
     # pairs in memory are named by their content, as a task built from rows is
     label = str(data) if _is_name(data) else \
-        f"rows@{tasks.fingerprint(tasks.Task('rows', stage.pair_splits(data), tasks.RewardSet()))}"
-    cfg = stage.make_config({"model": str(model), "data": label, **keys})
+        f"rows@{tasks.fingerprint(tasks.Task('rows', reward_model_stage.pair_splits(data), tasks.RewardSet()))}"
+    cfg = reward_model_stage.make_config({"model": str(model), "data": label, **keys})
     folder = Path(out)
     resume, complete = runs.prepare_run(folder, cfg, overwrite)
     if complete:
-        return {"reward_model": str(folder / stage.OUTPUT), "already_complete": True,
+        return {"reward_model": str(folder / reward_model_stage.OUTPUT), "already_complete": True,
                 **_read_json(folder / "final_eval.json")}
-    summary = stage.train(cfg, folder, None if _is_name(data) else data, progress=progress, resume=resume)
-    return {"reward_model": str(folder / stage.OUTPUT), **summary}
+    summary = reward_model_stage.train(cfg, folder, None if _is_name(data) else data, progress=progress, resume=resume)
+    return {"reward_model": str(folder / reward_model_stage.OUTPUT), **summary}
 
 
 def sft(data: Any = None, *, out: Union[str, os.PathLike], model: Any = None, tokenizer: Any = None,
