@@ -1,8 +1,8 @@
-"""Language-model rollouts: prompts -> sampled completions -> rewards -> KL to the reference.
+"""Language-model rollouts: LMWorkload walks the prompts, samples completions (or, for a text env's
+task, plays episodes through lm/episodes.py), scores them through lm/scoring.py, evaluates on the
+held-out splits, hands the update its data loss and says what a checkpoint holds.
 
-Per-token rewards: the task reward sits on a completion's last token; with kl_in = reward, every
-token also carries -kl_coef * KL estimate (Ziegler et al. 2019). A completion ends at EOS or at
-max_new_tokens, either way without bootstrapping.
+A completion ends at EOS or at max_new_tokens, either way without bootstrapping.
 """
 from __future__ import annotations
 
