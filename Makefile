@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-control test bench clean
+.PHONY: install demo demo-control test docs bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ demo-control: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The documentation site (docs/, mkdocs.yml) into site/; a warning is an error. `make test` builds it too.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"
