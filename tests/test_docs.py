@@ -76,6 +76,8 @@ def commands(code: str) -> list[list[str]]:
 
 
 TINY_LM_KEYS = {"max_new_tokens": 8, "eval_prompts": 4, "eval_every": 2}
+MULTI_TURN = {"guess-number", "dialogue"}
+"""Built-in multi-turn tasks: their runs get max_turns=2 (every test-split episode is played)."""
 SHRUNK_FLAGS = {"--steps": "2", "--total-steps": "1024", "--episodes": "2", "--samples": "2", "--best-of": "2"}
 
 
@@ -95,7 +97,8 @@ def shrink_command(words: list[str], tiny_lm: Path) -> list[str]:
         if "--task" in words and "--steps" not in words:
             words += ["--steps", "2"]
         if "--task" in words:  # short completions, small validation, one validation (a best checkpoint)
-            words += [f"{k}={v}" for k, v in TINY_LM_KEYS.items() if not any(w.startswith(f"{k}=") for w in words)]
+            keys = {**TINY_LM_KEYS, **({"max_turns": 2} if words[words.index("--task") + 1] in MULTI_TURN else {})}
+            words += [f"{k}={v}" for k, v in keys.items() if not any(w.startswith(f"{k}=") for w in words)]
         if "--env" in words and "--total-steps" not in words:
             words += ["--total-steps", "1024"]
     return words

@@ -178,7 +178,7 @@ class Config:
     """Critic-free baseline of a sequence's score: none | moving-average | rloo | group."""
     kl_coef: float = setting(0.05, "lm", rule="non_negative")
     """Price of one nat of KL(policy || reference) per completion, in task-reward units; the same
-    unit with kl_in=reward and kl_in=loss (README: "The KL to the reference, exactly")."""
+    unit with kl_in=reward and kl_in=loss (docs/language-models.md, "The KL to the reference, exactly")."""
     kl_estimator: str = setting("k1", "lm", choices=("k1", "k2", "k3"))
     """Per-token KL estimator: k1 | k2 | k3 (k2 and k3 only with kl_in=loss: as a reward their
     gradient of the KL is biased)."""
@@ -217,7 +217,7 @@ class Config:
     gradient_checkpointing: bool = setting(False, "lm")
     """Language models: recompute activations in the backward pass instead of keeping them. Every
     training pass then runs each completion in full, checkpointed (the shared-prompt pass keeps a
-    KV cache, which a checkpointed layer cannot pass): less memory, a slower step (README: peak RSS
+    KV cache, which a checkpointed layer cannot pass): less memory, a slower step (docs/results.md: peak RSS
     and step time with and without, `benchmarks/lm.py --only memory`)."""
     share_prompts: bool = setting(True, "lm")
     """Forward passes over a batch's n completions of one prompt run the prompt once and repeat its

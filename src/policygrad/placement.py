@@ -1,7 +1,7 @@
 """Where a run computes and in which precision: built once from the config's `device` and `dtype`.
 
 Modules ask a Placement; nobody else calls .cuda() or picks a dtype. The mixed-precision scheme
-(README, "Devices, precision and LoRA"):
+(docs/devices.md):
 - trainable weights and the optimiser state stay float32 (Adam's small updates would vanish in
   bfloat16 weights); forward and backward passes run under autocast in `dtype`;
 - frozen weights (a full fine-tune's reference copy, the base model under a LoRA adapter) are

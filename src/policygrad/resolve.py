@@ -76,7 +76,7 @@ LM_ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # With LoRA only the adapter moves, from B = 0: a gradient step moves the policy far less than the
 # same lr on every weight, and LoRA recipes run ~10x the full fine-tune's lr (measured on
-# positive-review: README, "LoRA").
+# positive-review: docs/results.md, "LoRA").
 LM_LORA_DEFAULTS: dict[str, dict[str, Any]] = {
     "reinforce": {"lr": 3e-4},
     "ppo": {"lr": 1.5e-4},

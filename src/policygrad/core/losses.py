@@ -214,7 +214,7 @@ def kl_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, di
     it weighs as a reward penalty (kl_in=reward subtracts kl_coef * the completion's summed KL from
     its score, which the per-token policy loss spreads over its tokens): kl_coef is the price of a
     nat per completion in both modes. The gradient is that of the per-token KL (kl_loss_per_token);
-    the README says how it differs from the sequence-level one."""
+    docs/language-models.md says how it differs from the sequence-level one."""
     if cfg.kl_in != "loss" or batch.ref_log_prob is None or batch.kl_coef == 0:
         return torch.zeros(()), {}
     per_token = kl_loss_per_token(log_prob, batch.log_prob, batch.ref_log_prob, cfg.kl_estimator)  # (B, T)

@@ -30,7 +30,7 @@ class GuessNumber(gym.Env):
     # The run settings the task starts from (below the user's own). kl_in=loss: most steps have no
     # success, so every episode's return is the same but for its KL penalty; in the reward,
     # whitening blew that noise up to a full-size step (KL 5.2 nats in 26 steps without learning,
-    # README); as a loss term it only pulls towards the reference.
+    # docs/results.md); as a loss term it only pulls towards the reference.
     run_defaults = {"max_turns": 6, "max_new_tokens": 8, "max_episode_tokens": 256, "prompts_per_step": 4,
                     "samples_per_prompt": 4, "kl_in": "loss", "kl_estimator": "k2", "kl_coef": 0.05}
     metadata: dict = {}
@@ -81,7 +81,7 @@ class Dialogue(gym.Env):
     # tokens, so its KL grows ~3x as fast as a single reply's: at positive-review's kl_coef 0.1 (in
     # the reward) it passed 6 nats by step 9. Per-turn rewards make the return-to-go (`discounted`)
     # the credit of a reply, and the KL a per-token loss (k2: its gradient is the per-token KL's,
-    # without the whole episode's KL as noise in every reply's score); README, "Multi-turn
+    # without the whole episode's KL as noise in every reply's score); docs/results.md, "Multi-turn
     # episodes", has the runs behind each choice.
     run_defaults = {"max_turns": 3, "max_new_tokens": 32, "max_episode_tokens": 512, "prompts_per_step": 4,
                     "samples_per_prompt": 4, "turn_advantage": "discounted", "kl_in": "loss", "kl_estimator": "k2",
