@@ -18,7 +18,7 @@ import torch
 from . import dist
 from .batch import Batch, DataTerm
 from .core.losses import JointLoss, joint_loss, sampler_mismatch, trpo_loss, value_loss
-from .core.trpo import trpo_step
+from .core.trpo import FISHER_PRODUCTS, trpo_step
 from .flat import FlatParameters, clip_grad_norm_, keep_adam_moments_adjacent
 
 
@@ -273,6 +273,16 @@ def _fvp_rows(policy, batch: Batch, cfg, generator: torch.Generator) -> Batch:
     return rows.select_rows(chosen) if dist.world() == 1 else rows.local_part(chosen, dist.rank())
 
 
+def _fisher_pieces(policy, cfg, micros: list[tuple[float, Batch]], olds: list) -> list:
+    """What the Fisher-vector products are built from, per weighted micro-batch: the KL to the
+    snapshot (fvp=exact: its Hessian, by double backward) or the policy's outputs and their Fisher
+    (fvp=gauss_newton, core.trpo.Linearised: the snapshot is not needed, the KL's Hessian at
+    new = old being the Fisher at the current parameters)."""
+    if cfg.fvp == "gauss_newton":
+        return [(w, lambda tangents, m=m: policy.fisher_outputs(m, tangents)) for w, m in micros]
+    return [(w, lambda m=m, old=old: policy.kl(m, old)) for (w, m), old in zip(micros, olds)]
+
+
 def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) -> dict:
     """A natural-gradient policy step in the trust region, then value regression with Adam.
 
@@ -286,7 +296,7 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
         fvp_micros, fvp_olds = micros, olds
     else:
         fvp_micros = _weighted(fvp_batch, cfg.micro_batch_size)
-        fvp_olds = [policy.snapshot_actor(m) for _, m in fvp_micros]
+        fvp_olds = [policy.snapshot_actor(m) for _, m in fvp_micros] if cfg.fvp == "exact" else []
 
     kl_metrics = WeightedMetrics()  # of the gradient's pass, at the parameters before the step
 
@@ -297,7 +307,7 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
         return loss
 
     loss_pieces = [(w, lambda m=m, w=w: surrogate_of(policy.log_prob(m), m, weight=w)) for w, m in micros]
-    kl_pieces = [(w, lambda m=m, old=old: policy.kl(m, old)) for (w, m), old in zip(fvp_micros, fvp_olds)]
+    kl_pieces = _fisher_pieces(policy, cfg, fvp_micros, fvp_olds)
     data = progress.data
     data_micros = [] if data is None else data.micro_batches
     if data is not None:  # J_data joins the surrogate: weight 1, each piece already a share of the mean
@@ -321,7 +331,8 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
     progress.before_step()  # the line search below moves the parameters
     metrics = trpo_step(policy.actor_parameters(), loss_pieces, kl_pieces, loss_and_kl, max_kl=cfg.max_kl,
                         damping=cfg.cg_damping, cg_iters=cfg.cg_iters, line_search_steps=cfg.line_search_steps,
-                        shrink=cfg.line_search_shrink, **({"reduce": dist.total} if dist.world() > 1 else {}))
+                        shrink=cfg.line_search_shrink, fisher_product=FISHER_PRODUCTS[cfg.fvp],
+                        **({"reduce": dist.total} if dist.world() > 1 else {}))
     metrics.update(dist.sum_floats(kl_metrics.sums))
     if opts.value is None:  # critic-free (a sequence baseline)
         return metrics

@@ -130,6 +130,11 @@ class Config:
     """Backtracking steps before a TRPO update is rejected."""
     line_search_shrink: float = setting(0.8, "trpo", rule="unit_interval")
     """Step shrink factor per backtracking step."""
+    fvp: str = setting("exact", "trpo", choices=("exact", "gauss_newton"))
+    """TRPO's Fisher-vector products: exact (the Hessian of the KL, a double backward through the
+    model) | gauss_newton (J^T H J v, H the output distribution's Fisher: one forward-mode pass and
+    one ordinary backward, equal at new = old to rounding; what shard=fsdp needs, and cheaper with
+    micro-batches: benchmarks/fvp.py)."""
     value_lr: float = setting(1e-3, "critic", rule="positive")
     """TRPO: Adam learning rate of the value regression."""
     value_epochs: int = setting(10, "trpo", "critic", rule="positive")

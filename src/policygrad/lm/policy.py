@@ -20,6 +20,7 @@ from torch import nn
 from ..batch import Batch
 from .. import dist
 from ..core.losses import batch_mean
+from ..core.trpo import categorical_fisher_product, linearised
 from ..placement import Placement
 from . import adapters, models
 from .generation import Generated, Sampling, TransformersGenerator, cache_name, completion_mask, repeated_cache
@@ -322,6 +323,18 @@ class LMPolicy(nn.Module):
 
     def kl(self, batch: Batch, old: torch.Tensor) -> torch.Tensor:
         return self.log_prob_and_kl(batch, old)[1]
+
+    def fisher_outputs(self, batch: Batch, tangents: list[torch.Tensor]
+                       ) -> tuple[tuple[torch.Tensor], tuple[torch.Tensor]]:
+        """TRPO's Gauss-Newton product (core.trpo.Linearised): the logits / temperature (B, T, V),
+        with graph, and H J v beside them, H the Fisher of each token's softmax weighted as kl's
+        mean; tangents: one per actor parameter. The whole (B, T, V) block exists at once, as in
+        snapshot_actor; J v needs eager attention (torch's fused kernels have no forward mode)."""
+        def logits() -> torch.Tensor:
+            hidden = self.hidden_states(self.model, batch)
+            return float32_head(self.model.get_output_embeddings())(hidden) / self.temperature
+        z, jv = linearised(self.model, self.actor_parameters(), tangents, logits)    # (B, T, V) x 2
+        return (z,), (categorical_fisher_product(z.detach(), jv, batch.mask / batch.n_valid),)
 
     def actor_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
