@@ -333,7 +333,12 @@ class LMPolicy(nn.Module):
         def logits() -> torch.Tensor:
             hidden = self.hidden_states(self.model, batch)
             return float32_head(self.model.get_output_embeddings())(hidden) / self.temperature
-        z, jv = linearised(self.model, self.actor_parameters(), tangents, logits)    # (B, T, V) x 2
+        if self.checkpointing:  # a checkpointed layer's recomputation would drop the tangents: J v
+            with torch.no_grad():  # in a pass of its own (no graph, none checkpointed), z in another
+                jv = linearised(self.model, self.actor_parameters(), tangents, logits)[1]
+            z = logits()
+        else:
+            z, jv = linearised(self.model, self.actor_parameters(), tangents, logits)  # (B, T, V) x 2
         return (z,), (categorical_fisher_product(z.detach(), jv, batch.mask / batch.n_valid),)
 
     def actor_parameters(self) -> list[nn.Parameter]:
