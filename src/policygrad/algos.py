@@ -18,7 +18,7 @@ import torch
 from . import dist
 from .batch import Batch, DataTerm
 from .core.losses import JointLoss, joint_loss, sampler_mismatch, trpo_loss, value_loss
-from .core.trpo import FISHER_PRODUCTS, trpo_step
+from .core.trpo import FISHER_PRODUCTS, Shards, trpo_step
 from .flat import FlatParameters, clip_grad_norm_, keep_adam_moments_adjacent
 
 
@@ -252,12 +252,16 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
 
 
 # --- TRPO ---------------------------------------------------------------------------------------
-def _weighted(batch: Batch, size: int) -> list[tuple[float, Batch]]:
+def _weighted(batch: Batch, size: int, lockstep: bool = False) -> list[tuple[float, Batch]]:
     """Micro-batches of `size` rows, each with its share of the global batch's valid steps as its
     weight: the weighted sum of a mean over each micro-batch's valid steps, summed over ranks, is
-    the whole batch's mean."""
+    the whole batch's mean. lockstep (sharded weights, whose every pass gathers them from all
+    ranks): as many on every rank, stand-ins that weigh nothing making up a short rank's count."""
     global_valid = _global_valid(batch) if dist.world() > 1 else batch.n_valid
-    return [(float(m.mask.sum() / global_valid), m) for m in batch.split_rows(size)]
+    micros = [(float(m.mask.sum() / global_valid), m) for m in batch.split_rows(size)]
+    if lockstep:
+        micros += [(0.0, batch.stand_in())] * (dist.most(len(micros)) - len(micros))
+    return micros
 
 
 def _fvp_rows(policy, batch: Batch, cfg, generator: torch.Generator) -> Batch:
@@ -289,13 +293,15 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
     The gradient and the Fisher-vector products accumulate over micro-batches of
     cfg.micro_batch_size rows; the products use cfg.fvp_fraction of the rows; the line search
     checks the KL bound on the whole batch."""
-    micros = _weighted(batch, cfg.micro_batch_size)
+    params = policy.actor_parameters()
+    sharded = getattr(policy, "sharded", False)
+    micros = _weighted(batch, cfg.micro_batch_size, sharded)
     olds = [policy.snapshot_actor(m) for _, m in micros]
     fvp_batch = _fvp_rows(policy, batch, cfg, progress.generator)
     if fvp_batch is batch:  # the products see the whole batch: its snapshots serve them too
         fvp_micros, fvp_olds = micros, olds
     else:
-        fvp_micros = _weighted(fvp_batch, cfg.micro_batch_size)
+        fvp_micros = _weighted(fvp_batch, cfg.micro_batch_size, sharded)
         fvp_olds = [policy.snapshot_actor(m) for _, m in fvp_micros] if cfg.fvp == "exact" else []
 
     kl_metrics = WeightedMetrics()  # of the gradient's pass, at the parameters before the step
@@ -329,9 +335,11 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
         return loss, kl
 
     progress.before_step()  # the line search below moves the parameters
-    metrics = trpo_step(policy.actor_parameters(), loss_pieces, kl_pieces, loss_and_kl, max_kl=cfg.max_kl,
+    # sharded weights (FSDP): the solver holds each rank's shards, gradients come from backward
+    shards = Shards(dist.shard_gradient, [dist.local(p).detach() for p in params]) if sharded else None
+    metrics = trpo_step(params, loss_pieces, kl_pieces, loss_and_kl, max_kl=cfg.max_kl,
                         damping=cfg.cg_damping, cg_iters=cfg.cg_iters, line_search_steps=cfg.line_search_steps,
-                        shrink=cfg.line_search_shrink, fisher_product=FISHER_PRODUCTS[cfg.fvp],
+                        shrink=cfg.line_search_shrink, fisher_product=FISHER_PRODUCTS[cfg.fvp], shards=shards,
                         **({"reduce": dist.total} if dist.world() > 1 else {}))
     metrics.update(dist.sum_floats(kl_metrics.sums))
     if opts.value is None:  # critic-free (a sequence baseline)

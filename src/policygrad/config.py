@@ -492,10 +492,10 @@ def check_world(cfg: Config, world: int) -> None:
     if cfg.shard == "fsdp" and cfg.dtype == "float16":
         raise ConfigError("shard=fsdp with dtype=float16: the loss scale would unscale sharded and replicated "
                           "gradients together, which torch's GradScaler does not do: use dtype=bfloat16")
-    if cfg.shard == "fsdp" and cfg.algo == "trpo":
-        raise ConfigError("shard=fsdp with TRPO: its Fisher-vector products differentiate twice through "
-                          "the model, which fully_shard's gradient hooks do not support: use shard=ddp "
-                          "(or LoRA, whose adapters ddp replicates cheaply)")
+    if cfg.shard == "fsdp" and cfg.algo == "trpo" and cfg.fvp == "exact":
+        raise ConfigError("shard=fsdp with TRPO's fvp=exact: its Fisher-vector products differentiate twice "
+                          "through the model, which fully_shard's gradient hooks do not support: use "
+                          "fvp=gauss_newton (the same products from first derivatives), or shard=ddp")
 
 
 def field_names() -> list[str]:

@@ -333,9 +333,14 @@ class LMPolicy(nn.Module):
         def logits() -> torch.Tensor:
             hidden = self.hidden_states(self.model, batch)
             return float32_head(self.model.get_output_embeddings())(hidden) / self.temperature
-        if self.checkpointing:  # a checkpointed layer's recomputation would drop the tangents: J v
-            with torch.no_grad():  # in a pass of its own (no graph, none checkpointed), z in another
-                jv = linearised(self.model, self.actor_parameters(), tangents, logits)[1]
+        if self.checkpointing or self.sharded:
+            # J v in a pass of its own, no graph: a checkpointed layer's recomputation would drop the
+            # tangents, and fully_shard's hooks gather weights but not tangents, so with sharded
+            # weights it runs on gathered ones, tangents gathered alike (dist.whole); then z in a
+            # plain pass, whose backward reduce-scatters the product (dist.shard_gradient)
+            whole = [dist.whole(t, p) for t, p in zip(tangents, self.actor_parameters())]
+            with torch.no_grad(), self.gathered():
+                jv = linearised(self.model, self.actor_parameters(), whole, logits)[1]
             z = logits()
         else:
             z, jv = linearised(self.model, self.actor_parameters(), tangents, logits)  # (B, T, V) x 2
