@@ -362,8 +362,8 @@ class Algo:
     make_optimizers: Callable[[object, object], Optimizers]
     update: Callable[[object, Optimizers, Batch, object, Progress], dict]
     double_backward: bool = False
-    """Differentiates through a gradient (TRPO's Fisher-vector products): the policy must use ops
-    that support it."""
+    """Differentiates through a gradient (TRPO's Fisher-vector products; or forward mode, with
+    fvp=gauss_newton): the policy must use ops that support it."""
 
 
 def _adam(groups: list[tuple[list, float]]) -> tuple[torch.optim.Optimizer, list[FlatParameters]]:

@@ -218,7 +218,7 @@ class Config:
     fvp_fraction: float = setting(1.0, "trpo", rule="unit_interval")
     """TRPO: share of a batch's rows, drawn at random, used for the Fisher-vector products:
     transitions of a control rollout (default 1.0, all of them, as sb3-contrib), completions of a
-    language model (default 0.125: each product is a double backward through the model)."""
+    language model (default 0.125: each product is a pass through the whole model and back)."""
     gradient_checkpointing: bool = setting(False, "lm")
     """Language models: recompute activations in the backward pass instead of keeping them. Every
     training pass then runs each completion in full, checkpointed (the shared-prompt pass keeps a
@@ -318,8 +318,9 @@ class Config:
 
     @property
     def double_backward(self) -> bool:
-        """The algorithm differentiates through a gradient (TRPO's Fisher-vector products), so the
-        model must use ops that support it (algos.ALGOS[algo].double_backward says the same)."""
+        """The algorithm differentiates through a gradient (TRPO's Fisher-vector products; with
+        fvp=gauss_newton, forward mode instead), so the model must use ops that support it
+        (algos.ALGOS[algo].double_backward says the same)."""
         return self.algo == "trpo"
 
     @property
