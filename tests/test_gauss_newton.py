@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from policygrad import config as config_mod
 from policygrad.algos import ALGOS, Progress
 from policygrad.config import Config
 from policygrad.control.rollout import Collector, build_policy as build_control_policy, make_envs
@@ -94,15 +95,16 @@ def test_control_trpo_update_with_gauss_newton_lands_where_the_exact_one_does():
 @pytest.mark.parametrize("overrides", [{}, {"gradient_checkpointing": True}, {"lora_r": 4}])
 def test_lm_gauss_newton_product_equals_the_double_backward_one(tiny_lm, task_file, overrides):
     """The tiny LM at temperature 0.7, completions cut to different lengths (padding weighs
-    nothing), two micro-batches of different weights: within 1e-5 of the exact product (float32);
-    with gradient checkpointing J v takes a pass of its own, with LoRA only the adapters move."""
+    nothing), two micro-batches of different weights, each one prompt's 3 completions (the
+    shared-prompt pass, its KV cache repeated): within 1e-5 of the exact product (float32); with
+    gradient checkpointing J v takes a plain pass of its own, with LoRA only the adapters move."""
     cfg = lm_config(tiny_lm, task_file, algo="trpo", temperature=0.7, **overrides)
     work = LMWorkload(cfg, seed=0)
     batch = work.collect()[0]
     keep = torch.tensor([1, 3, 6, 2, 6, 4])                                   # (B,) valid tokens
     batch = batch.replace(mask=batch.mask * (torch.arange(batch.shape[1])[None, :] < keep[:, None]))
     policy = work.policy
-    parts = [(float(m.mask.sum() / batch.n_valid), m) for m in batch.split_rows(4)]
+    parts = [(float(m.mask.sum() / batch.n_valid), m) for m in batch.split_rows(3)]
     kl_pieces = [(w, lambda m=m, old=policy.snapshot_actor(m): policy.kl(m, old)) for w, m in parts]
     gn_pieces = [(w, lambda t, m=m: policy.fisher_outputs(m, t)) for w, m in parts]
     params = policy.actor_parameters()
@@ -110,3 +112,13 @@ def test_lm_gauss_newton_product_equals_the_double_backward_one(tiny_lm, task_fi
     exact, gn = _products(kl_pieces, gn_pieces, params, v)
     assert exact.abs().max().item() > 1e-2
     assert (gn - exact).abs().max().item() < 1e-5
+
+
+def test_fsdp_takes_trpo_with_the_gauss_newton_product_only(tiny_lm, task_file):
+    """fully_shard's hooks pass first derivatives only: fvp=exact (a double backward) is refused
+    with shard=fsdp, fvp=gauss_newton accepted (tests/test_dist.py runs it over 2 ranks)."""
+    def cfg(fvp):
+        return lm_config(tiny_lm, task_file, algo="trpo", shard="fsdp", fvp=fvp, prompts_per_step=2)
+    with pytest.raises(config_mod.ConfigError, match="fvp=gauss_newton"):
+        config_mod.check_world(cfg("exact"), 2)
+    config_mod.check_world(cfg("gauss_newton"), 2)

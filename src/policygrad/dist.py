@@ -393,7 +393,7 @@ def shard_gradient(outputs, params: Sequence[torch.Tensor], grad_outputs=None) -
     for p in params:
         p.grad = None
     torch.autograd.backward(outputs, grad_tensors=grad_outputs)
-    flat = torch.cat([(torch.zeros(local(p).shape) if p.grad is None else local(p.grad)).reshape(-1)
+    flat = torch.cat([(torch.zeros_like(local(p).detach()) if p.grad is None else local(p.grad)).reshape(-1)
                       for p in params])
     for p in params:
         p.grad = None

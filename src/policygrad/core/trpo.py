@@ -1,8 +1,9 @@
 """The TRPO solver (Schulman et al. 2015, appendix C), on any list of parameters.
 
 It sees only closures: `loss_fn()` -> the surrogate loss to minimise and `kl_fn()` -> the mean
-KL(old || new), both evaluated at the parameters' current values. So the same solver steps an MLP
-policy and a language model.
+KL(old || new), both evaluated at the parameters' current values (or, for the Gauss-Newton
+Fisher-vector product, `Linearised` pieces: the policy's outputs and their Fisher). So the same
+solver steps an MLP policy and a language model, replicated or sharded over workers.
 """
 from __future__ import annotations
 
