@@ -291,8 +291,9 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
     """A natural-gradient policy step in the trust region, then value regression with Adam.
 
     The gradient and the Fisher-vector products accumulate over micro-batches of
-    cfg.micro_batch_size rows; the products use cfg.fvp_fraction of the rows; the line search
-    checks the KL bound on the whole batch."""
+    cfg.micro_batch_size rows; the products (cfg.fvp: exact or Gauss-Newton) use cfg.fvp_fraction
+    of the rows; the line search checks the KL bound on the whole batch. With sharded weights
+    (FSDP, Gauss-Newton only) every rank makes as many passes, and the solver works on shards."""
     params = policy.actor_parameters()
     sharded = getattr(policy, "sharded", False)
     micros = _weighted(batch, cfg.micro_batch_size, sharded)
