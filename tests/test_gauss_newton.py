@@ -122,3 +122,22 @@ def test_fsdp_takes_trpo_with_the_gauss_newton_product_only(tiny_lm, task_file):
     with pytest.raises(config_mod.ConfigError, match="fvp=gauss_newton"):
         config_mod.check_world(cfg("exact"), 2)
     config_mod.check_world(cfg("gauss_newton"), 2)
+
+
+def test_lm_trpo_update_with_gauss_newton_lands_where_the_exact_one_does(tiny_lm, task_file):
+    """A whole TRPO update of the tiny LM in micro-batches of 2 completions, the products on half
+    of them: the Gauss-Newton step is the exact one's within 1e-3 of its size (float32, CG)."""
+    cfg = lm_config(tiny_lm, task_file, algo="trpo", micro_batch_size=2, fvp_fraction=0.5)
+    batch, after = None, {}
+    for fvp in ("exact", "gauss_newton"):
+        work = LMWorkload(dataclasses.replace(cfg, fvp=fvp), seed=0)
+        if batch is None:  # one batch for both
+            batch = advantages.compute(work.collect()[0], cfg)
+        before = torch.cat([p.detach().reshape(-1) for p in work.policy.actor_parameters()])
+        algo = ALGOS["trpo"]
+        metrics = algo.update(work.policy, algo.make_optimizers(work.policy, cfg), batch,
+                              dataclasses.replace(cfg, fvp=fvp), Progress(1.0, torch.Generator().manual_seed(0)))
+        assert metrics["trpo/accepted"] == 1.0
+        after[fvp] = torch.cat([p.detach().reshape(-1) for p in work.policy.actor_parameters()])
+    moved = (after["exact"] - before).abs().max().item()
+    assert moved > 1e-3 and (after["gauss_newton"] - after["exact"]).abs().max().item() < 1e-3 * moved
