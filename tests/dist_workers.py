@@ -27,6 +27,12 @@ CASES = {
     "lm-fsdp-reinforce": ("reinforce", {"shard": "fsdp", "micro_batch_size": 1, "share_prompts": False}),
     "lm-fsdp-ppo": ("ppo", {"shard": "fsdp", "use_value_head": True, "batch_size": 4, "n_epochs": 2,
                             "share_prompts": False}),
+    # TRPO's Gauss-Newton products (issue #25): replicated, and sharded (J v on gathered weights,
+    # J^T through fully_shard's reduce-scatter; each rank's products see 1 to 3 rows, so a short
+    # rank adds passes that weigh nothing)
+    "lm-trpo-gn": ("trpo", {"fvp": "gauss_newton", "fvp_fraction": 0.5, "micro_batch_size": 2}),
+    "lm-fsdp-trpo": ("trpo", {"shard": "fsdp", "fvp": "gauss_newton", "fvp_fraction": 0.5, "micro_batch_size": 2,
+                              "share_prompts": False}),
     # the data loss (J_data): 5 rows of text per update, 3 on rank 0 and 2 on rank 1 (in micro-batches
     # of 2: two passes against one; with FSDP the short rank adds a pass that weighs nothing)
     "lm-reinforce-ptx": ("reinforce", {"micro_batch_size": 2, "ptx_coef": 0.5, "ptx_batch_size": 5}),
@@ -137,11 +143,12 @@ def join(rank: int, world: int, port: int) -> None:
     dist.init("cpu", timeout_s=120)
 
 
-def equivalence_worker(rank: int, world: int, port: int, folder: str, lm_paths: tuple[str, str]) -> None:
-    """Each case: this rank's block of the saved global batch, one update; weights and metrics out."""
+def equivalence_worker(rank: int, world: int, port: int, folder: str, lm_paths: tuple[str, str],
+                       names: list[str]) -> None:
+    """Each case named: this rank's block of the saved global batch, one update; weights and metrics out."""
     join(rank, world, port)
     folder = Path(folder)
-    for name in CASES:
+    for name in names:
         cfg = case_config(name, lm_paths)
         work = workload(cfg)
         batch = block(load_batch(folder / f"{name}.batch"), rank, world)

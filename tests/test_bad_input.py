@@ -243,7 +243,7 @@ CASES = {
     "shard=fsdp in one process": (lambda r, m, o, c: [*lm_train(r, m), "--out", o, "shard=fsdp"],
                                   "this run is one process"),
     "shard=fsdp with TRPO": (lambda r, m, o, c: [*lm_train(r, m), "--out", o, "--algo", "trpo", "shard=fsdp",
-                                                 "--nproc", 2], "shard=fsdp with TRPO"),
+                                                 "--nproc", 2], "shard=fsdp with TRPO's fvp=exact"),
     "shard=fsdp with float16": (lambda r, m, o, c: [*lm_train(r, m), "--out", o, "shard=fsdp", "dtype=float16",
                                                     "--nproc", 2], "shard=fsdp with dtype=float16"),
     "resume at another process count": (lambda r, m, o, c: ["train", "--resume", c, "--nproc", 2],

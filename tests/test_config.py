@@ -192,7 +192,7 @@ DECIDED_BY_AN_IF = {"vectorization", "lr_schedule", "clip_schedule", "activation
 def test_every_registry_holds_exactly_the_choices_of_the_key_that_names_it():
     from policygrad import algos, placement
     from policygrad.config import CHOICES
-    from policygrad.core import advantages, losses
+    from policygrad.core import advantages, losses, trpo
     registries = {
         "algo": algos.ALGOS,
         "advantage": advantages.ADVANTAGES,
@@ -202,6 +202,7 @@ def test_every_registry_holds_exactly_the_choices_of_the_key_that_names_it():
         "behaviour_level": losses.BEHAVIOUR_LEVELS,
         "behaviour_correction": {"none": None, **losses.BEHAVIOUR_CORRECTIONS},  # none: no weight at all
         "dtype": {"auto": None, **placement.DTYPES},  # auto: picked for the device
+        "fvp": trpo.FISHER_PRODUCTS,
     }
     for key, registry in registries.items():
         assert set(registry) == set(CHOICES[key]), key

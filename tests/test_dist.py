@@ -47,7 +47,7 @@ def equivalence(tmp_path_factory, tiny_lm, task_file):
         whole = w.load_batch(folder / f"{name}.batch")
         metrics = w.one_update(cfg, work, whole if cfg.is_lm else w.in_float64(whole))
         single[name] = (before, w.weights(work.policy), metrics)
-    w.run_ranks(w.equivalence_worker, (str(folder), lm_paths))
+    w.run_ranks(w.equivalence_worker, (str(folder), lm_paths, list(w.CASES)))
     return folder, single
 
 

@@ -18,7 +18,7 @@ import torch
 from . import dist
 from .batch import Batch, DataTerm
 from .core.losses import JointLoss, joint_loss, sampler_mismatch, trpo_loss, value_loss
-from .core.trpo import trpo_step
+from .core.trpo import FISHER_PRODUCTS, Shards, trpo_step
 from .flat import FlatParameters, clip_grad_norm_, keep_adam_moments_adjacent
 
 
@@ -252,12 +252,16 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
 
 
 # --- TRPO ---------------------------------------------------------------------------------------
-def _weighted(batch: Batch, size: int) -> list[tuple[float, Batch]]:
+def _weighted(batch: Batch, size: int, lockstep: bool = False) -> list[tuple[float, Batch]]:
     """Micro-batches of `size` rows, each with its share of the global batch's valid steps as its
     weight: the weighted sum of a mean over each micro-batch's valid steps, summed over ranks, is
-    the whole batch's mean."""
+    the whole batch's mean. lockstep (sharded weights, whose every pass gathers them from all
+    ranks): as many on every rank, stand-ins that weigh nothing making up a short rank's count."""
     global_valid = _global_valid(batch) if dist.world() > 1 else batch.n_valid
-    return [(float(m.mask.sum() / global_valid), m) for m in batch.split_rows(size)]
+    micros = [(float(m.mask.sum() / global_valid), m) for m in batch.split_rows(size)]
+    if lockstep:
+        micros += [(0.0, batch.stand_in())] * (dist.most(len(micros)) - len(micros))
+    return micros
 
 
 def _fvp_rows(policy, batch: Batch, cfg, generator: torch.Generator) -> Batch:
@@ -273,20 +277,33 @@ def _fvp_rows(policy, batch: Batch, cfg, generator: torch.Generator) -> Batch:
     return rows.select_rows(chosen) if dist.world() == 1 else rows.local_part(chosen, dist.rank())
 
 
+def _fisher_pieces(policy, cfg, micros: list[tuple[float, Batch]], olds: list) -> list:
+    """What the Fisher-vector products are built from, per weighted micro-batch: the KL to the
+    snapshot (fvp=exact: its Hessian, by double backward) or the policy's outputs and their Fisher
+    (fvp=gauss_newton, core.trpo.Linearised: the snapshot is not needed, the KL's Hessian at
+    new = old being the Fisher at the current parameters)."""
+    if cfg.fvp == "gauss_newton":
+        return [(w, lambda tangents, m=m: policy.fisher_outputs(m, tangents)) for w, m in micros]
+    return [(w, lambda m=m, old=old: policy.kl(m, old)) for (w, m), old in zip(micros, olds)]
+
+
 def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) -> dict:
     """A natural-gradient policy step in the trust region, then value regression with Adam.
 
     The gradient and the Fisher-vector products accumulate over micro-batches of
-    cfg.micro_batch_size rows; the products use cfg.fvp_fraction of the rows; the line search
-    checks the KL bound on the whole batch."""
-    micros = _weighted(batch, cfg.micro_batch_size)
+    cfg.micro_batch_size rows; the products (cfg.fvp: exact or Gauss-Newton) use cfg.fvp_fraction
+    of the rows; the line search checks the KL bound on the whole batch. With sharded weights
+    (FSDP, Gauss-Newton only) every rank makes as many passes, and the solver works on shards."""
+    params = policy.actor_parameters()
+    sharded = getattr(policy, "sharded", False)
+    micros = _weighted(batch, cfg.micro_batch_size, sharded)
     olds = [policy.snapshot_actor(m) for _, m in micros]
     fvp_batch = _fvp_rows(policy, batch, cfg, progress.generator)
     if fvp_batch is batch:  # the products see the whole batch: its snapshots serve them too
         fvp_micros, fvp_olds = micros, olds
     else:
-        fvp_micros = _weighted(fvp_batch, cfg.micro_batch_size)
-        fvp_olds = [policy.snapshot_actor(m) for _, m in fvp_micros]
+        fvp_micros = _weighted(fvp_batch, cfg.micro_batch_size, sharded)
+        fvp_olds = [policy.snapshot_actor(m) for _, m in fvp_micros] if cfg.fvp == "exact" else []
 
     kl_metrics = WeightedMetrics()  # of the gradient's pass, at the parameters before the step
 
@@ -297,7 +314,7 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
         return loss
 
     loss_pieces = [(w, lambda m=m, w=w: surrogate_of(policy.log_prob(m), m, weight=w)) for w, m in micros]
-    kl_pieces = [(w, lambda m=m, old=old: policy.kl(m, old)) for (w, m), old in zip(fvp_micros, fvp_olds)]
+    kl_pieces = _fisher_pieces(policy, cfg, fvp_micros, fvp_olds)
     data = progress.data
     data_micros = [] if data is None else data.micro_batches
     if data is not None:  # J_data joins the surrogate: weight 1, each piece already a share of the mean
@@ -319,9 +336,12 @@ def trpo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress)
         return loss, kl
 
     progress.before_step()  # the line search below moves the parameters
-    metrics = trpo_step(policy.actor_parameters(), loss_pieces, kl_pieces, loss_and_kl, max_kl=cfg.max_kl,
+    # sharded weights (FSDP): the solver holds each rank's shards, gradients come from backward
+    shards = Shards(dist.shard_gradient, [dist.local(p).detach() for p in params]) if sharded else None
+    metrics = trpo_step(params, loss_pieces, kl_pieces, loss_and_kl, max_kl=cfg.max_kl,
                         damping=cfg.cg_damping, cg_iters=cfg.cg_iters, line_search_steps=cfg.line_search_steps,
-                        shrink=cfg.line_search_shrink, **({"reduce": dist.total} if dist.world() > 1 else {}))
+                        shrink=cfg.line_search_shrink, fisher_product=FISHER_PRODUCTS[cfg.fvp], shards=shards,
+                        **({"reduce": dist.total} if dist.world() > 1 else {}))
     metrics.update(dist.sum_floats(kl_metrics.sums))
     if opts.value is None:  # critic-free (a sequence baseline)
         return metrics
@@ -343,8 +363,8 @@ class Algo:
     make_optimizers: Callable[[object, object], Optimizers]
     update: Callable[[object, Optimizers, Batch, object, Progress], dict]
     double_backward: bool = False
-    """Differentiates through a gradient (TRPO's Fisher-vector products): the policy must use ops
-    that support it."""
+    """Differentiates through a gradient (TRPO's Fisher-vector products; or forward mode, with
+    fvp=gauss_newton): the policy must use ops that support it."""
 
 
 def _adam(groups: list[tuple[list, float]]) -> tuple[torch.optim.Optimizer, list[FlatParameters]]:

@@ -130,6 +130,11 @@ class Config:
     """Backtracking steps before a TRPO update is rejected."""
     line_search_shrink: float = setting(0.8, "trpo", rule="unit_interval")
     """Step shrink factor per backtracking step."""
+    fvp: str = setting("exact", "trpo", choices=("exact", "gauss_newton"))
+    """TRPO's Fisher-vector products: exact (the Hessian of the KL, a double backward through the
+    model) | gauss_newton (J^T H J v, H the output distribution's Fisher: one forward-mode pass and
+    one ordinary backward, equal at new = old to rounding; what shard=fsdp needs, and cheaper with
+    micro-batches: benchmarks/fvp.py)."""
     value_lr: float = setting(1e-3, "critic", rule="positive")
     """TRPO: Adam learning rate of the value regression."""
     value_epochs: int = setting(10, "trpo", "critic", rule="positive")
@@ -213,7 +218,7 @@ class Config:
     fvp_fraction: float = setting(1.0, "trpo", rule="unit_interval")
     """TRPO: share of a batch's rows, drawn at random, used for the Fisher-vector products:
     transitions of a control rollout (default 1.0, all of them, as sb3-contrib), completions of a
-    language model (default 0.125: each product is a double backward through the model)."""
+    language model (default 0.125: each product is a pass through the whole model and back)."""
     gradient_checkpointing: bool = setting(False, "lm")
     """Language models: recompute activations in the backward pass instead of keeping them. Every
     training pass then runs each completion in full, checkpointed (the shared-prompt pass keeps a
@@ -313,8 +318,9 @@ class Config:
 
     @property
     def double_backward(self) -> bool:
-        """The algorithm differentiates through a gradient (TRPO's Fisher-vector products), so the
-        model must use ops that support it (algos.ALGOS[algo].double_backward says the same)."""
+        """The algorithm differentiates through a gradient (TRPO's Fisher-vector products; with
+        fvp=gauss_newton, forward mode instead), so the model must use ops that support it
+        (algos.ALGOS[algo].double_backward says the same)."""
         return self.algo == "trpo"
 
     @property
@@ -487,10 +493,10 @@ def check_world(cfg: Config, world: int) -> None:
     if cfg.shard == "fsdp" and cfg.dtype == "float16":
         raise ConfigError("shard=fsdp with dtype=float16: the loss scale would unscale sharded and replicated "
                           "gradients together, which torch's GradScaler does not do: use dtype=bfloat16")
-    if cfg.shard == "fsdp" and cfg.algo == "trpo":
-        raise ConfigError("shard=fsdp with TRPO: its Fisher-vector products differentiate twice through "
-                          "the model, which fully_shard's gradient hooks do not support: use shard=ddp "
-                          "(or LoRA, whose adapters ddp replicates cheaply)")
+    if cfg.shard == "fsdp" and cfg.algo == "trpo" and cfg.fvp == "exact":
+        raise ConfigError("shard=fsdp with TRPO's fvp=exact: its Fisher-vector products differentiate twice "
+                          "through the model, which fully_shard's gradient hooks do not support: use "
+                          "fvp=gauss_newton (the same products from first derivatives), or shard=ddp")
 
 
 def field_names() -> list[str]:

@@ -380,6 +380,26 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
+def whole(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped as this rank's shard of a sharded parameter, gathered whole from every
+    rank's shard (a collective); t itself for a parameter that is not sharded."""
+    return shaped_like(t, param).full_tensor() if is_sharded(param) else t
+
+
+def shard_gradient(outputs, params: Sequence[torch.Tensor], grad_outputs=None) -> torch.Tensor:
+    """(P_local,) this rank's shards of the gradient of outputs in the parameters, summed over the
+    ranks: by backward, whose reduce-scatter fully_shard hooks in (autograd.grad cannot reach a
+    sharded parameter: the forward ran on gathered copies). The parameters' .grad is left empty."""
+    for p in params:
+        p.grad = None
+    torch.autograd.backward(outputs, grad_tensors=grad_outputs)
+    flat = torch.cat([(torch.zeros_like(local(p).detach()) if p.grad is None else local(p.grad)).reshape(-1)
+                      for p in params])
+    for p in params:
+        p.grad = None
+    return flat
+
+
 def shaped_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A rank's shard of an optimiser moment, made the sharded tensor its parameter is again."""
     if not is_sharded(param) or t.dim() == 0:

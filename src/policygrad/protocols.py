@@ -45,6 +45,12 @@ class Policy(Protocol):
     def log_prob_and_kl(self, batch: Batch, old: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """log_prob (B, T) and kl () from one forward pass (TRPO's line search)."""
 
+    def fisher_outputs(self, batch: Batch, tangents: list[torch.Tensor]
+                       ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The distribution's parameters on `batch` (with gradients) and H J v beside each: J v
+        their derivative along tangents (one per actor parameter), H the Fisher that kl's Hessian
+        is at new = old (fvp=gauss_newton; core.trpo.Linearised)."""
+
     def actor_parameters(self) -> list[nn.Parameter]:
         """The parameters TRPO's natural-gradient step moves."""
 

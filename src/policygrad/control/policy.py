@@ -14,6 +14,7 @@ from torch import nn
 
 from ..batch import Batch
 from ..core.losses import batch_mean, categorical_kl, gaussian_kl
+from ..core.trpo import categorical_fisher_product, gaussian_fisher_product, linearised
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -261,6 +262,20 @@ class ControlPolicy(nn.Module):
         else:
             kl = gaussian_kl(old_output, old_log_std, output, self.log_std)
         return self.log_prob_entropy(output, batch.actions)[0], batch_mean(kl, batch)
+
+    def fisher_outputs(self, batch: Batch, tangents: list[torch.Tensor]
+                       ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """TRPO's Gauss-Newton product (core.trpo.Linearised): the actor's outputs (logits, or
+        mean and log-std) with graph, and H J v beside them, H their Fisher weighted as kl's mean.
+        Through the nn.Sequential twin: the fused MLP has no forward-mode derivative."""
+        def outputs() -> tuple[torch.Tensor, ...]:
+            out = self.actor_head(self.actor_body(batch.obs))           # (B, T, A)
+            return (out,) if self.discrete else (out, self.log_std)
+        z, jv = linearised(self, self.actor_parameters(), tangents, outputs)
+        weights = batch.mask / batch.n_valid                            # (B, T)
+        if self.discrete:
+            return z, (categorical_fisher_product(z[0].detach(), jv[0], weights),)
+        return z, gaussian_fisher_product(z[1].detach(), jv[0], jv[1], weights)
 
     @torch.no_grad()
     def snapshot_actor(self, batch: Batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -20,6 +20,7 @@ from torch import nn
 from ..batch import Batch
 from .. import dist
 from ..core.losses import batch_mean
+from ..core.trpo import categorical_fisher_product, linearised
 from ..placement import Placement
 from . import adapters, models
 from .generation import Generated, Sampling, TransformersGenerator, cache_name, completion_mask, repeated_cache
@@ -322,6 +323,28 @@ class LMPolicy(nn.Module):
 
     def kl(self, batch: Batch, old: torch.Tensor) -> torch.Tensor:
         return self.log_prob_and_kl(batch, old)[1]
+
+    def fisher_outputs(self, batch: Batch, tangents: list[torch.Tensor]
+                       ) -> tuple[tuple[torch.Tensor], tuple[torch.Tensor]]:
+        """TRPO's Gauss-Newton product (core.trpo.Linearised): the logits / temperature (B, T, V),
+        with graph, and H J v beside them, H the Fisher of each token's softmax weighted as kl's
+        mean; tangents: one per actor parameter. The whole (B, T, V) block exists at once, as in
+        snapshot_actor; J v needs eager attention (torch's fused kernels have no forward mode)."""
+        def logits() -> torch.Tensor:
+            hidden = self.hidden_states(self.model, batch)
+            return float32_head(self.model.get_output_embeddings())(hidden) / self.temperature
+        if self.checkpointing or self.sharded:
+            # J v in a pass of its own, no graph: a checkpointed layer's recomputation would drop the
+            # tangents, and fully_shard's hooks gather weights but not tangents, so with sharded
+            # weights it runs on gathered ones, tangents gathered alike (dist.whole); then z in a
+            # plain pass, whose backward reduce-scatters the product (dist.shard_gradient)
+            whole = [dist.whole(t, p) for t, p in zip(tangents, self.actor_parameters())]
+            with torch.no_grad(), self.gathered():
+                jv = linearised(self.model, self.actor_parameters(), whole, logits)[1]
+            z = logits()
+        else:
+            z, jv = linearised(self.model, self.actor_parameters(), tangents, logits)  # (B, T, V) x 2
+        return (z,), (categorical_fisher_product(z.detach(), jv, batch.mask / batch.n_valid),)
 
     def actor_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -72,7 +72,8 @@ class LMWorkload:
                                     device=self.placement.device, normalize=cfg.reward_normalize)
         self.policy, self.adapted = build_policy(cfg, self.placement, seed, model_path)
         if cfg.double_backward:
-            # torch's fused CPU attention kernels have no double backward; the eager path has
+            # torch's fused CPU attention kernels have neither a double backward (fvp=exact) nor a
+            # forward-mode derivative (fvp=gauss_newton); the eager path has both
             self.policy.model.set_attn_implementation("eager")
         self.cursor = PromptCursor(len(self.task.rows("train")), seed)
         # the data loss's rows load at the first update (evaluating or sampling a run never reads
