@@ -94,14 +94,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "grpo": {"algo": "ppo", "advantage": "sequence", "baseline": "group", "normalize_advantages": False,
              "loss_agg": "seq-mean-token-mean", "clip_eps": 0.2, "kl_in": "loss", "kl_estimator": "k3",
              "kl_coef": 0.04},
-    # Yu et al. 2025 (DAPO), eq. 8: clip-higher (0.2 / 0.28), the token mean over the batch, no KL
+    # Yu et al. 2025 (DAPO): clip-higher (0.2 / 0.28), the token mean over the batch, no KL
     "dapo": {"algo": "ppo", "advantage": "sequence", "baseline": "group", "normalize_advantages": False,
              "loss_agg": "token-mean", "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0},
-    # Liu et al. 2025 (Understanding R1-Zero-like training), eq. 3: no std in the advantage, sums
+    # Liu et al. 2025 (Understanding R1-Zero-like training, Dr. GRPO): no std in the advantage, sums
     # over a constant (max_new_tokens) in place of each completion's length, no KL term
     "dr_grpo": {"algo": "ppo", "advantage": "sequence", "baseline": "group-mean", "normalize_advantages": False,
                 "loss_agg": "seq-mean-token-sum-norm", "clip_eps": 0.2, "kl_coef": 0.0},
-    # Zheng et al. 2025 (GSPO), eq. 5-7 and sec. 5.1: one length-normalised ratio per completion,
+    # Zheng et al. 2025 (GSPO): one length-normalised ratio per completion,
     # clipped to [1 - 3e-4, 1 + 4e-4], averaged per completion, no KL
     "gspo": {"algo": "ppo", "advantage": "sequence", "baseline": "group", "normalize_advantages": False,
              "ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "loss_agg": "seq-mean-token-mean",
@@ -112,11 +112,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "cispo": {"algo": "ppo", "surrogate": "cispo", "advantage": "sequence", "baseline": "group",
               "normalize_advantages": False, "loss_agg": "token-mean", "clip_low": 1.0, "clip_high": 0.28,
               "kl_coef": 0.0},
-    # Ahmadian et al. 2024 (Back to basics), eq. 6: a completion is one action, its summed log-prob
+    # Ahmadian et al. 2024 (Back to basics, RLOO): a completion is one action, its summed log-prob
     # times the leave-one-out advantage; the KL to the reference as a reward penalty
     "rloo": {"algo": "reinforce", "advantage": "sequence", "baseline": "rloo", "normalize_advantages": False,
              "loss_agg": "seq-mean-token-sum", "kl_in": "reward", "kl_estimator": "k1"},
-    # Hu 2025 (REINFORCE++), sec. 3: the token-level KL penalty in the reward, undiscounted returns to
+    # Hu 2025 (REINFORCE++): the token-level KL penalty in the reward, undiscounted returns to
     # go, whitened over the global batch (its baseline), PPO's clipped surrogate over tokens
     "reinforce_pp": {"algo": "ppo", "advantage": "mc", "gamma": 1.0, "normalize_advantages": True,
                      "loss_agg": "token-mean", "clip_eps": 0.2, "kl_in": "reward", "kl_estimator": "k1"},

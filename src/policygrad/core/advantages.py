@@ -214,8 +214,9 @@ def _outcome(turns: dict, batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor
 def _per_turn_baselined(returns: torch.Tensor, batch: Batch, valid: torch.Tensor, cfg) -> torch.Tensor:
     """(B, K) each turn's return-to-go against the same turn's of the other episodes from the same
     seed (rloo: their mean; group: whitened with their moments; group-mean: minus their mean), over
-    the episodes that reached that turn. A later turn's return-to-go holds fewer rewards than the whole return: compared
-    with the whole return's baseline it would carry a large offset and the earlier turns' noise.
+    the episodes that reached that turn. A later turn's return-to-go holds fewer rewards than the
+    whole return: compared with the whole return's baseline it would carry a large offset and the
+    earlier turns' noise.
     none and moving-average baselines are of the whole return (_baselined)."""
     if cfg.baseline not in ("rloo", "group", "group-mean"):
         return _baselined(returns, returns[:, 0], batch, cfg)

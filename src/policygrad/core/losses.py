@@ -168,7 +168,7 @@ def reinforce_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Ten
 
 # --- PPO's surrogates --------------------------------------------------------------------------
 def _sequence_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # GSPO (Zheng et al. 2025, eq. 7): s_i = (pi_theta(y_i) / pi_old(y_i)) ^ (1 / |y_i|), the
+    # GSPO (Zheng et al. 2025): s_i = (pi_theta(y_i) / pi_old(y_i)) ^ (1 / |y_i|), the
     # geometric mean of the sequence's token ratios, one ratio (and one clip) per completion; its
     # gradient reaches every token through the mean (TRL's importance_sampling_level=sequence)
     return BEHAVIOUR_LEVELS["geometric"](log_ratio * mask, mask)        # (B, T)
@@ -211,7 +211,7 @@ def ppo_clip_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tens
     surrogate = torch.min(unclipped, clipped)                           # (B, T)
     dual = getattr(cfg, "clip_ratio_c", None)
     if dual is not None:
-        # dual clip (Ye et al. 2020, "Mastering complex control in MOBA games", eq. 5): with A < 0 a
+        # dual clip (Ye et al. 2020, "Mastering complex control in MOBA games"): with A < 0 a
         # huge ratio makes -ratio x A unbounded; the loss stops at -c x A
         bounded = torch.max(surrogate, dual * batch.advantages)         # (B, T)
         surrogate = torch.where(batch.advantages < 0, bounded, surrogate)  # (B, T)
@@ -338,7 +338,9 @@ def kl_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, di
     it weighs as a reward penalty (kl_in=reward subtracts kl_coef * the completion's summed KL from
     its score, which the per-token policy loss spreads over its tokens): kl_coef is the price of a
     nat per completion in both modes. The gradient is that of the per-token KL (kl_loss_per_token);
-    the README says how it differs from the sequence-level one."""
+    the README says how it differs from the sequence-level one. Another cfg.loss_agg averages it as
+    it averages the policy loss (veRL aggregates its KL loss alike; TRL adds it per token before
+    aggregating)."""
     if cfg.kl_in != "loss" or batch.ref_log_prob is None or batch.kl_coef == 0:
         return torch.zeros(()), {}
     per_token = kl_loss_per_token(log_prob, batch.log_prob, batch.ref_log_prob, cfg.kl_estimator)  # (B, T)
