@@ -377,3 +377,35 @@ def test_every_recipe_trains_the_tiny_model(tiny_lm, task_file, name, extra):
         metrics = spec.update(work.policy, opts, batch, cfg, Progress(1.0, torch.Generator().manual_seed(step)))
         assert metrics.get("update/nonfinite", 0.0) == 0.0 and all(math.isfinite(v) for v in metrics.values()), metrics
     assert any(not torch.equal(a, b) for a, b in zip(before, work.policy.actor_parameters()))
+
+
+def test_recipe_by_name_from_the_cli_and_from_python(tiny_lm, task_file, monkeypatch):
+    """`train --recipe NAME` passes it as a flag (above every other layer, as --algo), and
+    make_config(recipe=NAME) presets it; a Config object, taken whole, refuses recipe= in one line."""
+    import policygrad
+    from policygrad import cli, errors, resolve as resolve_mod
+    seen = {}
+
+    def stop(file_values, overrides, flags):  # no --algo: the recipe names it, and no run starts
+        seen.update(flags)
+        raise errors.UsageError("stop here")
+    monkeypatch.setattr(resolve_mod, "resolve", stop)
+    assert cli.main(["train", "--recipe", "dapo", "--task", str(task_file), "--model", str(tiny_lm),
+                     "--out", "x"]) == 2
+    assert seen["recipe"] == "dapo" and seen["algo"] is None
+    monkeypatch.undo()
+    cfg = policygrad.make_config(task=str(task_file), model=str(tiny_lm), recipe="dapo", clip_high=0.3)
+    assert (cfg.algo, cfg.clip_low, cfg.clip_high, cfg.kl_coef) == ("ppo", 0.2, 0.3, 0.0)
+    with pytest.raises(errors.UsageError, match="a Config object is taken whole"):
+        policygrad.make_config(cfg, recipe="grpo")
+
+
+def test_group_mean_baseline_per_turn_of_multi_turn_episodes():
+    """Each turn's return-to-go minus the mean of the same turn's over the episodes of its seed."""
+    cfg = SimpleNamespace(baseline="group-mean")
+    returns = torch.tensor([[3.0, 1.0], [1.0, 0.0], [5.0, 2.0], [7.0, 0.0]])  # (B, K)
+    valid = torch.tensor([[True, True], [True, False], [True, True], [True, True]])
+    batch = SimpleNamespace(group=torch.tensor([0, 0, 1, 1]))
+    out = advantages._per_turn_baselined(returns, batch, valid, cfg)
+    # turn 0: seeds' means 2 and 6; turn 1: episode 1 has none, so episode 0 is alone (mean 1)
+    assert out.tolist() == [[1.0, 0.0], [-1.0, 0.0], [-1.0, 1.0], [1.0, -1.0]]
