@@ -89,7 +89,7 @@ LM_LORA_DEFAULTS: dict[str, dict[str, Any]] = {
 # learning rate, batch and epochs stay the run's. Not here yet: DAPO's dynamic sampling and overlong
 # shaping (batch options of issue #25 still to come).
 RECIPES: dict[str, dict[str, Any]] = {
-    # Shao et al. 2024 (DeepSeekMath), eq. 3 and sec. 4.1: group-whitened outcome advantages, each
+    # Shao et al. 2024 (DeepSeekMath), eq. 3: group-whitened outcome advantages, each
     # completion's token mean, PPO's clip 0.2, a k3 KL term in the loss at beta 0.04
     "grpo": {"algo": "ppo", "advantage": "sequence", "baseline": "group", "normalize_advantages": False,
              "loss_agg": "seq-mean-token-mean", "clip_eps": 0.2, "kl_in": "loss", "kl_estimator": "k3",
@@ -101,8 +101,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # over a constant (max_new_tokens) in place of each completion's length, no KL term
     "dr_grpo": {"algo": "ppo", "advantage": "sequence", "baseline": "group-mean", "normalize_advantages": False,
                 "loss_agg": "seq-mean-token-sum-norm", "clip_eps": 0.2, "kl_coef": 0.0},
-    # Zheng et al. 2025 (GSPO): one length-normalised ratio per completion,
-    # clipped to [1 - 3e-4, 1 + 4e-4], averaged per completion, no KL
+    # Zheng et al. 2025 (GSPO): one length-normalised ratio per completion, clipped to
+    # [1 - 3e-4, 1 + 4e-4], averaged per completion, no KL
     "gspo": {"algo": "ppo", "advantage": "sequence", "baseline": "group", "normalize_advantages": False,
              "ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "loss_agg": "seq-mean-token-mean",
              "kl_coef": 0.0},
