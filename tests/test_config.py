@@ -190,7 +190,7 @@ DECIDED_BY_AN_IF = {"vectorization", "lr_schedule", "clip_schedule", "activation
 
 
 def test_every_registry_holds_exactly_the_choices_of_the_key_that_names_it():
-    from policygrad import algos, placement
+    from policygrad import algos, placement, resolve
     from policygrad.config import CHOICES
     from policygrad.core import advantages, losses, trpo
     registries = {
@@ -203,6 +203,10 @@ def test_every_registry_holds_exactly_the_choices_of_the_key_that_names_it():
         "behaviour_correction": {"none": None, **losses.BEHAVIOUR_CORRECTIONS},  # none: no weight at all
         "dtype": {"auto": None, **placement.DTYPES},  # auto: picked for the device
         "fvp": trpo.FISHER_PRODUCTS,
+        "loss_agg": losses.LOSS_AGGREGATIONS,
+        "ratio_level": losses.RATIO_LEVELS,
+        "surrogate": losses.PPO_SURROGATES,
+        "recipe": {"none": None, **resolve.RECIPES},  # none: no preset
     }
     for key, registry in registries.items():
         assert set(registry) == set(CHOICES[key]), key
@@ -218,7 +222,8 @@ def test_key_groups_and_choices_come_from_the_fields_tags():
     from policygrad.config import CHOICES, CRITIC_KEYS, FAMILIES, LORA_SHAPE_KEYS, PPO_KEYS, TRPO_KEYS, family_keys
     fields = {f.name: f for f in dataclasses.fields(Config)}
     assert CHOICES["algo"] == fields["algo"].metadata["choices"] == ("reinforce", "trpo", "ppo")
-    assert set(PPO_KEYS) == {"n_epochs", "clip_eps", "clip_schedule"}
+    assert set(PPO_KEYS) == {"n_epochs", "clip_eps", "clip_schedule", "clip_low", "clip_high", "clip_ratio_c",
+                             "ratio_level", "surrogate"}
     assert "value_epochs" in TRPO_KEYS and "value_epochs" in CRITIC_KEYS  # a key may be of two families
     assert set(LORA_SHAPE_KEYS) <= set(LM_KEYS)
     for family in FAMILIES:

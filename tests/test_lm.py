@@ -181,13 +181,21 @@ def test_every_trainable_parameter_changes_after_an_update(tiny_lm, task_file, a
     assert math.isfinite(metrics["kl/to_reference"])
 
 
-def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_lm, task_file):
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm",
+                                      "seq-mean-token-sum"])
+def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_lm, task_file, loss_agg):
+    """Whatever the aggregation (each micro-batch's mean weighed by its tokens or its sequences),
+    with the KL term and the entropy bonus aggregated alike, on completions of different lengths
+    (micro-batches of as many sequences and unlike token counts: weighing one by the other's count
+    misses)."""
+    from dist_workers import vary_lengths
     grads = []
     for micro in (0, 2):
-        cfg = lm_config(tiny_lm, task_file, micro_batch_size=micro, max_grad_norm=0.0)
+        cfg = lm_config(tiny_lm, task_file, micro_batch_size=micro, max_grad_norm=0.0, loss_agg=loss_agg,
+                        kl_in="loss", kl_estimator="k3", ent_coef=0.01)
         work = LMWorkload(cfg, seed=0)
         opts = ALGOS["reinforce"].make_optimizers(work.policy, cfg)
-        batch = advantages.compute(work.collect()[0], cfg)
+        batch = advantages.compute(vary_lengths(work.collect()[0]), cfg)
         ALGOS["reinforce"].update(work.policy, opts, batch, cfg, Progress(1.0, torch.Generator()))
         grads.append(torch.cat([f.param.grad.clone() for f in opts.main_params]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)

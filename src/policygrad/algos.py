@@ -17,7 +17,7 @@ import torch
 
 from . import dist
 from .batch import Batch, DataTerm
-from .core.losses import JointLoss, joint_loss, sampler_mismatch, trpo_loss, value_loss
+from .core.losses import JointLoss, aggregation, joint_loss, sampler_mismatch, trpo_loss, value_loss
 from .core.trpo import FISHER_PRODUCTS, Shards, trpo_step
 from .flat import FlatParameters, clip_grad_norm_, keep_adam_moments_adjacent
 
@@ -107,24 +107,27 @@ def _accumulate(flats: list[FlatParameters], batch: Batch, loss_fn: Callable[[Ba
     """Backward passes over micro-batches of cfg.micro_batch_size rows, gradients summed over
     ranks: the global batch's mean metrics, and whether every rank's loss was finite.
 
-    In one process each micro-batch's mean is weighted by its share of the batch's valid steps.
-    Over ranks, by its count of valid steps (a sum over them), and the summed gradients and metrics
-    are divided by the global count, which travels with the metrics."""
+    Each loss is a mean over the units cfg.loss_agg averages over (valid steps, or sequences). In
+    one process each micro-batch's mean is weighted by its share of the batch's units. Over ranks,
+    by its count of units (a sum over them), and the summed gradients and metrics are divided by the
+    global count, which travels with the metrics."""
     micro_batches, weighted = batch.split_rows(cfg.micro_batch_size), WeightedMetrics()
+    units = aggregation(cfg).count
     if any(flat.lockstep for flat in flats):  # sharded weights: every rank runs as many passes
         micro_batches += [batch.stand_in()] * (dist.most(len(micro_batches)) - len(micro_batches))
     alone = dist.world() == 1
     finite = True
     for micro in micro_batches:
         loss, metrics = loss_fn(micro)
-        weight = micro.mask.sum() / batch.n_valid if alone else micro.mask.sum()
+        weight = units(micro) / units(batch).clamp(min=1.0) if alone else units(micro)
         if len(micro_batches) > 1 or not alone:
             loss = loss * weight
         finite = finite and bool(torch.isfinite(loss))
         (loss if scaler is None else scaler.scale(loss)).backward()
         weighted.add(metrics, float(weight))
     if data is not None:
-        finite = _data_backward(data, weighted, 1.0 if alone else float(_global_valid(batch)), scaler) and finite
+        scale = 1.0 if alone else float(dist.total(units(batch)).clamp(min=1.0))
+        finite = _data_backward(data, weighted, scale, scaler) and finite
     local = {**weighted.sums, "update/nonfinite": 0.0 if finite else 1.0}
     if alone:
         return local, finite
@@ -132,7 +135,7 @@ def _accumulate(flats: list[FlatParameters], batch: Batch, loss_fn: Callable[[Ba
     # was not finite (a control MLP's step: one collective in all)
     for flat in flats[:-1]:
         flat.sum_over_ranks()
-    sums = flats[-1].sum_over_ranks({**local, "update/valid": float(batch.mask.sum())})
+    sums = flats[-1].sum_over_ranks({**local, "update/valid": float(units(batch))})
     valid, nonfinite = max(sums.pop("update/valid"), 1.0), sums.pop("update/nonfinite")
     for flat in flats:
         flat.scale_grads(1.0 / valid)
@@ -142,8 +145,8 @@ def _accumulate(flats: list[FlatParameters], batch: Batch, loss_fn: Callable[[Ba
 def _data_backward(data: DataTerm, weighted: WeightedMetrics, scale: float,
                    scaler: Optional[torch.amp.GradScaler]) -> bool:
     """Backward passes of the data loss over its micro-batches; whether it was finite. Over ranks
-    `scale` is the global count of valid steps, which _accumulate divides every summed gradient
-    and metric by."""
+    `scale` is the global count of units (valid steps, or sequences), which _accumulate divides
+    every summed gradient and metric by."""
     finite = True
     for micro in data.micro_batches:
         nll = data.share(micro)                                           # ()
@@ -223,7 +226,10 @@ PPO_LOSS = JointLoss("ppo", clip_value=True, baseline_switch=False, entropy_alwa
 def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) -> dict:
     """Epochs x shuffled minibatches of the clipped surrogate, value loss and entropy bonus."""
     _set_lr(opts.main, progress, cfg)
-    step_cfg = dataclasses.replace(cfg, clip_eps=_scheduled(cfg.clip_eps, cfg.clip_schedule, progress))
+    # the clip range anneals as a whole: clip_eps, and clip_low / clip_high where they are set
+    step_cfg = dataclasses.replace(cfg, **{key: _scheduled(getattr(cfg, key), cfg.clip_schedule, progress)
+                                           for key in ("clip_eps", "clip_low", "clip_high")
+                                           if getattr(cfg, key) is not None})
     stepped = [False]  # the sampler mismatch is measured before the first step, at the sampling weights
     loss_fn = _joint_loss_fn(policy, step_cfg, PPO_LOSS, lambda: not stepped[0])
 

@@ -120,6 +120,9 @@ def _resolve(config: Any = None, *, algo: Optional[str] = None, env: Any = None,
              "model": None if model is None else str(model) if _is_name(model) else str(model_folder)}
     named = {k: v for k, v in named.items() if v is not None}
     if isinstance(config, Config):
+        if "recipe" in keys:  # a Config is taken whole: nothing would lay the recipe's keys under it
+            raise UsageError("recipe= presets keys while a config is resolved; a Config object is taken "
+                             "whole: pass recipe= without it, or set the keys on the Config")
         changes = config_mod.canonical({**named, **keys})
         return config_mod.validate(config_mod.apply(config, changes), user=set(changes))
     if require_named:

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a policy on a Gymnasium env or a text task")
     train.add_argument("--algo", help="reinforce | trpo | ppo")
+    train.add_argument("--recipe", help="language models: a published recipe's keys as a preset, "
+                       f"overridable: {' | '.join(config_mod.CHOICES['recipe'][1:])} (docs/recipes.md)")
     train.add_argument("--env", help="Gymnasium environment id, e.g. CartPole-v1")
     train.add_argument("--task", help="text task: a built-in name (see `policygrad tasks`) or a task YAML")
     train.add_argument("--model", help="language model: a local Hugging Face folder or smollm2-135m")
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    flags = {"algo": args.algo, "env": args.env, "task": args.task, "model": args.model,
+    flags = {"algo": args.algo, "recipe": args.recipe, "env": args.env, "task": args.task, "model": args.model,
              "total_steps": args.total_steps, "seed": args.seed, "wandb": args.wandb}
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]

@@ -62,6 +62,10 @@ class Config:
     task: Optional[str] = None
     """A text task: a built-in name (`policygrad tasks`) or a task YAML file; set, it makes a
     language-model run."""
+    recipe: str = setting("none", "lm", choices=("none", "grpo", "dapo", "dr_grpo", "gspo", "cispo", "rloo",
+                                                 "reinforce_pp"))
+    """A published recipe's keys as a preset (resolve.RECIPES; docs/recipes.md says what each sets,
+    with its paper): above the task's defaults, below the user's own keys, which override it."""
     model: str = setting("smollm2-135m", "lm")
     """Language model: a local Hugging Face folder or an alias (smollm2-135m)."""
     total_steps: int = setting(100_000, rule="positive")
@@ -112,6 +116,20 @@ class Config:
     """Minibatch size (transitions) for PPO and for TRPO's value regression."""
     clip_eps: float = setting(0.2, "ppo", rule="positive")
     """PPO ratio clip epsilon."""
+    clip_low: Optional[float] = setting(None, "ppo", rule="positive_when_set")
+    """The ratio's lower clip, 1 - clip_low (None: clip_eps)."""
+    clip_high: Optional[float] = setting(None, "ppo", rule="positive_when_set")
+    """The ratio's upper clip, 1 + clip_high (None: clip_eps); above clip_low it is DAPO's
+    clip-higher (Yu et al. 2025: 0.28 with clip_low 0.2)."""
+    clip_ratio_c: Optional[float] = setting(None, "ppo", rule="positive_when_set")
+    """Dual clip (Ye et al. 2020): with a negative advantage the loss is at most c x |A|, however
+    large the ratio (> 1; 3 is usual; None disables)."""
+    ratio_level: str = setting("token", "lm", "ppo", choices=("token", "sequence"))
+    """The ratio PPO clips: token (each token's pi_theta / pi_old) | sequence (GSPO, Zheng et al.
+    2025: a completion's geometric mean of its token ratios, one clip per completion)."""
+    surrogate: str = setting("clip", "ppo", choices=("clip", "cispo"))
+    """PPO's policy loss: clip (the clipped surrogate) | cispo (MiniMax 2025: the ratio, clipped to
+    [1 - clip_low, 1 + clip_high] and detached, weighs A x log pi; no token's gradient is cut)."""
     clip_schedule: str = setting("constant", "ppo", choices=("constant", "linear"))
     """constant | linear (anneal clip_eps to 0 over total_steps)."""
     clip_value_eps: Optional[float] = setting(None, rule="positive_when_set")
@@ -179,8 +197,18 @@ class Config:
     tokens) | geometric (their geometric mean, a per-token size)."""
     behaviour_cap: float = setting(2.0, "lm")
     """tis: the most w may be; mis: w outside [1/cap, cap] is masked (> 1)."""
-    baseline: str = setting("rloo", "lm", choices=("none", "moving-average", "rloo", "group"))
-    """Critic-free baseline of a sequence's score: none | moving-average | rloo | group."""
+    baseline: str = setting("rloo", "lm", choices=("none", "moving-average", "rloo", "group", "group-mean"))
+    """Critic-free baseline of a sequence's score: none | moving-average | rloo | group (minus the
+    group's mean, over its std: GRPO) | group-mean (minus the group's mean alone: Dr. GRPO).
+    normalize_advantages then whitens over the batch (REINFORCE++'s global normalisation)."""
+    loss_agg: str = setting("token-mean", "lm", choices=("token-mean", "seq-mean-token-mean",
+                                                         "seq-mean-token-sum-norm", "seq-mean-token-sum"))
+    """How the per-token losses (policy, KL term, entropy, value) are averaged, over the global batch
+    whatever the micro-batches and ranks (veRL's loss_agg_mode names): token-mean (every token
+    alike: DAPO) | seq-mean-token-mean (each completion's token mean, then the mean over completions:
+    GRPO) | seq-mean-token-sum-norm (each completion's token sum / max_new_tokens, then the mean:
+    Dr. GRPO) | seq-mean-token-sum (each completion's token sum, then the mean: a sequence's
+    REINFORCE, as RLOO)."""
     kl_coef: float = setting(0.05, "lm", rule="non_negative")
     """Price of one nat of KL(policy || reference) per completion, in task-reward units; the same
     unit with kl_in=reward and kl_in=loss (docs/language-models.md, "The KL to the reference, exactly")."""
@@ -406,6 +434,9 @@ IGNORED: list[tuple[tuple[str, ...], Check, str]] = [
      "{key} shapes the data loss, which is off (ptx_coef=0): set ptx_coef > 0 with ptx_data, or drop {key}"),
     (("kl_target", "kl_horizon"), lambda c: not c.adaptive_kl,
      "{key} steers the adaptive KL controller, which is off: set adaptive_kl=true, or drop {key}"),
+    (("clip_ratio_c",), lambda c: c.surrogate == "cispo",
+     "clip_ratio_c bounds the clipped surrogate's loss where the advantage is negative; surrogate=cispo "
+     "clips its importance weight instead and has no such bound: drop clip_ratio_c"),
 ]
 # Combinations no run can use, whoever set them: (when the config is refused, why and what would be right).
 CONFLICTS: list[tuple[Check, str]] = [
@@ -421,7 +452,7 @@ CONFLICTS: list[tuple[Check, str]] = [
     (lambda c: c.is_lm and c.use_value_head and c.advantage == "sequence",
      "use_value_head=true adds a value head that advantage=sequence never reads: use advantage=gae "
      "or mc with it, or use_value_head=false"),
-    (lambda c: c.is_lm and c.advantage == "sequence" and c.baseline in ("rloo", "group")
+    (lambda c: c.is_lm and c.advantage == "sequence" and c.baseline in ("rloo", "group", "group-mean")
      and c.samples_per_prompt < 2,
      "baseline={baseline} compares the completions of one prompt and needs samples_per_prompt >= 2 "
      "(got {samples_per_prompt}): raise it, or use baseline=moving-average or none"),
@@ -431,6 +462,17 @@ CONFLICTS: list[tuple[Check, str]] = [
     (lambda c: c.behaviour_cap <= 1.0,
      "behaviour_cap={behaviour_cap} must be above 1 (w is truncated at cap, or kept within [1/cap, cap]): "
      "2 is usual"),
+    (lambda c: c.clip_ratio_c is not None and c.clip_ratio_c <= 1.0,
+     "clip_ratio_c={clip_ratio_c} must be above 1: the dual clip bounds a negative advantage's loss at "
+     "c x |A|, beyond the ordinary clip's (Ye et al. 2020); 3 is usual"),
+    # GSPO's one ratio per completion meets one advantage per completion; token advantages (a critic,
+    # or advantage=mc) would each be weighed by a ratio that is not theirs
+    (lambda c: c.is_lm and c.ratio_level == "sequence" and c.advantage != "sequence",
+     "ratio_level=sequence clips one ratio per completion against one advantage per completion; "
+     "advantage={advantage} gives every token its own: use advantage=sequence, or ratio_level=token"),
+    (lambda c: c.is_lm and c.algo == "trpo" and c.loss_agg != "token-mean",
+     "loss_agg={loss_agg} with TRPO: its surrogate and its KL bound are means over tokens, and its "
+     "step weighs micro-batches by their tokens: use loss_agg=token-mean, or algo=reinforce or ppo"),
     (lambda c: c.adaptive_kl and c.kl_coef == 0,
      "adaptive_kl=true multiplies kl_coef, and from 0 it stays 0: set kl_coef > 0, or adaptive_kl=false"),
     (lambda c: c.target_kl is not None and c.algo != "ppo",

@@ -1,6 +1,7 @@
 """A run's config from its layers (later wins): dataclass defaults < the shipped preset for (env,
-algo), or for a language model the LM defaults < the algorithm's < LoRA's < the task's own <
-`--config FILE.yaml` < `key=value` overrides < explicit CLI flags (or Python keywords)."""
+algo), or for a language model the LM defaults < the algorithm's < LoRA's < the task's own < the
+recipe's (`recipe=NAME`) < `--config FILE.yaml` < `key=value` overrides < explicit CLI flags (or
+Python keywords)."""
 from __future__ import annotations
 
 import dataclasses
@@ -83,6 +84,45 @@ LM_LORA_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Published recipes as presets of keys, each as its paper (or, where the paper is silent, its
+# reference implementation) sets them; docs/recipes.md is the table. Only what the recipe is about:
+# learning rate, batch and epochs stay the run's. Not here yet: DAPO's dynamic sampling and overlong
+# shaping (batch options of issue #25 still to come).
+RECIPES: dict[str, dict[str, Any]] = {
+    # Shao et al. 2024 (DeepSeekMath), eq. 3: group-whitened outcome advantages, each
+    # completion's token mean, PPO's clip 0.2, a k3 KL term in the loss at beta 0.04
+    "grpo": {"algo": "ppo", "advantage": "sequence", "baseline": "group", "normalize_advantages": False,
+             "loss_agg": "seq-mean-token-mean", "clip_eps": 0.2, "kl_in": "loss", "kl_estimator": "k3",
+             "kl_coef": 0.04},
+    # Yu et al. 2025 (DAPO): clip-higher (0.2 / 0.28), the token mean over the batch, no KL
+    "dapo": {"algo": "ppo", "advantage": "sequence", "baseline": "group", "normalize_advantages": False,
+             "loss_agg": "token-mean", "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0},
+    # Liu et al. 2025 (Understanding R1-Zero-like training, Dr. GRPO): no std in the advantage, sums
+    # over a constant (max_new_tokens) in place of each completion's length, no KL term
+    "dr_grpo": {"algo": "ppo", "advantage": "sequence", "baseline": "group-mean", "normalize_advantages": False,
+                "loss_agg": "seq-mean-token-sum-norm", "clip_eps": 0.2, "kl_coef": 0.0},
+    # Zheng et al. 2025 (GSPO): one length-normalised ratio per completion, clipped to
+    # [1 - 3e-4, 1 + 4e-4], averaged per completion, no KL
+    "gspo": {"algo": "ppo", "advantage": "sequence", "baseline": "group", "normalize_advantages": False,
+             "ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "loss_agg": "seq-mean-token-mean",
+             "kl_coef": 0.0},
+    # MiniMax 2025 (MiniMax-M1), eq. 4-5: the clipped, detached ratio weighs A x log pi over the
+    # batch's tokens; no lower bound (clip_low 1: the ratio is never below 0), the paper tunes only
+    # the upper one without publishing it: 0.28 as DAPO's, Trinity-RFT's default
+    "cispo": {"algo": "ppo", "surrogate": "cispo", "advantage": "sequence", "baseline": "group",
+              "normalize_advantages": False, "loss_agg": "token-mean", "clip_low": 1.0, "clip_high": 0.28,
+              "kl_coef": 0.0},
+    # Ahmadian et al. 2024 (Back to basics, RLOO): a completion is one action, its summed log-prob
+    # times the leave-one-out advantage; the KL to the reference as a reward penalty
+    "rloo": {"algo": "reinforce", "advantage": "sequence", "baseline": "rloo", "normalize_advantages": False,
+             "loss_agg": "seq-mean-token-sum", "kl_in": "reward", "kl_estimator": "k1"},
+    # Hu 2025 (REINFORCE++): the token-level KL penalty in the reward, undiscounted returns to
+    # go, whitened over the global batch (its baseline), PPO's clipped surrogate over tokens
+    "reinforce_pp": {"algo": "ppo", "advantage": "mc", "gamma": 1.0, "normalize_advantages": True,
+                     "loss_agg": "token-mean", "clip_eps": 0.2, "kl_in": "reward", "kl_estimator": "k1"},
+}
+
+
 def lm_defaults(task: str, algo: str, user: dict[str, Any]) -> dict[str, Any]:
     # reads the task's data: an unknown task fails here, before any run starts
     lora = bool(user.get("lora_r")) or user.get("adapter") is not None
@@ -104,8 +144,10 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any], flags: dict[
     layered = {**canonical(file_values), **canonical(overrides),
                **canonical({k: v for k, v in flags.items() if v is not None})}
     probe = apply(Config(), layered)  # find algo/env/task (and reject unknown keys) before defaults
-    base = lm_defaults(probe.task, probe.algo, layered) if probe.task else preset(probe.env, probe.algo)
-    cfg = apply(Config(), base)
+    recipe = RECIPES.get(probe.recipe, {}) if probe.task else {}
+    probe = apply(probe, {**recipe, **layered})  # the recipe's algo, unless the user names one
+    base = lm_defaults(probe.task, probe.algo, {**recipe, **layered}) if probe.task else preset(probe.env, probe.algo)
+    cfg = apply(Config(), {**base, **recipe})
     cfg = validate(apply(cfg, layered), user=set(layered))
     if cfg.ptx_data and os.path.isfile(cfg.ptx_data):  # a run (and its resume) finds it from any folder
         cfg = dataclasses.replace(cfg, ptx_data=os.path.abspath(cfg.ptx_data))

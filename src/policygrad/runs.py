@@ -35,8 +35,9 @@ def check_run_named(named: dict) -> None:
     if "model" in named and "task" not in named:
         raise UsageError(f"--model is the language model of a --task run; this is a control run "
                          f"(env {named['env']}): drop --model, or give --task instead of --env")
-    if "algo" not in named:
-        raise UsageError("train needs --algo reinforce, trpo or ppo (or algo in --config or algo=...)")
+    if "algo" not in named and named.get("recipe", "none") == "none":  # a recipe names its algorithm
+        raise UsageError("train needs --algo reinforce, trpo or ppo, or a --recipe (or algo in --config or "
+                         "algo=...)")
 
 
 def preflight(cfg) -> None:

@@ -115,12 +115,20 @@ def _group_whitened(scores: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (scores - mean) / (std + 1e-6)
 
 
+def _group_centred(scores: torch.Tensor, batch: Batch) -> torch.Tensor:
+    # Dr. GRPO (Liu et al. 2025, sec. 3.1): dividing by the group's std weighs the prompts whose
+    # answers all score alike (too easy, too hard) up; the group's mean alone is the baseline
+    _, mean, _ = group_stats(scores, batch.group)
+    return scores - mean
+
+
 # Critic-free baselines of a sequence score, by name: fn(scores (B,), batch) -> advantages (B,).
 SEQUENCE_BASELINES: dict[str, Callable[[torch.Tensor, Batch], torch.Tensor]] = {
     "none": lambda scores, batch: scores,
     "moving-average": lambda scores, batch: scores - batch.baseline,
     "rloo": lambda scores, batch: scores - rloo_baseline(scores, batch.group),
     "group": _group_whitened,
+    "group-mean": _group_centred,
 }
 
 
@@ -205,11 +213,12 @@ def _outcome(turns: dict, batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor
 
 def _per_turn_baselined(returns: torch.Tensor, batch: Batch, valid: torch.Tensor, cfg) -> torch.Tensor:
     """(B, K) each turn's return-to-go against the same turn's of the other episodes from the same
-    seed (rloo: their mean; group: whitened with their moments), over the episodes that reached
-    that turn. A later turn's return-to-go holds fewer rewards than the whole return: compared
-    with the whole return's baseline it would carry a large offset and the earlier turns' noise.
+    seed (rloo: their mean; group: whitened with their moments; group-mean: minus their mean), over
+    the episodes that reached that turn. A later turn's return-to-go holds fewer rewards than the
+    whole return: compared with the whole return's baseline it would carry a large offset and the
+    earlier turns' noise.
     none and moving-average baselines are of the whole return (_baselined)."""
-    if cfg.baseline not in ("rloo", "group"):
+    if cfg.baseline not in ("rloo", "group", "group-mean"):
         return _baselined(returns, returns[:, 0], batch, cfg)
     b, k = valid.nonzero(as_tuple=True)                                            # the turns played
     _, cell = torch.unique(batch.group[b] * returns.shape[1] + k, return_inverse=True)  # (seed, turn)
@@ -218,7 +227,7 @@ def _per_turn_baselined(returns: torch.Tensor, batch: Batch, valid: torch.Tensor
         compared = scores - rloo_baseline(scores, cell)
     else:
         _, mean, std = group_stats(scores, cell)
-        compared = (scores - mean) / (std + 1e-6)
+        compared = scores - mean if cfg.baseline == "group-mean" else (scores - mean) / (std + 1e-6)
     advantages = torch.zeros_like(returns)
     advantages[b, k] = compared
     return advantages

@@ -1,7 +1,8 @@
 """Policy losses, registered by name with one signature: fn(log_prob, batch, cfg) -> (loss, metrics);
 plus the value loss, the KL estimators and KL term they share, and the losses the algorithms step on:
 REINFORCE's and PPO's joint loss (one assembly, their differences as JointLoss options) and TRPO's
-surrogate with its KL term. All (B, T) tensors are averaged over batch.mask.
+surrogate with its KL term. All (B, T) tensors are averaged over batch.mask, as cfg.loss_agg says
+(LOSS_AGGREGATIONS: per token by default, or per sequence).
 """
 from __future__ import annotations
 
@@ -23,6 +24,64 @@ def batch_mean(x: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Mean of a (B, T) tensor over the batch's valid steps (a plain mean when none is padding:
     two fewer ops forward and backward, on the hot path of every minibatch)."""
     return x.mean() if batch.all_valid else masked_mean(x, batch.mask, batch.n_valid)
+
+
+# --- loss aggregation --------------------------------------------------------------------------
+# How a (B, T) per-token loss becomes one number; the names are veRL's loss_agg_mode. Each is a mean
+# over units of the batch (tokens, or sequences: rows with a valid token) of a per-unit loss, so that
+# the accumulation over micro-batches and ranks (algos._accumulate) weighs each micro-batch's mean by
+# its count of units and divides by the global count: one update is the same for any split.
+def sequence_count(batch: Batch) -> torch.Tensor:
+    """() rows with a valid token (a stand-in row, all mask 0, counts nothing)."""
+    return (batch.mask.sum(1) > 0).sum().to(batch.mask.dtype)
+
+
+def _token_mean(x: torch.Tensor, batch: Batch, cfg) -> torch.Tensor:
+    return batch_mean(x, batch)                                         # () DAPO: every token alike
+
+
+def _seq_mean_token_mean(x: torch.Tensor, batch: Batch, cfg) -> torch.Tensor:
+    per_row = (x * batch.mask).sum(1) / batch.mask.sum(1).clamp(min=1.0)  # (B,) each row's token mean
+    return per_row.sum() / sequence_count(batch).clamp(min=1.0)         # () GRPO: every sequence alike
+
+
+def _seq_mean_token_sum_norm(x: torch.Tensor, batch: Batch, cfg) -> torch.Tensor:
+    # Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-like training"): a sequence's token sum over
+    # a constant, the longest completion, so that no length bias enters through the normaliser (TRL's
+    # dr_grpo; veRL's seq-mean-token-sum-norm with loss_scale_factor = max_new_tokens)
+    total = (x * batch.mask).sum()                                      # ()
+    return total / (sequence_count(batch).clamp(min=1.0) * cfg.max_new_tokens)
+
+
+def _seq_mean_token_sum(x: torch.Tensor, batch: Batch, cfg) -> torch.Tensor:
+    return (x * batch.mask).sum() / sequence_count(batch).clamp(min=1.0)  # () a sequence's summed loss
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    mean: Callable[[torch.Tensor, Batch, object], torch.Tensor]
+    """() the mean of a (B, T) per-token loss over a batch's units: fn(x, batch, cfg)."""
+    count: Callable[[Batch], torch.Tensor]
+    """() the batch's units: its weight among the micro-batches of an update."""
+
+
+LOSS_AGGREGATIONS: dict[str, Aggregation] = {
+    "token-mean": Aggregation(_token_mean, lambda batch: batch.mask.sum()),
+    "seq-mean-token-mean": Aggregation(_seq_mean_token_mean, sequence_count),
+    "seq-mean-token-sum-norm": Aggregation(_seq_mean_token_sum_norm, sequence_count),
+    "seq-mean-token-sum": Aggregation(_seq_mean_token_sum, sequence_count),
+}
+"""cfg.loss_agg: how every term of a joint loss (policy, KL, entropy, value) and its metrics are
+averaged over a batch."""
+
+
+def aggregation(cfg) -> Aggregation:
+    return LOSS_AGGREGATIONS[getattr(cfg, "loss_agg", "token-mean")]
+
+
+def aggregate(x: torch.Tensor, batch: Batch, cfg) -> torch.Tensor:
+    """() the mean of a (B, T) per-token loss under cfg.loss_agg (token-mean: batch_mean)."""
+    return aggregation(cfg).mean(x, batch, cfg)
 
 
 # --- the sampler and the trainer ---------------------------------------------------------------
@@ -74,8 +133,8 @@ def behaviour_weight(batch: Batch, cfg) -> tuple[Optional[torch.Tensor], dict]:
                             float("inf"))                               # (B, T) unbounded
     weight = BEHAVIOUR_CORRECTIONS[correction](raw, cfg.behaviour_cap) * batch.mask  # (B, T)
     with torch.no_grad():
-        bounded = batch_mean((weight != raw).float(), batch)
-        return weight, {"policy/behaviour_weight": batch_mean(weight, batch).item(),
+        bounded = aggregate((weight != raw).float(), batch, cfg)
+        return weight, {"policy/behaviour_weight": aggregate(weight, batch, cfg).item(),
                         "policy/behaviour_bounded": bounded.item()}
 
 
@@ -103,26 +162,90 @@ def reinforce_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Ten
     cfg.behaviour_correction corrects for the sampler."""
     weight, metrics = behaviour_weight(batch, cfg)
     per_token = log_prob * batch.advantages                             # (B, T)
-    loss = -batch_mean(per_token if weight is None else per_token * weight, batch)  # ()
+    loss = -aggregate(per_token if weight is None else per_token * weight, batch, cfg)  # ()
     return loss, {"policy/loss": loss.item(), **metrics}
 
 
+# --- PPO's surrogates --------------------------------------------------------------------------
+def _sequence_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # GSPO (Zheng et al. 2025): s_i = (pi_theta(y_i) / pi_old(y_i)) ^ (1 / |y_i|), the
+    # geometric mean of the sequence's token ratios, one ratio (and one clip) per completion; its
+    # gradient reaches every token through the mean (TRL's importance_sampling_level=sequence)
+    return BEHAVIOUR_LEVELS["geometric"](log_ratio * mask, mask)        # (B, T)
+
+
+RATIO_LEVELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "token": lambda log_ratio, mask: log_ratio,                         # (B, T) each token's own
+    "sequence": _sequence_ratio,
+}
+"""cfg.ratio_level: log pi_theta / pi_old per token (B, T) from each token's and the mask."""
+
+
+def clip_range(cfg) -> tuple[float, float]:
+    """(low, high): the ratio is clipped to [1 - low, 1 + high]; each is cfg.clip_eps unless set
+    (DAPO's clip-higher: Yu et al. 2025, a higher upper bound keeps unlikely tokens rising)."""
+    low, high = getattr(cfg, "clip_low", None), getattr(cfg, "clip_high", None)
+    return (cfg.clip_eps if low is None else low), (cfg.clip_eps if high is None else high)
+
+
+def _ratio_metrics(token_log_ratio: torch.Tensor, ratio: torch.Tensor, batch: Batch, cfg) -> dict:
+    """The KL(old || new) estimate of the token ratios (target_kl reads it) and the share of
+    ratios (B, T) outside the clip range, each averaged as the loss."""
+    low, high = clip_range(cfg)
+    with torch.no_grad():
+        approx_kl = aggregate((token_log_ratio.exp() - 1.0) - token_log_ratio, batch, cfg)  # () k3
+        outside = ((ratio - 1.0) > high) | ((1.0 - ratio) > low)        # (B, T)
+        clip_fraction = aggregate(outside.float(), batch, cfg)
+    return {"policy/approx_kl": approx_kl.item(), "policy/clip_fraction": clip_fraction.item()}
+
+
 def ppo_clip_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate of Schulman et al. 2017, eq. 7, with its usual diagnostics."""
-    log_ratio = log_prob - batch.log_prob                               # (B, T)
-    ratio = log_ratio.exp()                                             # (B, T)
+    """Clipped surrogate of Schulman et al. 2017, eq. 7, with its usual diagnostics; the clip range
+    may be asymmetric (clip_range), the ratio a sequence's (RATIO_LEVELS), and with clip_ratio_c the
+    loss of a negative advantage is bounded (dual clip)."""
+    token_log_ratio = log_prob - batch.log_prob                         # (B, T)
+    ratio = RATIO_LEVELS[getattr(cfg, "ratio_level", "token")](token_log_ratio, batch.mask).exp()  # (B, T)
+    low, high = clip_range(cfg)
     unclipped = ratio * batch.advantages                                # (B, T)
-    clipped = ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * batch.advantages  # (B, T)
+    clipped = ratio.clamp(1.0 - low, 1.0 + high) * batch.advantages     # (B, T)
     surrogate = torch.min(unclipped, clipped)                           # (B, T)
+    dual = getattr(cfg, "clip_ratio_c", None)
+    if dual is not None:
+        # dual clip (Ye et al. 2020, "Mastering complex control in MOBA games"): with A < 0 a
+        # huge ratio makes -ratio x A unbounded; the loss stops at -c x A
+        bounded = torch.max(surrogate, dual * batch.advantages)         # (B, T)
+        surrogate = torch.where(batch.advantages < 0, bounded, surrogate)  # (B, T)
     # pi_theta / pi_sampler = (pi_theta / pi_old) x w: the clip bounds the step from pi_old, w
     # (fixed, detached) reweighs the sampler's tokens (Yao et al. 2025, truncated IS)
     weight, behaviour = behaviour_weight(batch, cfg)
-    loss = -batch_mean(surrogate if weight is None else surrogate * weight, batch)  # ()
-    with torch.no_grad():
-        approx_kl = batch_mean((ratio - 1.0) - log_ratio, batch)         # () KL(old || new), k3
-        clip_fraction = batch_mean(((ratio - 1.0).abs() > cfg.clip_eps).float(), batch)
-    return loss, {"policy/loss": loss.item(), "policy/approx_kl": approx_kl.item(),
-                  "policy/clip_fraction": clip_fraction.item(), **behaviour}
+    loss = -aggregate(surrogate if weight is None else surrogate * weight, batch, cfg)  # ()
+    return loss, {"policy/loss": loss.item(), **_ratio_metrics(token_log_ratio, ratio, batch, cfg), **behaviour}
+
+
+def cispo_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:
+    """CISPO (MiniMax 2025, "MiniMax-M1", eq. 4): -E[sg(clip(ratio, 1 - low, 1 + high)) x A x
+    log pi]. The importance weight is clipped and detached, not the update: a token whose ratio left
+    the range still moves (PPO's clip zeroes its gradient), at a bounded weight."""
+    token_log_ratio = log_prob - batch.log_prob                         # (B, T)
+    ratio = RATIO_LEVELS[getattr(cfg, "ratio_level", "token")](token_log_ratio, batch.mask).exp()  # (B, T)
+    low, high = clip_range(cfg)
+    clipped = ratio.clamp(1.0 - low, 1.0 + high).detach()               # (B, T) sg(clip(ratio))
+    per_token = clipped * batch.advantages * log_prob                   # (B, T)
+    weight, behaviour = behaviour_weight(batch, cfg)
+    loss = -aggregate(per_token if weight is None else per_token * weight, batch, cfg)  # ()
+    return loss, {"policy/loss": loss.item(), **_ratio_metrics(token_log_ratio, ratio, batch, cfg), **behaviour}
+
+
+PPO_SURROGATES: dict[str, Callable[[torch.Tensor, Batch, object], tuple[torch.Tensor, dict]]] = {
+    "clip": ppo_clip_loss,
+    "cispo": cispo_loss,
+}
+"""cfg.surrogate: what PPO's epochs of minibatches step on."""
+
+
+def ppo_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, dict]:
+    """PPO's policy loss: the surrogate cfg.surrogate names."""
+    return PPO_SURROGATES[getattr(cfg, "surrogate", "clip")](log_prob, batch, cfg)
 
 
 def trpo_surrogate(log_prob: torch.Tensor, batch: Batch, cfg) -> torch.Tensor:
@@ -136,21 +259,22 @@ def trpo_surrogate(log_prob: torch.Tensor, batch: Batch, cfg) -> torch.Tensor:
 
 POLICY_LOSSES: dict[str, Callable[[torch.Tensor, Batch, object], tuple[torch.Tensor, dict]]] = {
     "reinforce": reinforce_loss,
-    "ppo": ppo_clip_loss,
+    "ppo": ppo_loss,
 }
 
 
-def value_loss(values: torch.Tensor, batch: Batch, clip_value_eps: Optional[float] = None
+def value_loss(values: torch.Tensor, batch: Batch, clip_value_eps: Optional[float] = None, cfg=None
                ) -> torch.Tensor:
     """Mean squared error to the returns; with clip_value_eps, PPO's pessimistic clipped variant.
-    Steps weigh batch.value_weight where the batch has one (multi-turn: the turn starts)."""
+    Steps weigh batch.value_weight where the batch has one (multi-turn: the turn starts). Averaged
+    per token, or with cfg as cfg.loss_agg says (a joint loss averages all its terms alike)."""
     error = (values - batch.returns) ** 2                               # (B, T)
     if clip_value_eps is not None:
         clipped = batch.values + (values - batch.values).clamp(-clip_value_eps, clip_value_eps)
         error = torch.max(error, (clipped - batch.returns) ** 2)        # (B, T)
     if batch.value_weight is not None:
         error = error * batch.value_weight                              # (B, T)
-    return batch_mean(error, batch)
+    return batch_mean(error, batch) if cfg is None else aggregate(error, batch, cfg)
 
 
 # KL(p || q) estimators from samples x ~ p, given log_ratio = log q(x) - log p(x)
@@ -214,11 +338,13 @@ def kl_loss(log_prob: torch.Tensor, batch: Batch, cfg) -> tuple[torch.Tensor, di
     it weighs as a reward penalty (kl_in=reward subtracts kl_coef * the completion's summed KL from
     its score, which the per-token policy loss spreads over its tokens): kl_coef is the price of a
     nat per completion in both modes. The gradient is that of the per-token KL (kl_loss_per_token);
-    docs/language-models.md says how it differs from the sequence-level one."""
+    docs/language-models.md says how it differs from the sequence-level one. Another cfg.loss_agg averages it as
+    it averages the policy loss (veRL aggregates its KL loss alike; TRL adds it per token before
+    aggregating)."""
     if cfg.kl_in != "loss" or batch.ref_log_prob is None or batch.kl_coef == 0:
         return torch.zeros(()), {}
     per_token = kl_loss_per_token(log_prob, batch.log_prob, batch.ref_log_prob, cfg.kl_estimator)  # (B, T)
-    kl = batch_mean(per_token, batch)                                   # ()
+    kl = aggregate(per_token, batch, cfg)                               # ()
     return batch.kl_coef * kl, {"kl/loss_term": kl.item()}
 
 
@@ -258,12 +384,12 @@ def joint_loss(log_prob: torch.Tensor, entropy: torch.Tensor, values: Optional[t
     if measure_sampler:
         metrics.update(sampler_mismatch(log_prob, batch))
     kl_term, kl_metrics = kl_loss(log_prob, batch, cfg)                 # ()
-    entropy_mean = batch_mean(entropy, batch)                           # ()
+    entropy_mean = aggregate(entropy, batch, cfg)                       # ()
     total = loss + kl_term                                              # ()
     if options.entropy_always:
         total = total - cfg.ent_coef * entropy_mean
     if values is not None and cfg.advantage != "sequence" and (cfg.value_baseline or not options.baseline_switch):
-        v_loss = value_loss(values, batch, cfg.clip_value_eps if options.clip_value else None)  # ()
+        v_loss = value_loss(values, batch, cfg.clip_value_eps if options.clip_value else None, cfg)  # ()
         total = total + cfg.vf_coef * v_loss
         metrics["value/loss"] = v_loss.item()
     if not options.entropy_always and cfg.ent_coef:
