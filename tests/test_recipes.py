@@ -30,6 +30,12 @@ def cfg_of(**keys) -> SimpleNamespace:
     return SimpleNamespace(**{**base, **keys})
 
 
+def assert_same(got, ref) -> None:
+    """(loss, gradient) pairs equal to 1e-6."""
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 def ragged(B: int = 6, T: int = 5, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Random log-probs, old log-probs, per-sequence advantages and a ragged mask (every row keeps at
     least one token), in groups of 3."""
@@ -212,8 +218,7 @@ def test_loss_and_gradient_match_trl(seed, loss_type, mode, level):
                max_new_tokens=5)
     ref = theirs(lambda lp: trl_reduce(trl_per_token(lp, old, adv, mask, 0.2, 0.28, level), mask, loss_type, 5),
                  new)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert_same(got, ref)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -224,8 +229,7 @@ def test_dual_clip_matches_verl_in_every_aggregation(seed, mode):
     got = ours(new, old, adv, mask, loss_agg=mode, clip_low=0.2, clip_high=0.28, clip_ratio_c=3.0,
                max_new_tokens=5)
     ref = theirs(lambda lp: verl_dual_clip(lp, old, adv, mask, 0.2, 0.28, 3.0, mode), new)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert_same(got, ref)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -235,8 +239,7 @@ def test_gspo_matches_verl_value_and_gradient(seed):
     got = ours(new, old, adv, mask, loss_agg="seq-mean-token-mean", ratio_level="sequence", clip_low=3e-4,
                clip_high=4e-4)
     ref = theirs(lambda lp: verl_gspo(lp, old, adv, mask, 3e-4, 4e-4), new)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert_same(got, ref)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -249,8 +252,7 @@ def test_cispo_matches_verl(seed, mode):
         return verl_agg(-clipped * adv * lp, mask, mode, 5)
     got = ours(new, old, adv, mask, surrogate="cispo", loss_agg=mode, clip_low=1.0, clip_high=0.28, max_new_tokens=5)
     ref = theirs(verl_cispo, new)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert_same(got, ref)
 
 
 @pytest.mark.parametrize("baseline, whiten", [("group", False), ("group-mean", False), ("group-mean", True)])
