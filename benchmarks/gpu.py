@@ -58,7 +58,8 @@ sys.path.insert(0, str(ROOT / "src"))  # measure the code beside this script, in
 
 from policygrad.algos import ALGOS, Progress  # noqa: E402
 from policygrad.batch import Batch  # noqa: E402
-from policygrad.config import LM_ALGO_DEFAULTS, LM_DEFAULTS, LM_LORA_DEFAULTS, Config, ConfigError  # noqa: E402
+from policygrad.config import Config, ConfigError  # noqa: E402
+from policygrad.resolve import LM_ALGO_DEFAULTS, LM_DEFAULTS, LM_LORA_DEFAULTS  # noqa: E402
 from policygrad.core import advantages  # noqa: E402
 from policygrad.core.losses import KL_ESTIMATORS  # noqa: E402
 from policygrad.lm import adapters  # noqa: E402
