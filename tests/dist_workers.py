@@ -39,14 +39,19 @@ CASES = {
     "lm-trpo-ptx": ("trpo", {"fvp_fraction": 0.5, "micro_batch_size": 2, "ptx_coef": 0.5, "ptx_batch_size": 5}),
     "lm-fsdp-ppo-ptx": ("ppo", {"shard": "fsdp", "batch_size": 4, "n_epochs": 1, "share_prompts": False,
                                 "micro_batch_size": 2, "ptx_coef": 0.5, "ptx_batch_size": 5}),
-    # the recipes' loss aggregations (issue #25): each micro-batch and rank weighed by its sequences
-    # (grpo: seq-mean-token-mean, dr_grpo: seq-mean-token-sum-norm, rloo: seq-mean-token-sum), and
-    # CISPO's surrogate over tokens. No micro-batches in the PPO cases: the single-process twin is one
-    # pass over each minibatch, the definition itself (tests/test_lm.py splits micro-batches)
+    # every recipe (issue #25) with its own keys: each micro-batch and rank weighed by its sequences
+    # (grpo, gspo: seq-mean-token-mean, dr_grpo: seq-mean-token-sum-norm, rloo: seq-mean-token-sum)
+    # or by its tokens over the global batch (dapo, cispo, reinforce_pp: token-mean); GSPO's one
+    # ratio per completion; REINFORCE++'s returns to go whitened over both ranks. No micro-batches in
+    # the PPO cases: the single-process twin is one pass over each minibatch, the definition itself
+    # (tests/test_lm.py splits micro-batches)
     "lm-grpo": ("ppo", {"recipe": "grpo", "batch_size": 4, "n_epochs": 2}),
+    "lm-dapo": ("ppo", {"recipe": "dapo", "batch_size": 4, "n_epochs": 2}),
     "lm-dr-grpo": ("ppo", {"recipe": "dr_grpo", "batch_size": 4, "n_epochs": 2}),
-    "lm-rloo": ("reinforce", {"recipe": "rloo", "micro_batch_size": 2}),
+    "lm-gspo": ("ppo", {"recipe": "gspo", "batch_size": 4, "n_epochs": 2}),
     "lm-cispo": ("ppo", {"recipe": "cispo", "batch_size": 4, "n_epochs": 2}),
+    "lm-rloo": ("reinforce", {"recipe": "rloo", "micro_batch_size": 2}),
+    "lm-reinforce-pp": ("ppo", {"recipe": "reinforce_pp", "batch_size": 4, "n_epochs": 2}),
     # multi-turn episodes (guess-number): GAE over turns from the value head
     "lm-ppo-turns": ("ppo", {"task": "guess-number", "use_value_head": True, "batch_size": 4, "n_epochs": 2,
                              "max_turns": 3, "max_new_tokens": 4}),

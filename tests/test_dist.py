@@ -51,6 +51,11 @@ def equivalence(tmp_path_factory, tiny_lm, task_file):
     return folder, single
 
 
+def test_every_recipe_has_a_two_rank_case():
+    """A recipe added to resolve.RECIPES joins the matrix above (issue #25)."""
+    assert set(resolve_mod.RECIPES) <= {extra.get("recipe") for _, extra in w.CASES.values()}
+
+
 @pytest.mark.parametrize("name", list(w.CASES))
 def test_update_split_over_two_ranks_equals_the_single_process_update(equivalence, name):
     """Weights after one update on a batch split over 2 ranks equal the single-process update on the
