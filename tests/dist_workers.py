@@ -52,6 +52,12 @@ CASES = {
     "lm-cispo": ("ppo", {"recipe": "cispo", "batch_size": 4, "n_epochs": 2}),
     "lm-rloo": ("reinforce", {"recipe": "rloo", "micro_batch_size": 2}),
     "lm-reinforce-pp": ("ppo", {"recipe": "reinforce_pp", "batch_size": 4, "n_epochs": 2}),
+    # DAPO's overlong filter (vary_lengths marks every third completion cut): each rank and
+    # micro-batch counts its kept completions (a sequence mean over micro-batches of 2), and PPO's
+    # minibatches hold parts of cut rows on either rank (dapo: its token mean, and its punishment)
+    "lm-reinforce-overlong": ("reinforce", {"overlong_filter": True, "loss_agg": "seq-mean-token-mean",
+                                            "micro_batch_size": 2}),
+    "lm-dapo-overlong": ("ppo", {"recipe": "dapo", "overlong_filter": True, "batch_size": 4, "n_epochs": 2}),
     # multi-turn episodes (guess-number): GAE over turns from the value head
     "lm-ppo-turns": ("ppo", {"task": "guess-number", "use_value_head": True, "batch_size": 4, "n_epochs": 2,
                              "max_turns": 3, "max_new_tokens": 4}),
@@ -114,11 +120,14 @@ def load_batch(path: Path) -> Batch:
 def vary_lengths(batch: Batch) -> Batch:
     """The batch with completions cut to different lengths (a tiny random model seldom samples
     EOS): the ranks then hold different numbers of valid tokens, which is what per-token weighting
-    across ranks must get right (a mean of the ranks' means would not)."""
+    across ranks must get right (a mean of the ranks' means would not). Every third completion,
+    from the second, is marked cut by the length limit (the tiny model's would nearly all be): the
+    overlong filter's cases then keep some and drop some on each rank."""
     B, T = batch.shape
     keep = torch.tensor([1 + i * (T - 1) // (B - 1) for i in range(B)])      # (B,) short to long
     mask = (torch.arange(T)[None, :] < keep[:, None]).float() * batch.mask    # (B, T)
-    return batch.replace(mask=mask, log_prob=batch.log_prob * mask, ref_log_prob=batch.ref_log_prob * mask)
+    cut = {} if batch.length_truncated is None else {"length_truncated": (torch.arange(B) % 3 == 1).float()}
+    return batch.replace(mask=mask, log_prob=batch.log_prob * mask, ref_log_prob=batch.ref_log_prob * mask, **cut)
 
 
 def block(batch: Batch, rank: int, world: int) -> Batch:

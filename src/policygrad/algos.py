@@ -103,9 +103,11 @@ def _global_valid(batch: Batch) -> torch.Tensor:
 
 
 def _accumulate(flats: list[FlatParameters], batch: Batch, loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]],
-                cfg, scaler: Optional[torch.amp.GradScaler], data: Optional[DataTerm] = None) -> tuple[dict, bool]:
+                cfg, scaler: Optional[torch.amp.GradScaler], data: Optional[DataTerm] = None
+                ) -> tuple[dict, bool, float]:
     """Backward passes over micro-batches of cfg.micro_batch_size rows, gradients summed over
-    ranks: the global batch's mean metrics, and whether every rank's loss was finite.
+    ranks: the global batch's mean metrics, whether every rank's loss was finite, and the global
+    batch's count of units (0: every row was left out of the loss, as overlong_filter may).
 
     Each loss is a mean over the units cfg.loss_agg averages over (valid steps, or sequences). In
     one process each micro-batch's mean is weighted by its share of the batch's units. Over ranks,
@@ -130,16 +132,17 @@ def _accumulate(flats: list[FlatParameters], batch: Batch, loss_fn: Callable[[Ba
         finite = _data_backward(data, weighted, scale, scaler) and finite
     local = {**weighted.sums, "update/nonfinite": 0.0 if finite else 1.0}
     if alone:
-        return local, finite
+        return local, finite, float(units(batch))
     # the gradients, and with the last one the metrics, the valid count and whether any rank's loss
     # was not finite (a control MLP's step: one collective in all)
     for flat in flats[:-1]:
         flat.sum_over_ranks()
     sums = flats[-1].sum_over_ranks({**local, "update/valid": float(units(batch))})
-    valid, nonfinite = max(sums.pop("update/valid"), 1.0), sums.pop("update/nonfinite")
+    count, nonfinite = sums.pop("update/valid"), sums.pop("update/nonfinite")
+    valid = max(count, 1.0)
     for flat in flats:
         flat.scale_grads(1.0 / valid)
-    return {**{k: v / valid for k, v in sums.items()}, "update/nonfinite": nonfinite}, nonfinite == 0.0
+    return {**{k: v / valid for k, v in sums.items()}, "update/nonfinite": nonfinite}, nonfinite == 0.0, count
 
 
 def _data_backward(data: DataTerm, weighted: WeightedMetrics, scale: float,
@@ -168,11 +171,12 @@ def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batc
 
     allow_step reads the batch's metrics at the parameters before the step (global ones over
     ranks, so every rank decides alike); False leaves parameters and optimiser state as they were
-    and returns the metrics without a gradient norm."""
+    and returns the metrics without a gradient norm. So does a batch with nothing in its loss (no
+    unit, no data term): its gradient is 0, and Adam's momentum alone would still move the weights."""
     for flat in flats:
         flat.zero_grad()
-    metrics, finite = _accumulate(flats, batch, loss_fn, cfg, scaler, data)
-    if not allow_step(metrics):
+    metrics, finite, units = _accumulate(flats, batch, loss_fn, cfg, scaler, data)
+    if not allow_step(metrics) or (units == 0 and data is None):
         return {**metrics, "update/nonfinite": 0.0 if finite else 1.0}
     if scaler is not None:
         scaler.unscale_(opt)

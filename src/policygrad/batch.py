@@ -14,7 +14,9 @@ from typing import Callable, Iterator, Optional
 import torch
 
 
-PER_ROW_OR_SCALAR = ("group", "baseline", "kl_coef")
+PER_ROW = ("group", "baseline", "length_truncated")
+"""Batch fields of one value per row, (B,)."""
+PER_ROW_OR_SCALAR = (*PER_ROW, "kl_coef")
 """Batch fields that are not (B, T, ...) per-step tensors."""
 
 
@@ -52,6 +54,11 @@ class Batch:
     """(B,) index of the prompt a completion answers (language models)."""
     baseline: Optional[torch.Tensor] = None
     """(B,) a running baseline of the sequence score (the moving-average baseline)."""
+    length_truncated: Optional[torch.Tensor] = None
+    """(B,) 1.0 where the length limit cut a completion: max_new_tokens tokens without an EOS
+    (language models; None elsewhere). Not `truncated`, the per-step flag a critic bootstraps at:
+    a cut completion ends without bootstrapping like any other (lm/rollout.py); overlong_filter
+    reads this one."""
     advantages: Optional[torch.Tensor] = None
     """(B, T) filled by an advantage estimator."""
     returns: Optional[torch.Tensor] = None
@@ -96,13 +103,13 @@ class Batch:
     def flatten_steps(self) -> "Batch":
         """View every step as its own row: (B, T, ...) -> (B*T, 1, ...), for per-step minibatches."""
         B, T = self.shape
-        return self._map(lambda x: x.reshape(B * T, 1, *x.shape[2:])).replace(group=None, baseline=None)
+        return self._map(lambda x: x.reshape(B * T, 1, *x.shape[2:])).replace(**dict.fromkeys(PER_ROW))
 
     def select_rows(self, rows: torch.Tensor) -> "Batch":
         """The sub-batch of rows (B',) of this batch."""
         out = self._map(lambda x: x[rows])
-        return out.replace(group=None if self.group is None else self.group[rows],
-                           baseline=None if self.baseline is None else self.baseline[rows])
+        return out.replace(**{name: None if getattr(self, name) is None else getattr(self, name)[rows]
+                              for name in PER_ROW})
 
     def split_rows(self, size: int) -> list["Batch"]:
         """Consecutive row chunks of at most `size` (micro-batches for gradient accumulation)."""

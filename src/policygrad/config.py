@@ -181,6 +181,19 @@ class Config:
     """Completions sampled per prompt (the group of the rloo and group baselines)."""
     max_new_tokens: int = setting(32, "lm", rule="positive")
     """Longest completion, in tokens."""
+    overlong_filter: bool = setting(False, "lm")
+    """Completions the length limit cut (max_new_tokens tokens without an EOS) weigh nothing in the
+    update: no policy, KL, entropy or value term, and no count in any loss_agg's denominator; their
+    rewards still count in the baselines (DAPO's overlong filtering, Yu et al. 2025). Single
+    completions only (a multi-turn task refuses it)."""
+    overlong_buffer: int = setting(0, "lm", rule="non_negative")
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): a completion reaching into the last
+    overlong_buffer tokens before max_new_tokens loses overlong_penalty x the share of the buffer it
+    used, added to its task reward before baselines and whitening (never to evaluation's reward).
+    0: off; below max_new_tokens. recipe=dapo sets a fifth of max_new_tokens (DAPO: 4096 of 20480)."""
+    overlong_penalty: float = setting(1.0, "lm", rule="non_negative")
+    """The soft overlong punishment at max_new_tokens, in task-reward units (veRL's
+    overlong_buffer.penalty_factor)."""
     temperature: float = setting(1.0, "lm", rule="positive")
     """Sampling temperature (log-probabilities are of the tempered distribution)."""
     top_p: float = setting(1.0, "lm", rule="unit_interval")
@@ -432,6 +445,9 @@ IGNORED: list[tuple[tuple[str, ...], Check, str]] = [
      "reference; without adapter=PATH the two are the same model: drop it, or give adapter=PATH"),
     (("ptx_batch_size", "ptx_max_length"), lambda c: c.ptx_coef == 0,
      "{key} shapes the data loss, which is off (ptx_coef=0): set ptx_coef > 0 with ptx_data, or drop {key}"),
+    (("overlong_penalty",), lambda c: c.overlong_buffer == 0,
+     "overlong_penalty sizes the soft overlong punishment, which is off (overlong_buffer=0): set "
+     "overlong_buffer > 0 (tokens before max_new_tokens where it ramps up), or drop overlong_penalty"),
     (("kl_target", "kl_horizon"), lambda c: not c.adaptive_kl,
      "{key} steers the adaptive KL controller, which is off: set adaptive_kl=true, or drop {key}"),
     (("clip_ratio_c",), lambda c: c.surrogate == "cispo",
@@ -473,6 +489,9 @@ CONFLICTS: list[tuple[Check, str]] = [
     (lambda c: c.is_lm and c.algo == "trpo" and c.loss_agg != "token-mean",
      "loss_agg={loss_agg} with TRPO: its surrogate and its KL bound are means over tokens, and its "
      "step weighs micro-batches by their tokens: use loss_agg=token-mean, or algo=reinforce or ppo"),
+    (lambda c: c.is_lm and c.overlong_buffer >= c.max_new_tokens,
+     "overlong_buffer={overlong_buffer} must be below max_new_tokens={max_new_tokens}: the overlong "
+     "punishment ramps up over the last overlong_buffer tokens before the limit (DAPO: a fifth of it)"),
     (lambda c: c.adaptive_kl and c.kl_coef == 0,
      "adaptive_kl=true multiplies kl_coef, and from 0 it stays 0: set kl_coef > 0, or adaptive_kl=false"),
     (lambda c: c.target_kl is not None and c.algo != "ppo",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -86,15 +86,16 @@ LM_LORA_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # Published recipes as presets of keys, each as its paper (or, where the paper is silent, its
 # reference implementation) sets them; docs/recipes.md is the table. Only what the recipe is about:
-# learning rate, batch and epochs stay the run's. Not here yet: DAPO's dynamic sampling and overlong
-# shaping (batch options of issue #25 still to come).
+# learning rate, batch and epochs stay the run's. Not here yet: DAPO's dynamic sampling (a batch
+# option of issue #25 still to come).
 RECIPES: dict[str, dict[str, Any]] = {
     # Shao et al. 2024 (DeepSeekMath), eq. 3: group-whitened outcome advantages, each
     # completion's token mean, PPO's clip 0.2, a k3 KL term in the loss at beta 0.04
     "grpo": {"algo": "ppo", "advantage": "sequence", "baseline": "group", "normalize_advantages": False,
              "loss_agg": "seq-mean-token-mean", "clip_eps": 0.2, "kl_in": "loss", "kl_estimator": "k3",
              "kl_coef": 0.04},
-    # Yu et al. 2025 (DAPO): clip-higher (0.2 / 0.28), the token mean over the batch, no KL
+    # Yu et al. 2025 (DAPO): clip-higher (0.2 / 0.28), the token mean over the batch, no KL; its
+    # soft overlong punishment (penalty 1) over a buffer sized from the run (RECIPE_DERIVED)
     "dapo": {"algo": "ppo", "advantage": "sequence", "baseline": "group", "normalize_advantages": False,
              "loss_agg": "token-mean", "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0},
     # Liu et al. 2025 (Understanding R1-Zero-like training, Dr. GRPO): no std in the advantage, sums
@@ -123,12 +124,19 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def lm_defaults(task: str, algo: str, user: dict[str, Any]) -> dict[str, Any]:
-    # reads the task's data: an unknown task fails here, before any run starts
+# Recipe keys whose value follows the run's other keys, which a recipe cannot know: fn(cfg, task) ->
+# value, set once every layer is in (so the value is the run's: config.yaml records it), unless the
+# user set the key. DAPO's overlong buffer is a share of the length limit: 4096 of 20480 tokens, a
+# fifth; a multi-turn task's replies are not shaped (the workload refuses the overlong keys there).
+RECIPE_DERIVED: dict[str, dict[str, Callable[[Config, tasks.Task], Any]]] = {
+    "dapo": {"overlong_buffer": lambda cfg, task: 0 if task.env is not None else cfg.max_new_tokens // 5},
+}
+
+
+def lm_defaults(task: tasks.Task, algo: str, user: dict[str, Any]) -> dict[str, Any]:
     lora = bool(user.get("lora_r")) or user.get("adapter") is not None
     defaults = {**LM_DEFAULTS, **LM_ALGO_DEFAULTS.get(algo, {}),
-                **(LM_LORA_DEFAULTS.get(algo, {}) if lora else {}),
-                **tasks.load(task, set(field_names())).defaults}
+                **(LM_LORA_DEFAULTS.get(algo, {}) if lora else {}), **task.defaults}
     if user.get("use_value_head") and "advantage" not in user:
         defaults["advantage"] = "gae"  # a value head is there to be used
     if user.get("use_value_head") and user.get("advantage", "gae") == "gae" and "turn_advantage" not in user:
@@ -146,9 +154,13 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any], flags: dict[
     probe = apply(Config(), layered)  # find algo/env/task (and reject unknown keys) before defaults
     recipe = RECIPES.get(probe.recipe, {}) if probe.task else {}
     probe = apply(probe, {**recipe, **layered})  # the recipe's algo, unless the user names one
-    base = lm_defaults(probe.task, probe.algo, {**recipe, **layered}) if probe.task else preset(probe.env, probe.algo)
-    cfg = apply(Config(), {**base, **recipe})
-    cfg = validate(apply(cfg, layered), user=set(layered))
+    # reads the task's data: an unknown task fails here, before any run starts
+    task = tasks.load(probe.task, set(field_names())) if probe.task else None
+    base = lm_defaults(task, probe.algo, {**recipe, **layered}) if task else preset(probe.env, probe.algo)
+    cfg = apply(apply(Config(), {**base, **recipe}), layered)
+    derived = RECIPE_DERIVED.get(probe.recipe, {}) if task else {}
+    cfg = apply(cfg, {key: fn(cfg, task) for key, fn in derived.items() if key not in layered})
+    cfg = validate(cfg, user=set(layered))
     if cfg.ptx_data and os.path.isfile(cfg.ptx_data):  # a run (and its resume) finds it from any folder
         cfg = dataclasses.replace(cfg, ptx_data=os.path.abspath(cfg.ptx_data))
     return cfg

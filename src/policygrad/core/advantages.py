@@ -268,10 +268,24 @@ def _turns(batch: Batch, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             turn_value_weight(turns, batch.mask.shape))
 
 
+def without_length_truncated(batch: Batch) -> Batch:
+    """The batch with its length-truncated completions (batch.length_truncated) out of the loss:
+    their mask is 0, so no term (policy, KL, entropy, value) reads them and no loss_agg counts
+    them, whatever the micro-batches and ranks (each counts its kept units). DAPO's overlong
+    filtering (Yu et al. 2025, sec. 3.4): a completion cut mid-thought would be punished for
+    reasoning that may have been sound. Called after the advantages, which saw every completion."""
+    if batch.length_truncated is None:
+        return batch
+    kept = (1.0 - batch.length_truncated)[:, None]                               # (B, 1)
+    return batch.replace(mask=batch.mask * kept, advantages=batch.advantages * kept)
+
+
 def compute(batch: Batch, cfg, reduce: Reduce = _alone) -> Batch:
     """The batch with advantages (whitened if cfg.normalize_advantages, with the moments of every
     worker's part when reduce sums over them) and returns filled in. The estimators themselves
-    need no other worker's rows: a worker holds whole episodes and whole prompt groups."""
+    need no other worker's rows: a worker holds whole episodes and whole prompt groups. With
+    cfg.overlong_filter the length-truncated completions then leave the loss: their rewards
+    counted in the baselines and moments, as in DAPO (without_length_truncated)."""
     # a batch of multi-turn episodes carries its turn index: its credit is assigned over turns
     if batch.turn is None:
         advantages, returns = ADVANTAGES[cfg.advantage](batch, cfg)
@@ -281,4 +295,5 @@ def compute(batch: Batch, cfg, reduce: Reduce = _alone) -> Batch:
     advantages = advantages * batch.mask
     if cfg.normalize_advantages:
         advantages = normalize(advantages, batch.mask, reduce=reduce)
-    return batch.replace(advantages=advantages, returns=returns, value_weight=value_weight)
+    batch = batch.replace(advantages=advantages, returns=returns, value_weight=value_weight)
+    return without_length_truncated(batch) if getattr(cfg, "overlong_filter", False) else batch

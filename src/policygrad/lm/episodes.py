@@ -28,7 +28,7 @@ import torch
 
 from .. import dist
 from ..batch import Batch
-from ..errors import EpisodeError, TaskError
+from ..errors import ConfigError, EpisodeError, TaskError
 from ..log import write_samples
 from .scoring import kl_per_completion, values_of
 
@@ -293,6 +293,17 @@ def bootstrap_positions(episodes: list[Episode]) -> torch.Tensor:
 
 
 # --- the workload's side: collecting and evaluating episodes ------------------------------------
+def refuse_overlong_keys(cfg, spec: str) -> None:
+    """DAPO's overlong filtering and punishment are defined on single completions, which the length
+    limit cuts; an episode's replies are cut by max_new_tokens, max_episode_tokens or the context,
+    and its turns share one return, so neither carries over as it is: refused in one line."""
+    keys = [key for key in ("overlong_filter", "overlong_buffer") if getattr(cfg, key)]
+    if keys:
+        raise ConfigError(f"{' and '.join(keys)} act on single completions cut by max_new_tokens; task '{spec}' "
+                          "plays multi-turn episodes, where they are not defined: set overlong_filter=false "
+                          "overlong_buffer=0")
+
+
 def episode_stats(episodes: list[Episode], kl: torch.Tensor) -> np.ndarray:
     """(B, 6) per episode: mean reward per turn, return, turns, success (nan: the env does not
     say), model tokens, KL to the reference (nats)."""

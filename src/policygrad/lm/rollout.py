@@ -2,7 +2,9 @@
 task, plays episodes through lm/episodes.py), scores them through lm/scoring.py, evaluates on the
 held-out splits, hands the update its data loss and says what a checkpoint holds.
 
-A completion ends at EOS or at max_new_tokens, either way without bootstrapping.
+A completion ends at EOS or at max_new_tokens, either way without bootstrapping; one the limit cut
+is marked (Batch.length_truncated) for DAPO's overlong filtering, and its length may cost reward
+(overlong_buffer: DAPO's soft punishment, a training shaping that evaluation never adds).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from ..batch import Batch, DataTerm
 from ..log import write_samples
 from . import episodes, supervised, tasks
 from .policy import build_policy, policy_files, write_policy_config
-from .scoring import NoSignalWatch, Scoring, kl_per_completion, last_tokens, no_signal, values_of
+from .scoring import (NoSignalWatch, Scoring, kl_per_completion, last_tokens, length_truncated, no_signal,
+                      overlong_penalty, values_of)
 from .tasks import prompt_text
 
 
@@ -67,6 +70,8 @@ class LMWorkload:
         this one takes its block of each step's prompts."""
         self.cfg, self.init_seed, self.seed = cfg, seed, dist.rank_seed(seed, dist.rank())
         self.task = tasks.load(cfg.task, set(config_mod.field_names()))
+        if self.task.env is not None:  # before minutes of model loading
+            episodes.refuse_overlong_keys(cfg, self.task.name)
         self.placement = placement_mod.resolve(cfg)
         self.task.rewards.configure(timeout=cfg.reward_timeout, retries=cfg.reward_retries,
                                     device=self.placement.device, normalize=cfg.reward_normalize)
@@ -143,34 +148,47 @@ class LMWorkload:
         return batch, {**metrics, "time/collect_s": time.perf_counter() - start}
 
     def _collect(self, rows: list[dict], seed: int) -> tuple[Batch, dict]:
-        """Single completions: samples_per_prompt per row, the task score on each one's last token."""
+        """Single completions: samples_per_prompt per row, the task score (plus the overlong
+        punishment) on each one's last token."""
         cfg = self.cfg
         batch, completions, task_reward = self.sample(rows, cfg.samples_per_prompt, seed=seed)
         B, T = batch.mask.shape
         device = batch.mask.device
         last = last_tokens(batch.mask)                                            # (B,)
-        score = torch.as_tensor(task_reward, dtype=torch.float32, device=device)  # (B,)
-        all_reward = dist.gather_rows(np.asarray(task_reward, dtype=np.float64))  # (B_global,)
+        lengths = batch.mask.sum(1)                                               # (B,)
+        cut = length_truncated(batch.actions, batch.mask, self.policy.eos_ids, cfg.max_new_tokens)  # (B,)
+        # DAPO's soft overlong punishment joins the task reward before any baseline or whitening
+        # sees it: what a group compares is the shaped reward
+        overlong = overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)  # (B,)
+        task_reward = np.asarray(task_reward, dtype=np.float64)                   # (B,)
+        shaped = task_reward + overlong.cpu().numpy()                             # (B,)
+        score = torch.as_tensor(shaped, dtype=torch.float32, device=device)       # (B,)
+        all_reward, all_shaped = dist.gather_rows(np.stack([task_reward, shaped], 1)).T  # (B_global,) each
         if cfg.whiten_rewards:
-            pooled = torch.as_tensor(all_reward, dtype=torch.float32, device=device)  # (B_global,)
+            pooled = torch.as_tensor(all_shaped, dtype=torch.float32, device=device)  # (B_global,)
             score = (score - pooled.mean()) / (pooled.std() + 1e-8)
         rewards = torch.zeros_like(batch.mask)                                   # (B, T)
         rewards[torch.arange(B, device=device), last] = score
         terminated = torch.zeros_like(batch.mask)                                # (B, T)
         terminated[torch.arange(B, device=device), last] = 1.0
         values, next_values = values_of(self.policy, batch)
-        batch = self.scoring.finish(batch, rewards, values, next_values, len(rows), terminated=terminated)
-        per_row = torch.stack([(batch.rewards * batch.mask).sum(1), kl_per_completion(batch),
-                               batch.mask.sum(1)], 1)                             # (B, 3)
-        scores, kls, lengths = torch.from_numpy(dist.gather_rows(per_row.float().cpu().numpy())).unbind(1)
-        self.scoring.record(scores, kls)                                          # (B_global,) each
+        batch = self.scoring.finish(batch, rewards, values, next_values, len(rows), terminated=terminated,
+                                    length_truncated=cut)
+        per_row = torch.stack([(batch.rewards * batch.mask).sum(1), kl_per_completion(batch), lengths,
+                               cut, overlong], 1)                                 # (B, 5)
+        scores, kls, lengths, cuts, overlongs = torch.from_numpy(
+            dist.gather_rows(per_row.float().cpu().numpy())).unbind(1)           # (B_global,) each
+        self.scoring.record(scores, kls)
         parts = {f"train/reward/{name}": float(dist.gather_rows(values).mean())
                  for name, values in self.reward_parts.items()}
-        flat_groups, flat_batch = no_signal(all_reward, cfg.samples_per_prompt)
+        if cfg.overlong_buffer:  # the shaping's mean, beside the task's reward (<= 0)
+            parts["train/reward/overlong"] = float(overlongs.mean())
+        flat_groups, flat_batch = no_signal(all_shaped, cfg.samples_per_prompt)
         self._warnings.extend(filter(None, [self.signal_watch.add(flat_groups)]))
         return batch, {
             "train/reward_mean": float(all_reward.mean()), "train/reward_std": float(all_reward.std()),
-            **parts, "train/flat_group_share": flat_groups, "train/flat_batch": flat_batch,
+            **parts, "train/truncated_share": float(cuts.mean()),
+            "train/flat_group_share": flat_groups, "train/flat_batch": flat_batch,
             **self.scoring.metrics(kls, lengths, self.sample_times)}
 
     # --- the data loss (J_data) ---

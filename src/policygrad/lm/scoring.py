@@ -54,6 +54,27 @@ def shaped_rewards(score: torch.Tensor, batch: Batch, kl_coef: float, kl_estimat
     return kl_penalty(rewards, batch, kl_coef, kl_estimator, kl_in)
 
 
+def length_truncated(actions: torch.Tensor, mask: torch.Tensor, eos_ids: set[int], max_new_tokens: int
+                     ) -> torch.Tensor:
+    """(B,) 1.0 where the length limit cut a completion: it holds max_new_tokens tokens and the last
+    is no EOS. One whose EOS fell on the last allowed position finished on its own."""
+    lengths = mask.sum(1)                                                      # (B,)
+    final = actions.gather(1, last_tokens(mask)[:, None]).squeeze(1)           # (B,) its last token
+    ended = torch.isin(final, torch.tensor(sorted(eos_ids), device=actions.device))  # (B,)
+    return ((lengths >= max_new_tokens) & ~ended).float()
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """(B,) DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of completions of `lengths`
+    tokens (EOS included), times `penalty`: 0 up to max_new_tokens - buffer tokens, then falling
+    linearly to -penalty at max_new_tokens (the limit: no completion is longer). buffer 0: none."""
+    if buffer == 0:
+        return torch.zeros_like(lengths)
+    # eq. 13 as written: (L_max - L_cache - |y|) / L_cache, L_max = max_new_tokens, L_cache = buffer
+    ramp = (max_new_tokens - buffer - lengths) / buffer                        # (B,) < 0 inside the buffer
+    return penalty * ramp.clamp(min=-1.0, max=0.0)                             # (B,)
+
+
 def kl_per_completion(batch: Batch) -> torch.Tensor:
     """(B,) sum over a completion's tokens of log pi - log pi_ref (k1): nats per completion."""
     return ((batch.log_prob - batch.ref_log_prob) * batch.mask).sum(1)
