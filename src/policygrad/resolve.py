@@ -86,17 +86,19 @@ LM_LORA_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # Published recipes as presets of keys, each as its paper (or, where the paper is silent, its
 # reference implementation) sets them; docs/recipes.md is the table. Only what the recipe is about:
-# learning rate, batch and epochs stay the run's. Not here yet: DAPO's dynamic sampling and overlong
-# shaping (batch options of issue #25 still to come).
+# learning rate, batch and epochs stay the run's. Not here yet: DAPO's overlong shaping (a batch
+# option of issue #25 still to come).
 RECIPES: dict[str, dict[str, Any]] = {
     # Shao et al. 2024 (DeepSeekMath), eq. 3: group-whitened outcome advantages, each
     # completion's token mean, PPO's clip 0.2, a k3 KL term in the loss at beta 0.04
     "grpo": {"algo": "ppo", "advantage": "sequence", "baseline": "group", "normalize_advantages": False,
              "loss_agg": "seq-mean-token-mean", "clip_eps": 0.2, "kl_in": "loss", "kl_estimator": "k3",
              "kl_coef": 0.04},
-    # Yu et al. 2025 (DAPO): clip-higher (0.2 / 0.28), the token mean over the batch, no KL
+    # Yu et al. 2025 (DAPO): clip-higher (0.2 / 0.28), the token mean over the batch, no KL; dynamic
+    # sampling drops the groups whose rewards are all equal and draws more (at most max_draws rounds)
     "dapo": {"algo": "ppo", "advantage": "sequence", "baseline": "group", "normalize_advantages": False,
-             "loss_agg": "token-mean", "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0},
+             "loss_agg": "token-mean", "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0,
+             "dynamic_sampling": True},
     # Liu et al. 2025 (Understanding R1-Zero-like training, Dr. GRPO): no std in the advantage, sums
     # over a constant (max_new_tokens) in place of each completion's length, no KL term
     "dr_grpo": {"algo": "ppo", "advantage": "sequence", "baseline": "group-mean", "normalize_advantages": False,
