@@ -99,7 +99,8 @@ def save_batch(batch: Batch, path: Path) -> None:
     fields = {k: v for k, v in batch.__dict__.items() if torch.is_tensor(v) and k != "n_valid"}
     # copies: a freshly sampled batch's fields share memory (log_prob is behaviour_log_prob), which
     # safetensors refuses
-    save_file({k: v.clone().contiguous() for k, v in fields.items()}, str(path), metadata={"kl_coef": str(batch.kl_coef)})
+    save_file({k: v.clone().contiguous() for k, v in fields.items()}, str(path),
+              metadata={"kl_coef": str(batch.kl_coef)})
 
 
 def load_batch(path: Path) -> Batch:

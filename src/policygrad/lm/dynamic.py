@@ -39,6 +39,7 @@ Sampler = Callable[[int], tuple[Batch, np.ndarray, dict[str, np.ndarray]]]
 """Round i -> this rank's block of the round's fresh prompts, sampled: the batch (no reference
 log-probs), each row's task reward, and each reward's own values (several rewards)."""
 
+
 def round_seed(step_seed: int, round_index: int) -> int:
     """The sampling seed of a step's round. Round 0 takes the step's own seed, so a step whose first
     round fills the batch samples and trains exactly what a plain step does; each later round a
@@ -107,7 +108,7 @@ def draw(sample_round: Sampler, samples_per_prompt: int, want: int, max_draws: i
         P = batch.obs.shape[1] - batch.actions.shape[1]
         columns = np.column_stack([np.asarray(task_reward, dtype=np.float64),
                                    batch.obs_mask[:, :P].sum(1).cpu().numpy(), batch.mask.sum(1).cpu().numpy(),
-                                   *[np.asarray(v, dtype=np.float64) for v in parts.values()]])
+                                   *[np.asarray(v, dtype=np.float64) for v in parts.values()]])  # (B, C)
         drawn.batches.append(batch)
         drawn.tables.append(dist.gather_rows(columns.astype(np.float64)))         # (B_global, C)
         drawn.part_names = list(parts)
@@ -129,7 +130,8 @@ class Kept:
     parts: dict[str, np.ndarray]
     """(K * k,) each reward's own values on the kept rows."""
     metrics: dict[str, float]
-    """The rounds' counts and what was sampled (module docstring of each in rollout's metrics)."""
+    """train/draws (rounds), train/kept_groups, train/dropped_groups (flat ones, of every round) and
+    train/sampled_reward_mean (over every completion sampled, dropped and cut ones included)."""
     flat_share: tuple[float, float]
     """scoring.no_signal of everything sampled: the share of flat groups, and whether all was flat."""
 
