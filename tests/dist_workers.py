@@ -5,6 +5,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -107,7 +108,10 @@ def in_float64(batch: Batch) -> Batch:
 
 def save_batch(batch: Batch, path: Path) -> None:
     fields = {k: v for k, v in batch.__dict__.items() if torch.is_tensor(v) and k != "n_valid"}
-    save_file({k: v.contiguous() for k, v in fields.items()}, str(path), metadata={"kl_coef": str(batch.kl_coef)})
+    # copies: a freshly sampled batch's fields share memory (log_prob is behaviour_log_prob), which
+    # safetensors refuses
+    save_file({k: v.clone().contiguous() for k, v in fields.items()}, str(path),
+              metadata={"kl_coef": str(batch.kl_coef)})
 
 
 def load_batch(path: Path) -> Batch:
@@ -263,3 +267,78 @@ def api_worker(rank: int, world: int, port: int, folder: str, lm_paths: tuple[st
     policygrad.train(algo="reinforce", model=lm_paths[0], data=rows, rewards=["vader", (brevity, 0.5)],
                      max_new_tokens=6, out=Path(folder) / "api", progress=False, **keys)
     assert not torch.distributed.is_initialized()  # train() leaves no process group behind
+
+
+# --- dynamic sampling (issue #25): the rounds' groups flat (F: both rewards 1) or spread (S), by hand,
+# on sampled completions: one process's rounds, each rank given its block of every round -------------
+F, S = [1.0, 1.0], [0.0, 1.0]
+DYNAMIC_CASES = {
+    # round 0 keeps its group 1, round 1 its groups 0-2 (its group 3 is cut): rank 1's block holds
+    # round 1's group 1, which rank 0 sampled
+    "lm-dynamic-ppo": ("ppo", {"batch_size": 2, "n_epochs": 2, "max_draws": 3}, [[F, S, F, F], [S, S, S, S]]),
+    # max_draws=2 rounds keep one group each, one per rank: rank 0 holds both, rank 1 padding alone
+    # (copies of rank 0's group). TRPO's Fisher sub-sample may draw padding rows; with sharded
+    # weights the rank holding padding alone still makes every pass the other makes, and PPO's
+    # minibatches of one group include padding-only ones, whose step both ranks skip together
+    "lm-dynamic-trpo-short": ("trpo", {"fvp_fraction": 0.5, "micro_batch_size": 2, "max_draws": 2},
+                              [[F, S, F, F], [F, F, F, S]]),
+    "lm-dynamic-fsdp-ppo-short": ("ppo", {"shard": "fsdp", "batch_size": 2, "n_epochs": 2, "share_prompts": False,
+                                          "max_draws": 2}, [[F, S, F, F], [F, F, F, S]]),
+}
+
+
+def dynamic_config(name: str, lm_paths: tuple[str, str]):
+    model, task = lm_paths
+    algo, extra, _ = DYNAMIC_CASES[name]
+    return resolve_mod.resolve({}, {**LM_OVERRIDES, "dynamic_sampling": True, **extra},
+                               {"algo": algo, "task": task, "model": model})
+
+
+def record_rounds(work, script: list[list[list[float]]]) -> tuple[list[Batch], list[list[float]]]:
+    """work.sample made to return its own samples with the script's task rewards; the rounds it
+    samples (every prompt of each: one process) and their rewards, filled in as it runs."""
+    rounds, rewards = [], []
+    sample = work.sample
+
+    def scripted(rows, n, seed, reference=True):
+        batch, completions, _ = sample(rows, n, seed, reference)
+        rounds.append(batch)
+        rewards.append([x for group in script[len(rewards)] for x in group])
+        work.reward_parts = {}
+        return batch, completions, np.array(rewards[-1])
+    work.sample = scripted
+    return rounds, rewards
+
+
+def replay_rounds(work, rounds: list[Batch], rewards: list[list[float]], rank: int, world: int) -> None:
+    """work.sample made to hand this rank its block of each recorded round, as it would have sampled it."""
+    def replayed(rows, n, seed, reference=True):
+        i = replayed.calls
+        replayed.calls += 1
+        per_rank = len(rewards[i]) // world
+        work.reward_parts = {}
+        work.sample_times = {"time/generate_s": 0.0, "time/reward_s": 0.0, "time/reference_s": 0.0}
+        return block(rounds[i], rank, world), [], np.array(rewards[i][rank * per_rank:(rank + 1) * per_rank])
+    replayed.calls = 0
+    work.sample = replayed
+
+
+def dynamic_worker(rank: int, world: int, port: int, folder: str, lm_paths: tuple[str, str],
+                   names: list[str]) -> None:
+    """Each case: this rank's blocks of the recorded rounds through dynamic sampling's collect, one
+    update; the rank's batch, weights and metrics out."""
+    join(rank, world, port)
+    folder = Path(folder)
+    for name in names:
+        cfg = dynamic_config(name, lm_paths)
+        work = workload(cfg)
+        rewards = json.loads((folder / f"{name}.rewards.json").read_text())
+        replay_rounds(work, [load_batch(folder / f"{name}.round{i}.batch") for i in range(len(rewards))],
+                      rewards, rank, world)
+        batch, collected = work.collect()
+        save_file({k: getattr(batch, k).contiguous() for k in ("obs", "mask", "log_prob", "ref_log_prob")},
+                  str(folder / f"{name}.rank{rank}.batch"))
+        metrics = one_update(cfg, work, batch)
+        save_file(weights(work.policy), str(folder / f"{name}.rank{rank}.safetensors"))
+        (folder / f"{name}.rank{rank}.json").write_text(json.dumps({**collected, **metrics}))
+    dist.shutdown()

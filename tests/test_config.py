@@ -37,6 +37,14 @@ REFUSED = {
                           ["baseline", "advantage=sequence", "advantage=gae"]),
     "baseline with mc": ("lm", "reinforce", {"baseline": "group", "advantage": "mc"},
                          ["baseline", "advantage=mc"]),
+    # dynamic sampling (issue #25)
+    "dynamic sampling with one sample": ("lm", "reinforce", {"dynamic_sampling": True, "samples_per_prompt": 1,
+                                                             "baseline": "moving-average"},
+                                         ["dynamic_sampling=true", "samples_per_prompt >= 2"]),
+    "max_draws without dynamic sampling": ("lm", "ppo", {"max_draws": 5}, ["max_draws", "dynamic_sampling=true"]),
+    "max_draws zero": ("lm", "ppo", {"dynamic_sampling": True, "max_draws": 0}, ["max_draws", "positive"]),
+    "dynamic_sampling on control": ("control", "ppo", {"dynamic_sampling": True},
+                                    ["dynamic_sampling is a language-model key"]),
     # KL
     "adaptive KL from 0": ("lm", "reinforce", {"adaptive_kl": True, "kl_coef": 0.0},
                            ["adaptive_kl=true", "kl_coef > 0"]),
@@ -125,6 +133,7 @@ ACCEPTED = {
                                                   "value_baseline": False}),
     "lm mc without critic": ("lm", "reinforce", {"advantage": "mc"}),
     "lm one sample, moving average": ("lm", "reinforce", {"samples_per_prompt": 1, "baseline": "moving-average"}),
+    "lm dynamic sampling": ("lm", "trpo", {"dynamic_sampling": True, "max_draws": 5}),
     "lm adaptive KL": ("lm", "ppo", {"adaptive_kl": True, "kl_coef": 0.1, "kl_target": 3.0, "kl_horizon": 100}),
     "lm micro-batches and sampling keys": ("lm", "trpo", {"micro_batch_size": 2, "temperature": 0.7,
                                                           "top_p": 1.0, "top_k": 0, "fvp_fraction": 0.5}),

@@ -67,6 +67,11 @@ def test_update_split_over_two_ranks_equals_the_single_process_update(equivalenc
     checked by hand.)"""
     folder, single = equivalence
     before, after, metrics = single[name]
+    assert_update_equal(folder, name, before, after, metrics)
+
+
+def assert_update_equal(folder, name: str, before: dict, after: dict, metrics: dict) -> None:
+    """The 2 ranks' weights and metrics (files in folder) against the single-process update."""
     ranks = [load_file(str(folder / f"{name}.rank{r}.safetensors")) for r in range(2)]
     moved = max((after[k] - before[k]).abs().max().item() for k in after)
     assert moved > 1e-4, f"{name}: the single-process update barely moved the weights"
@@ -83,6 +88,55 @@ def test_update_split_over_two_ranks_equals_the_single_process_update(equivalenc
     for key, value in metrics.items():
         if key.startswith(("policy/", "value/", "trpo/", "kl/", "ptx/")):
             assert split[key] == pytest.approx(value, rel=1e-3, abs=1e-5), f"{name}: metric {key}"
+
+
+@pytest.fixture(scope="module")
+def dynamic_equivalence(tmp_path_factory, tiny_lm, task_file):
+    """Dynamic sampling in one process, its task rewards scripted (w.DYNAMIC_CASES): the rounds it
+    sampled, its kept batch and its update; then 2 spawned ranks, each handed its block of every
+    recorded round, through the same collect and update."""
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("dynamic")
+    lm_paths = (str(tiny_lm), str(task_file))
+    single = {}
+    for name, (_, _, script) in w.DYNAMIC_CASES.items():
+        cfg = w.dynamic_config(name, lm_paths)
+        work = w.workload(cfg)
+        rounds, rewards = w.record_rounds(work, script)
+        batch, collected = work.collect()
+        for i, drawn in enumerate(rounds):
+            w.save_batch(drawn, folder / f"{name}.round{i}.batch")
+        (folder / f"{name}.rewards.json").write_text(json.dumps(rewards))
+        before = w.weights(work.policy)
+        metrics = w.one_update(cfg, work, batch)
+        single[name] = (batch, collected, before, w.weights(work.policy), metrics)
+    w.run_ranks(w.dynamic_worker, (str(folder), lm_paths, list(w.DYNAMIC_CASES)))
+    return folder, single
+
+
+@pytest.mark.parametrize("name", list(w.DYNAMIC_CASES))
+def test_dynamic_sampling_over_two_ranks_keeps_and_updates_as_one_process(dynamic_equivalence, name):
+    """The groups kept from every rank's rewards, laid out in equal blocks (a group moved to the
+    rank whose block holds it; a short step's padding too), are one process's batch row for row:
+    tokens, masks and log-probs exactly. The counts of what was drawn, kept and dropped agree, and
+    the update is the single-process one (tolerances as above)."""
+    folder, single = dynamic_equivalence
+    batch, collected, before, after, metrics = single[name]
+    kept, rounds = (2, 2) if name.endswith("short") else (4, 2)
+    assert (collected["train/kept_groups"], collected["train/draws"]) == (kept, rounds)
+    parts = [load_file(str(folder / f"{name}.rank{r}.batch")) for r in range(2)]
+    for key in ("obs", "mask", "log_prob"):
+        assert torch.equal(torch.cat([p[key] for p in parts]), getattr(batch, key)), f"{name}: {key}"
+    torch.testing.assert_close(torch.cat([p["ref_log_prob"] for p in parts]), batch.ref_log_prob,
+                               atol=1e-5, rtol=1e-5)
+    if name.endswith("short"):
+        assert parts[1]["mask"].sum() == 0 and parts[0]["mask"].sum(1).min() > 0  # rank 1: padding alone
+    split = [json.loads((folder / f"{name}.rank{r}.json").read_text()) for r in range(2)]
+    for key in ("train/draws", "train/kept_groups", "train/dropped_groups", "train/sampled_reward_mean",
+                "train/reward_mean", "train/flat_group_share"):
+        assert split[0][key] == split[1][key] == collected[key], f"{name}: {key}"
+    assert split[0]["kl/to_reference"] == pytest.approx(collected["kl/to_reference"], rel=1e-4, abs=1e-6)
+    assert_update_equal(folder, name, before, after, metrics)
 
 
 def test_ranks_whose_data_disagree_stop_ppo_epochs_together(tmp_path):

@@ -240,5 +240,6 @@ def test_the_dapo_recipe_sizes_the_buffer_from_max_new_tokens(tiny_lm, task_file
     assert resolve({}, {"recipe": "dapo", "max_new_tokens": 512, "overlong_buffer": 64}, flags).overlong_buffer == 64
     assert resolve({}, {"recipe": "dapo", "max_new_tokens": 512}, flags).overlong_filter is False
     turns = resolve({}, {"recipe": "dapo", "max_new_tokens": 20}, {**flags, "task": "guess-number"})
-    assert turns.overlong_buffer == 0
+    assert turns.overlong_buffer == 0 and turns.dynamic_sampling is False  # the loss side alone
+    assert resolve({}, {"recipe": "dapo"}, flags).dynamic_sampling is True
     assert resolve({}, {"recipe": "grpo", "max_new_tokens": 512}, flags).overlong_buffer == 0

@@ -210,3 +210,43 @@ def test_control_run_killed_three_times_keeps_its_counters(tmp_path):
         load_file(latest_checkpoint(broken) / "optimizer.safetensors")
     steps = [k for k in a_opt if k.endswith(".step")]
     assert steps and all(torch.equal(a_opt[k], b_opt[k]) for k in steps), context
+
+
+def test_dynamic_sampling_run_killed_ends_identical_to_uninterrupted(lm_task, tmp_path):
+    """Dynamic sampling (issue #25): half the prompts get a reward that is the same for every
+    completion, so steps drop groups and draw a second round, with its own seed; the cursor and the
+    step count move with the extra draws, so a run killed once at a random moment and resumed draws,
+    drops and trains exactly what the uninterrupted one does: with seed 9 every step draws two rounds
+    and the second keeps no group at all (no update). Kept cheap: one kill, three steps, a checkpoint
+    after each."""
+    folder, model = lm_task
+    (folder / "parity.py").write_text(
+        "import zlib\n"
+        "def parity(prompts, completions, answer):\n"
+        "    return [1.0 if int(a) % 2 == 0 else zlib.crc32(c.encode()) / 2 ** 32\n"
+        "            for c, a in zip(completions, answer)]\n")
+    (folder / "parity.jsonl").write_text("".join(json.dumps({"prompt": f"Say something about {i}.", "answer": str(i)})
+                                                 + "\n" for i in range(30)))
+    (folder / "parity.yaml").write_text("data: parity.jsonl\nrewards: ['python:parity.py:parity']\n"
+                                        "max_new_tokens: 6\nprompts_per_step: 2\nsamples_per_prompt: 2\n"
+                                        "eval_prompts: 3\n")
+    steps = 3
+    args = ["--algo", "ppo", "--task", folder / "parity.yaml", "--model", model, "--steps", steps, "--seed", 9,
+            "--no-progress", "checkpoint_every=1", "eval_every=2", "use_value_head=true", "adaptive_kl=true",
+            "batch_size=2", "n_epochs=2", "dynamic_sampling=true", "max_draws=2"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    r = subprocess.run(cli("train", "--out", straight, *args), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = rows_without_timings(straight)
+    assert [(row["train/draws"], row["train/kept_groups"]) for row in rows] == [(2, 2), (2, 0), (2, 2)]
+    rng = random.Random(KILL_SEED)
+    target, delay = rng.randrange(1, steps), rng.uniform(0.0, 0.4)
+    killed = run_and_kill(cli("train", "--out", broken, *args), broken, target, delay)
+    context = f"POLICYGRAD_KILL_SEED={KILL_SEED}: after line {target} + {delay:.2f}s"
+    assert killed, f"the run finished before the kill; {context}"
+    r = subprocess.run(cli("train", "--resume", broken, "--no-progress"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert rows_without_timings(broken) == rows, context
+    for name in ("policy/model.safetensors", "model.safetensors"):
+        a, b = load_file(latest_checkpoint(straight) / name), load_file(latest_checkpoint(broken) / name)
+        assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs; {context}"

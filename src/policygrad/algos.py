@@ -107,7 +107,7 @@ def _accumulate(flats: list[FlatParameters], batch: Batch, loss_fn: Callable[[Ba
                 ) -> tuple[dict, bool, float]:
     """Backward passes over micro-batches of cfg.micro_batch_size rows, gradients summed over
     ranks: the global batch's mean metrics, whether every rank's loss was finite, and the global
-    batch's count of units (0: every row was left out of the loss, as overlong_filter may).
+    batch's count of units (valid steps, or sequences).
 
     Each loss is a mean over the units cfg.loss_agg averages over (valid steps, or sequences). In
     one process each micro-batch's mean is weighted by its share of the batch's units. Over ranks,
@@ -138,11 +138,11 @@ def _accumulate(flats: list[FlatParameters], batch: Batch, loss_fn: Callable[[Ba
     for flat in flats[:-1]:
         flat.sum_over_ranks()
     sums = flats[-1].sum_over_ranks({**local, "update/valid": float(units(batch))})
-    count, nonfinite = sums.pop("update/valid"), sums.pop("update/nonfinite")
-    valid = max(count, 1.0)
+    counted, nonfinite = sums.pop("update/valid"), sums.pop("update/nonfinite")
+    valid = max(counted, 1.0)
     for flat in flats:
         flat.scale_grads(1.0 / valid)
-    return {**{k: v / valid for k, v in sums.items()}, "update/nonfinite": nonfinite}, nonfinite == 0.0, count
+    return {**{k: v / valid for k, v in sums.items()}, "update/nonfinite": nonfinite}, nonfinite == 0.0, counted
 
 
 def _data_backward(data: DataTerm, weighted: WeightedMetrics, scale: float,
@@ -171,12 +171,15 @@ def _gradient_step(opt: torch.optim.Optimizer, flats: list[FlatParameters], batc
 
     allow_step reads the batch's metrics at the parameters before the step (global ones over
     ranks, so every rank decides alike); False leaves parameters and optimiser state as they were
-    and returns the metrics without a gradient norm. So does a batch with nothing in its loss (no
-    unit, no data term): its gradient is 0, and Adam's momentum alone would still move the weights."""
+    and returns the metrics without a gradient norm. A batch without a valid unit (padding alone:
+    lm/dynamic.py) and without a data loss takes no step and reports nothing: Adam would still move
+    every weight on its momentum."""
     for flat in flats:
         flat.zero_grad()
-    metrics, finite, units = _accumulate(flats, batch, loss_fn, cfg, scaler, data)
-    if not allow_step(metrics) or (units == 0 and data is None):
+    metrics, finite, counted = _accumulate(flats, batch, loss_fn, cfg, scaler, data)
+    if counted == 0 and data is None:
+        return {"update/nonfinite": 0.0}
+    if not allow_step(metrics):
         return {**metrics, "update/nonfinite": 0.0 if finite else 1.0}
     if scaler is not None:
         scaler.unscale_(opt)
@@ -240,7 +243,7 @@ def ppo_update(policy, opts: Optimizers, batch: Batch, cfg, progress: Progress) 
     def within_kl(metrics: dict) -> bool:
         # SB3's order: the minibatch whose KL (at the parameters before its step) crosses the limit
         # takes no step; its losses are still the update's metrics
-        return cfg.target_kl is None or not metrics["policy/approx_kl"] > 1.5 * cfg.target_kl
+        return cfg.target_kl is None or not metrics.get("policy/approx_kl", 0.0) > 1.5 * cfg.target_kl
 
     rows, mean = policy.rows(batch), MetricMean()
     stopped_early, nonfinite = 0.0, 0.0

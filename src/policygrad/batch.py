@@ -100,6 +100,11 @@ class Batch:
                 changes[f.name] = fn(value)
         return self.replace(**changes)
 
+    def to(self, device) -> "Batch":
+        """The batch with every tensor on `device` (one sent to another rank travels on the CPU)."""
+        return self.replace(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                               if torch.is_tensor(getattr(self, f.name))})
+
     def flatten_steps(self) -> "Batch":
         """View every step as its own row: (B, T, ...) -> (B*T, 1, ...), for per-step minibatches."""
         B, T = self.shape

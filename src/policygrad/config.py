@@ -179,6 +179,15 @@ class Config:
     """Prompts in each training batch."""
     samples_per_prompt: int = setting(4, "lm", rule="positive")
     """Completions sampled per prompt (the group of the rloo and group baselines)."""
+    dynamic_sampling: bool = setting(False, "lm")
+    """DAPO's dynamic sampling (Yu et al. 2025): drop each prompt group whose completions all got
+    the same task reward (before any KL penalty; under a group baseline it has nothing to teach) and
+    draw prompts_per_step more prompts, round after round, until prompts_per_step groups are kept
+    or max_draws rounds were drawn; the first prompts_per_step kept, in draw order, are trained on.
+    A step that keeps none takes no update. Single-turn tasks, samples_per_prompt >= 2."""
+    max_draws: int = setting(3, "lm", rule="positive")
+    """dynamic_sampling: the most rounds of prompts_per_step prompts one step samples (each costs a
+    round of generation); a step still short after them trains on the groups it kept."""
     max_new_tokens: int = setting(32, "lm", rule="positive")
     """Longest completion, in tokens."""
     overlong_filter: bool = setting(False, "lm")
@@ -448,6 +457,8 @@ IGNORED: list[tuple[tuple[str, ...], Check, str]] = [
     (("overlong_penalty",), lambda c: c.overlong_buffer == 0,
      "overlong_penalty sizes the soft overlong punishment, which is off (overlong_buffer=0): set "
      "overlong_buffer > 0 (tokens before max_new_tokens where it ramps up), or drop overlong_penalty"),
+    (("max_draws",), lambda c: not c.dynamic_sampling,
+     "max_draws bounds dynamic sampling's rounds, which is off: set dynamic_sampling=true, or drop max_draws"),
     (("kl_target", "kl_horizon"), lambda c: not c.adaptive_kl,
      "{key} steers the adaptive KL controller, which is off: set adaptive_kl=true, or drop {key}"),
     (("clip_ratio_c",), lambda c: c.surrogate == "cispo",
@@ -468,6 +479,9 @@ CONFLICTS: list[tuple[Check, str]] = [
     (lambda c: c.is_lm and c.use_value_head and c.advantage == "sequence",
      "use_value_head=true adds a value head that advantage=sequence never reads: use advantage=gae "
      "or mc with it, or use_value_head=false"),
+    (lambda c: c.is_lm and c.dynamic_sampling and c.samples_per_prompt < 2,
+     "dynamic_sampling=true drops the prompt groups whose completions all got the same reward, and one "
+     "sample per prompt is always such a group: set samples_per_prompt >= 2, or dynamic_sampling=false"),
     (lambda c: c.is_lm and c.advantage == "sequence" and c.baseline in ("rloo", "group", "group-mean")
      and c.samples_per_prompt < 2,
      "baseline={baseline} compares the completions of one prompt and needs samples_per_prompt >= 2 "

@@ -92,7 +92,9 @@ class Workload(Protocol):
         """What the run trains on, for its summary: {"task": ...} or {"env": ...}."""
 
     def collect(self) -> tuple[Batch, dict]:
-        """This rank's part of a fresh batch from the current policy, and the global batch's metrics."""
+        """This rank's part of a fresh batch from the current policy, and the global batch's metrics;
+        a batch of no rows, on every rank alike, when the step found nothing to learn from (the
+        trainer then takes no update)."""
 
     def data_term(self) -> Optional[DataTerm]:
         """The update's data loss (a language model with ptx_coef > 0), or None."""

@@ -86,8 +86,7 @@ LM_LORA_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # Published recipes as presets of keys, each as its paper (or, where the paper is silent, its
 # reference implementation) sets them; docs/recipes.md is the table. Only what the recipe is about:
-# learning rate, batch and epochs stay the run's. Not here yet: DAPO's dynamic sampling (a batch
-# option of issue #25 still to come).
+# learning rate, batch and epochs stay the run's.
 RECIPES: dict[str, dict[str, Any]] = {
     # Shao et al. 2024 (DeepSeekMath), eq. 3: group-whitened outcome advantages, each
     # completion's token mean, PPO's clip 0.2, a k3 KL term in the loss at beta 0.04
@@ -95,7 +94,8 @@ RECIPES: dict[str, dict[str, Any]] = {
              "loss_agg": "seq-mean-token-mean", "clip_eps": 0.2, "kl_in": "loss", "kl_estimator": "k3",
              "kl_coef": 0.04},
     # Yu et al. 2025 (DAPO): clip-higher (0.2 / 0.28), the token mean over the batch, no KL; its
-    # soft overlong punishment (penalty 1) over a buffer sized from the run (RECIPE_DERIVED)
+    # soft overlong punishment (penalty 1) over a buffer sized from the run (RECIPE_DERIVED); dynamic
+    # sampling drops the groups whose rewards are all equal and draws more (at most max_draws rounds)
     "dapo": {"algo": "ppo", "advantage": "sequence", "baseline": "group", "normalize_advantages": False,
              "loss_agg": "token-mean", "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0},
     # Liu et al. 2025 (Understanding R1-Zero-like training, Dr. GRPO): no std in the advantage, sums
@@ -127,9 +127,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Recipe keys whose value follows the run's other keys, which a recipe cannot know: fn(cfg, task) ->
 # value, set once every layer is in (so the value is the run's: config.yaml records it), unless the
 # user set the key. DAPO's overlong buffer is a share of the length limit: 4096 of 20480 tokens, a
-# fifth; a multi-turn task's replies are not shaped (the workload refuses the overlong keys there).
+# fifth. Both DAPO's batch options shape single completions: on a multi-turn task (the workload
+# refuses them there) the recipe leaves them off, and sets the loss side alone.
 RECIPE_DERIVED: dict[str, dict[str, Callable[[Config, tasks.Task], Any]]] = {
-    "dapo": {"overlong_buffer": lambda cfg, task: 0 if task.env is not None else cfg.max_new_tokens // 5},
+    "dapo": {"overlong_buffer": lambda cfg, task: 0 if task.env is not None else cfg.max_new_tokens // 5,
+             "dynamic_sampling": lambda cfg, task: task.env is None},
 }
 
 

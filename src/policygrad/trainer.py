@@ -53,6 +53,7 @@ class RunState:
     bad_in_a_row: int = 0
     """Updates in a row skipped for a non-finite loss or gradient."""
     skipped_updates: int = 0
+    """Updates skipped: for a non-finite loss or gradient, or with nothing to learn from."""
     finished: bool = False
     """Training is over (the final checkpoint); a resume only redoes the final evaluation."""
 
@@ -176,15 +177,21 @@ def run_update(cfg: Config, work, algo, opts: Optimizers, state: RunState, gener
     remaining = 1.0 - state.update / cfg.total_updates
     state.update += 1
     state.env_steps += cfg.rollout_size
-    # 2. advantages and value targets
-    batch = advantages.compute(batch, cfg, reduce=dist.total)
-    # 3. update the policy (and critic), with the data loss if there is one; a non-finite step is
-    #    skipped, not taken. A checkpoint still being written reads the weights and optimiser
-    #    state: the first step waits for it.
-    progress = Progress(remaining, generators["shuffle"], before_step=writer.wait, data=work.data_term())
-    metrics = algo.update(work.policy, opts, batch, cfg, progress)
-    metrics.update(work.after_update(batch, metrics))
-    note_bad_update(state, metrics, cfg, out_dir)
+    if batch.shape[0] == 0:
+        # nothing to learn from (dynamic sampling kept no prompt group; every rank alike): no
+        # update, counted with the skipped ones (not as a bad update: the data, not the weights)
+        state.skipped_updates += 1
+        metrics = {"update/empty": 1.0}
+    else:
+        # 2. advantages and value targets
+        batch = advantages.compute(batch, cfg, reduce=dist.total)
+        # 3. update the policy (and critic), with the data loss if there is one; a non-finite step is
+        #    skipped, not taken. A checkpoint still being written reads the weights and optimiser
+        #    state: the first step waits for it.
+        progress = Progress(remaining, generators["shuffle"], before_step=writer.wait, data=work.data_term())
+        metrics = algo.update(work.policy, opts, batch, cfg, progress)
+        metrics.update(work.after_update(batch, metrics))
+        note_bad_update(state, metrics, cfg, out_dir)
     step_s = time.perf_counter() - step_start
     # 4. evaluate on held-out data or environments (every rank gets the same numbers)
     eval_metrics = work.evaluate("validation", out_dir) if evaluation_due(cfg, state, work.per_update) else {}

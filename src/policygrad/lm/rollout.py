@@ -20,7 +20,7 @@ from .. import dist
 from .. import placement as placement_mod
 from ..batch import Batch, DataTerm
 from ..log import write_samples
-from . import episodes, supervised, tasks
+from . import dynamic, episodes, supervised, tasks
 from .policy import build_policy, policy_files, write_policy_config
 from .scoring import (NoSignalWatch, Scoring, kl_per_completion, last_tokens, length_truncated, no_signal,
                       overlong_penalty, values_of)
@@ -72,6 +72,12 @@ class LMWorkload:
         self.task = tasks.load(cfg.task, set(config_mod.field_names()))
         if self.task.env is not None:  # before minutes of model loading
             episodes.refuse_overlong_keys(cfg, self.task.name)
+        if cfg.dynamic_sampling and self.task.env is not None:
+            # an episode batch has its own layout (turns, bootstraps): lm/dynamic.py lays out completions
+            preset = f" (recipe={cfg.recipe})" if cfg.recipe != "none" else ""
+            raise tasks.TaskError(f"dynamic_sampling=true{preset} drops prompt groups of single completions; task "
+                                  f"'{cfg.task}' is a multi-turn text env, which it does not support: set "
+                                  "dynamic_sampling=false")
         self.placement = placement_mod.resolve(cfg)
         self.task.rewards.configure(timeout=cfg.reward_timeout, retries=cfg.reward_retries,
                                     device=self.placement.device, normalize=cfg.reward_normalize)
@@ -138,57 +144,109 @@ class LMWorkload:
     def collect(self) -> tuple[Batch, dict]:
         """This rank's block of the step's prompts, sampled and scored; the statistics (reward
         whitening, metrics, the KL controller's and moving baseline's inputs) are the global
-        batch's, computed from every rank's rows exactly as one process computes them."""
+        batch's, computed from every rank's rows exactly as one process computes them. With
+        dynamic_sampling, the step's kept groups (lm/dynamic.py): no rows when it kept none."""
         start = time.perf_counter()
-        row_ids = self.cursor.take(self.cfg.prompts_per_step)  # the global step's prompts, on every rank
-        lo, hi = dist.share(self.cfg.prompts_per_step)
-        rows = [self.task.rows("train")[i] for i in row_ids[lo:hi]]
         seed = self.scoring.step_seed(self.seed)
-        batch, metrics = (self.episodes.collect if self.episodes is not None else self._collect)(rows, seed)
+        if self.episodes is not None:
+            batch, metrics = self.episodes.collect(self._next_rows(), seed)
+        elif self.cfg.dynamic_sampling:
+            batch, metrics = self._collect_dynamic(seed)
+        else:
+            batch, metrics = self._collect(self._next_rows(), seed)
         return batch, {**metrics, "time/collect_s": time.perf_counter() - start}
+
+    def _next_rows(self) -> list[dict]:
+        """This rank's block of the next prompts_per_step prompts (the same ids on every rank)."""
+        row_ids = self.cursor.take(self.cfg.prompts_per_step)
+        lo, hi = dist.share(self.cfg.prompts_per_step)
+        return [self.task.rows("train")[i] for i in row_ids[lo:hi]]
 
     def _collect(self, rows: list[dict], seed: int) -> tuple[Batch, dict]:
         """Single completions: samples_per_prompt per row, the task score (plus the overlong
         punishment) on each one's last token."""
+        k = self.cfg.samples_per_prompt
+        batch, _, task_reward = self.sample(rows, k, seed=seed)
+        all_reward = dist.gather_rows(np.asarray(task_reward, dtype=np.float64))  # (B_global,)
+        parts = {name: dist.gather_rows(values) for name, values in self.reward_parts.items()}
+        return self._score(batch, task_reward, all_reward, parts, len(rows))
+
+    def _collect_dynamic(self, seed: int) -> tuple[Batch, dict]:
+        """DAPO's dynamic sampling (lm/dynamic.py): rounds of fresh prompts, each with its own seed,
+        until prompts_per_step groups whose task rewards spread are kept or max_draws rounds were
+        drawn; the reference pass runs on the kept rows alone. Metrics: train/reward_* of the
+        trained batch, train/sampled_reward_mean of every completion sampled, the rounds' counts,
+        and train/flat_group_share of the groups sampled (the dropped ones' share)."""
+        cfg, times = self.cfg, {"time/generate_s": 0.0, "time/reward_s": 0.0}
+
+        def sample_round(i: int) -> tuple[Batch, np.ndarray, dict[str, np.ndarray]]:
+            batch, _, task_reward = self.sample(self._next_rows(), cfg.samples_per_prompt,
+                                                seed=dynamic.round_seed(seed, i), reference=False)
+            for key in times:
+                times[key] += self.sample_times[key]
+            return batch.replace(ref_log_prob=None), task_reward, dict(self.reward_parts)
+        drawn = dynamic.draw(sample_round, cfg.samples_per_prompt, cfg.prompts_per_step, cfg.max_draws)
+        kept = dynamic.assemble(drawn, cfg.prompts_per_step, self.policy.tokenizer.pad_token_id)
+        self._warnings.extend(filter(None, [self.signal_watch.add(kept.flat_share[0])]))
+        sampled = {**kept.metrics, "train/flat_group_share": kept.flat_share[0], "train/flat_batch": kept.flat_share[1]}
+        if not len(kept.real):  # nothing to learn from: the trainer takes no update
+            return kept.batch, sampled
+        start = time.perf_counter()
+        with self.policy.gathered():
+            ref = self.policy.reference_log_prob(kept.batch) if self.policy.reference is not None \
+                else kept.batch.log_prob
+        self.sample_times = {**times, "time/reference_s": time.perf_counter() - start}
+        batch, metrics = self._score(kept.batch.replace(ref_log_prob=ref), kept.task_reward, kept.all_reward,
+                                     kept.parts, cfg.prompts_per_step // dist.world(), kept.real)
+        return batch, {**metrics, **sampled}
+
+    def _score(self, batch: Batch, task_reward: np.ndarray, all_reward: np.ndarray, parts: dict[str, np.ndarray],
+               prompts: int, real: Optional[np.ndarray] = None) -> tuple[Batch, dict]:
+        """The batch the update learns from and the step's metrics: this rank's rows and their task
+        rewards, every rank's task rewards and reward parts (B_global,), the rank's prompt groups;
+        real (B,): False on dynamic sampling's padding rows, which get no reward and count in no
+        statistic (None: every row is real)."""
         cfg = self.cfg
-        batch, completions, task_reward = self.sample(rows, cfg.samples_per_prompt, seed=seed)
         B, T = batch.mask.shape
         device = batch.mask.device
+        weight = torch.ones(B, device=device) if real is None else \
+            torch.as_tensor(real, dtype=torch.float32, device=device)             # (B,) 0 on padding
         last = last_tokens(batch.mask)                                            # (B,)
         lengths = batch.mask.sum(1)                                               # (B,)
         cut = length_truncated(batch.actions, batch.mask, self.policy.eos_ids, cfg.max_new_tokens)  # (B,)
         # DAPO's soft overlong punishment joins the task reward before any baseline or whitening
         # sees it: what a group compares is the shaped reward
         overlong = overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)  # (B,)
-        task_reward = np.asarray(task_reward, dtype=np.float64)                   # (B,)
-        shaped = task_reward + overlong.cpu().numpy()                             # (B,)
+        shaped = np.asarray(task_reward, dtype=np.float64) + overlong.cpu().numpy()  # (B,)
         score = torch.as_tensor(shaped, dtype=torch.float32, device=device)       # (B,)
-        all_reward, all_shaped = dist.gather_rows(np.stack([task_reward, shaped], 1)).T  # (B_global,) each
+        every_shaped = dist.gather_rows(np.stack([shaped, weight.cpu().numpy()], 1))  # (B_global, 2)
+        all_shaped = every_shaped[every_shaped[:, 1] > 0, 0]                      # the real rows'
         if cfg.whiten_rewards:
             pooled = torch.as_tensor(all_shaped, dtype=torch.float32, device=device)  # (B_global,)
             score = (score - pooled.mean()) / (pooled.std() + 1e-8)
         rewards = torch.zeros_like(batch.mask)                                   # (B, T)
-        rewards[torch.arange(B, device=device), last] = score
+        rewards[torch.arange(B, device=device), last] = score * weight
         terminated = torch.zeros_like(batch.mask)                                # (B, T)
-        terminated[torch.arange(B, device=device), last] = 1.0
+        terminated[torch.arange(B, device=device), last] = weight
         values, next_values = values_of(self.policy, batch)
-        batch = self.scoring.finish(batch, rewards, values, next_values, len(rows), terminated=terminated,
+        batch = self.scoring.finish(batch, rewards, values, next_values, prompts, terminated=terminated,
                                     length_truncated=cut)
-        per_row = torch.stack([(batch.rewards * batch.mask).sum(1), kl_per_completion(batch), lengths,
-                               cut, overlong], 1)                                 # (B, 5)
-        scores, kls, lengths, cuts, overlongs = torch.from_numpy(
-            dist.gather_rows(per_row.float().cpu().numpy())).unbind(1)           # (B_global,) each
+        per_row = torch.stack([(batch.rewards * batch.mask).sum(1), kl_per_completion(batch), lengths, cut,
+                               overlong, weight], 1)                              # (B, 6)
+        every = torch.from_numpy(dist.gather_rows(per_row.float().cpu().numpy()))  # (B_global, 6)
+        every = every[every[:, 5] > 0]                                             # the real rows
+        scores, kls, lengths, cuts, overlongs = every[:, :5].unbind(1)             # (B_global,) each
         self.scoring.record(scores, kls)
-        parts = {f"train/reward/{name}": float(dist.gather_rows(values).mean())
-                 for name, values in self.reward_parts.items()}
+        shown = {f"train/reward/{name}": float(values.mean()) for name, values in parts.items()}
         if cfg.overlong_buffer:  # the shaping's mean, beside the task's reward (<= 0)
-            parts["train/reward/overlong"] = float(overlongs.mean())
-        flat_groups, flat_batch = no_signal(all_shaped, cfg.samples_per_prompt)
-        self._warnings.extend(filter(None, [self.signal_watch.add(flat_groups)]))
+            shown["train/reward/overlong"] = float(overlongs.mean())
+        if real is None:  # dynamic sampling measures the groups it sampled, kept or dropped, itself
+            flat_groups, flat_batch = no_signal(all_shaped, cfg.samples_per_prompt)
+            self._warnings.extend(filter(None, [self.signal_watch.add(flat_groups)]))
+            shown.update({"train/flat_group_share": flat_groups, "train/flat_batch": flat_batch})
         return batch, {
             "train/reward_mean": float(all_reward.mean()), "train/reward_std": float(all_reward.std()),
-            **parts, "train/truncated_share": float(cuts.mean()),
-            "train/flat_group_share": flat_groups, "train/flat_batch": flat_batch,
+            **shown, "train/truncated_share": float(cuts.mean()),
             **self.scoring.metrics(kls, lengths, self.sample_times)}
 
     # --- the data loss (J_data) ---

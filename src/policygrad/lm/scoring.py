@@ -101,20 +101,25 @@ def values_of(policy, batch: Batch, bootstrap: Optional[tuple[torch.Tensor, torc
     return values, next_values
 
 
+def flat_groups(task_reward: np.ndarray, samples_per_prompt: int) -> np.ndarray:
+    """(G,) bool: whether each prompt group's completions (runs of samples_per_prompt rows) all got
+    the same task reward, to rounding: a group baseline then leaves them nothing to learn from. The
+    one flatness test, of no_signal's metrics and of dynamic sampling (lm/dynamic.py)."""
+    groups = np.asarray(task_reward, dtype=np.float64).reshape(-1, samples_per_prompt)  # (G, k)
+    return groups.max(1) - groups.min(1) <= 1e-9 * (1.0 + np.abs(groups).max(1))      # (G,)
+
+
 def no_signal(task_reward: np.ndarray, samples_per_prompt: int) -> tuple[float, float]:
-    """The share of prompt groups whose completions all got the same task reward (a group baseline
-    then leaves them nothing to learn from), and 1.0 if the whole batch did, else 0.0.
+    """The share of prompt groups whose completions all got the same task reward (flat_groups), and
+    1.0 if the whole batch did, else 0.0.
 
     With one sample per prompt a group cannot spread, so every group would count as flat: the
     share is then the whole batch's flatness, the spread a moving-average baseline learns from
     (issue #23)."""
-    rewards = np.asarray(task_reward, dtype=np.float64)                                # (B,)
-    everything = rewards.max() - rewards.min() <= 1e-9 * (1.0 + np.abs(rewards).max())
+    everything = float(flat_groups(task_reward, len(task_reward))[0])
     if samples_per_prompt == 1:
-        return float(everything), float(everything)
-    groups = rewards.reshape(-1, samples_per_prompt)                                  # (G, k)
-    flat = groups.max(1) - groups.min(1) <= 1e-9 * (1.0 + np.abs(groups).max(1))      # (G,)
-    return float(flat.mean()), float(everything)
+        return everything, everything
+    return float(flat_groups(task_reward, samples_per_prompt).mean()), everything
 
 
 class NoSignalWatch:
