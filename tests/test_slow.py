@@ -57,10 +57,13 @@ def test_two_steps_of_each_algorithm_on_the_default_model(tmp_path, monkeypatch,
 
     out = tmp_path / algo
     seen = watch_workload(monkeypatch)
+    # TRPO's 15 conjugate-gradient iterations, each a double backward through 135M weights, made this
+    # the suite's slowest test (156 s); 5 still give a direction every weight moves along, at max_kl
+    fewer_cg = ["cg_iters=5"] if algo == "trpo" else []
     try:
         rc = cli.main(["train", "--algo", algo, "--task", "positive-review", "--steps", "2", "--out", str(out),
                        "--no-progress", "prompts_per_step=2", "samples_per_prompt=2", "max_new_tokens=8",
-                       "eval_every=0", "--seed", "1"])
+                       "eval_every=0", "--seed", "1", *fewer_cg])
     finally:
         torch.set_num_threads(1)  # train() set the run's own thread count
     assert rc == 0
