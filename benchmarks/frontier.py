@@ -386,12 +386,13 @@ def plot(lines: list[dict], methods: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 6))
-    colours = plt.get_cmap("tab20")
+    tab20 = plt.get_cmap("tab20")
+    colours = [tab20(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]  # the dark ten, then their light pairs
     for i, name in enumerate(methods):
         runs = [line for line in lines if line["method"] == name and "points" in line]
         for j, run in enumerate(runs):
             ax.plot([p["kl"] for p in run["points"]], [p["reward"] for p in run["points"]], marker="o", markersize=3,
-                    linestyle="-" if METHODS[name].side == "policygrad" else "--", color=colours(i % 20),
+                    linestyle="-" if METHODS[name].side == "policygrad" else "--", color=colours[i % 20],
                     alpha=1.0 if j == 0 else 0.45, label=METHODS[name].label if j == 0 else None)
     for b in KL_BUDGETS:
         ax.axvline(b, color="grey", linestyle=":", linewidth=1)
