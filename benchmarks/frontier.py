@@ -43,6 +43,7 @@ at a time. TRL's side needs `pip install -e .[bench]` (it pins trl==1.16.0).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -423,6 +424,12 @@ def tiny_model(out: Path) -> str:
     return str(folder)
 
 
+def refuse(message: str) -> None:
+    """Bad input: one line, exit 2, before any run starts."""
+    print(f"frontier: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)} (default: all but rloo)")
@@ -453,7 +460,10 @@ def main() -> None:
     methods = (args.methods or (TINY_METHODS if args.tiny else ",".join(DEFAULT_METHODS))).split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        sys.exit(f"frontier: unknown method '{unknown[0]}' (choose from {', '.join(METHODS)})")
+        refuse(f"unknown method '{unknown[0]}' (choose from {', '.join(METHODS)})")
+    if any(METHODS[m].side == "trl" for m in methods) and importlib.util.find_spec("trl") is None:
+        refuse(f"method '{next(m for m in methods if METHODS[m].side == 'trl')}' needs TRL: "
+               "pip install -e '.[bench]' (it pins trl==1.16.0), or leave the trl_* methods out")
     if args.model is None:
         from policygrad.config import Config
         args.model = tiny_model(out) if args.tiny else Config().model
