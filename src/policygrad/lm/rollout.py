@@ -8,6 +8,8 @@ is marked (Batch.length_truncated) for DAPO's overlong filtering, and its length
 """
 from __future__ import annotations
 
+import json
+
 import time
 from pathlib import Path
 from typing import Optional
@@ -341,6 +343,8 @@ class LMWorkload:
 
     def write_model_config(self, folder: Path) -> None:
         write_policy_config(self.policy, self.adapted, self.cfg.model, folder)
+        if self.task.info:  # a generated task: what its rows derive from (generators, split seeds)
+            (folder / "task.json").write_text(json.dumps(self.task.info, indent=1, sort_keys=True, default=repr))
 
     def state(self) -> dict:
         """JSON: the data cursor, KL controller, moving baseline, step count (the generation seeds

@@ -27,10 +27,10 @@ from gymnasium import spaces
 
 from ..config import field_names
 from ..errors import RewardError, TaskError
-from . import text_envs
+from . import arena, reasoning_tasks, text_envs
 from .data import SPLITS, arithmetic_rows, cut_splits, packaged, prompt_text, read_rows, rows_of, splits_of
 from .episodes import reset
-from .rewards import RewardSet, build
+from .rewards import RewardSet, WeightedReward, build
 
 
 @dataclass
@@ -43,6 +43,9 @@ class Task:
     env: Optional[Callable[[], gym.Env]] = None
     """A text env's maker, for a multi-turn task (lm/episodes.py): a row is then an env seed, and
     rewards come from the env's steps."""
+    info: dict = field(default_factory=dict)
+    """JSON: what a generated task's rows derive from (generators, options, split seeds), written
+    beside each checkpoint as task.json; empty for rows read from files."""
 
     def rows(self, split: str) -> list[dict]:
         return self.splits[split]
@@ -58,6 +61,15 @@ class Task:
     def load(cls, name: str) -> "Task":
         """A built-in task, a task YAML file or a text env module:Class, as the CLI's --task."""
         return load(name, set(field_names()))
+
+    @classmethod
+    def reasoning_gym(cls, generators: Any, answer_format: str = "tag", sizes: Optional[dict] = None,
+                      seed: int = 0) -> "Task":
+        """reasoning-gym generators as a task: a name, a list of names, or {name: options} (a
+        `weight` option weighs a composite); see lm/reasoning_tasks.py."""
+        spec = {"generators": generators, "answer_format": answer_format, "seed": seed,
+                **({"sizes": sizes} if sizes is not None else {})}
+        return reasoning_gym_task(reasoning_tasks.parse(spec, "reasoning_gym"))
 
     @classmethod
     def from_env(cls, env: Any) -> "Task":
@@ -115,6 +127,8 @@ def from_yaml(path: Path, config_keys: set[str]) -> Task:
     base = path.parent
     data, reward_specs, parent = spec.pop("data", None), spec.pop("rewards", None), spec.pop("extends", None)
     env, env_kwargs = spec.pop("env", None), spec.pop("env_kwargs", None)
+    if "reasoning_gym" in spec:
+        return from_yaml_reasoning_gym(path, spec.pop("reasoning_gym"), data, reward_specs, spec, config_keys)
     if env is not None:
         return from_yaml_env(path, env, env_kwargs, data, reward_specs, spec, config_keys)
     if env_kwargs is not None:
@@ -154,6 +168,40 @@ def _extended(path: Path, parent: Any, data: Any, reward_specs: Any, spec: dict,
     inherited = builtin(parent)
     return Task(path.stem, inherited.splits, RewardSet([build(r, path.parent) for r in reward_specs]),
                 {**inherited.defaults, **spec})
+
+
+# --- tasks from the ecosystem's libraries ------------------------------------------------------
+def reasoning_gym_task(spec: reasoning_tasks.ReasoningGymSpec, name: Optional[str] = None,
+                       defaults: Optional[dict] = None) -> Task:
+    """Rows from reasoning-gym's generators, scored by their own score_answer."""
+    described = spec.describe()
+    reward = WeightedReward(spec.name, reasoning_tasks.Score(spec), 1.0, json.dumps(described, sort_keys=True))
+    # max_new_tokens: room for a few words of working before a short tagged answer
+    return Task(name or spec.name, reasoning_tasks.rows(spec), RewardSet([reward]),
+                {"max_new_tokens": 48, "temperature": 1.0, **(defaults or {})}, info=described)
+
+
+def from_yaml_reasoning_gym(path: Path, generators: Any, data: Any, reward_specs: Any, spec: dict,
+                            config_keys: set[str]) -> Task:
+    """`reasoning_gym:` (generators and their options) with config keys."""
+    if data is not None or reward_specs is not None:
+        raise TaskError(f"task file '{path}': a reasoning-gym task's rows and reward come from its generators; "
+                        "drop 'data' and 'rewards'")
+    unknown = sorted(set(spec) - config_keys)
+    if unknown:
+        raise TaskError(f"task file '{path}': unknown key '{unknown[0]}' (reasoning_gym, or any config key)")
+    return reasoning_gym_task(reasoning_tasks.parse(generators, f"task file '{path}'"), path.stem, spec)
+
+
+def textarena_task(game: str, env_kwargs: Optional[dict] = None, overrides: Optional[dict] = None,
+                   name: Optional[str] = None) -> Task:
+    """A TextArena game (lm/arena.py) as a multi-turn task; env_kwargs: the game's own arguments and
+    `opponent` (module:function) for a game of two."""
+    opponent, kwargs = arena.task_kwargs(env_kwargs or {}, f"textarena:{game}")
+    first = arena.ArenaEnv(game, opponent, kwargs)  # a missing package, game or corpus: one line, now
+    task = env_task(lambda: arena.ArenaEnv(game, opponent, kwargs), f"{TEXTARENA}{game}",
+                    defaults={**arena.RUN_DEFAULTS, **(overrides or {})}, first=first)
+    return dataclasses.replace(task, name=name or task.name)
 
 
 # --- tasks and Gymnasium environments --------------------------------------------------------
@@ -236,9 +284,11 @@ def from_yaml_env(path: Path, env: Any, env_kwargs: Any, data: Any, reward_specs
         raise TaskError(f"task file '{path}': unknown key '{unknown[0]}' (env, env_kwargs, or any config key)")
     if env in text_envs.ENVS:
         return builtin_env_task(str(env), env_kwargs or {}, spec, name=path.stem)
+    if isinstance(env, str) and env.startswith(TEXTARENA):
+        return textarena_task(env[len(TEXTARENA):], env_kwargs, spec, name=path.stem)
     if not isinstance(env, str) or ":" not in env:
-        raise TaskError(f"task file '{path}': env must be module:Class (a text gymnasium.Env) or one of "
-                        f"{', '.join(text_envs.ENVS)}; got {env!r}")
+        raise TaskError(f"task file '{path}': env must be module:Class (a text gymnasium.Env), textarena:GAME or "
+                        f"one of {', '.join(text_envs.ENVS)}; got {env!r}")
     task = from_env(env, env_kwargs, spec)
     return dataclasses.replace(task, name=path.stem)
 
@@ -256,6 +306,12 @@ def builtin_env_task(kind: str, env_kwargs: Optional[dict] = None, overrides: Op
         raise TaskError(f"{kind}: bad env_kwargs ({e})") from None
     task = env_task(lambda: cls(**kwargs), kind, defaults={**cls.run_defaults, **(overrides or {})}, first=first)
     return task if name is None else Task(name, task.splits, task.rewards, task.defaults, env=task.env)
+
+
+TEXTARENA = "textarena:"
+"""A task name's prefix for TextArena games: textarena:GuessTheNumber-v0."""
+REASONING_GYM = "reasoning-gym:"
+"""A task name's prefix for reasoning-gym generators: reasoning-gym:chain_sum, reasoning-gym:a+b."""
 
 
 # --- tasks from Python objects (policygrad.train(data=..., rewards=..., task=...)) ---------------
@@ -304,7 +360,7 @@ def from_python(task: Any = None, data: Any = None, rewards: Any = None, config_
                         "from its steps; drop data= and rewards=")
     return register(Task(base.name, splits_of(data) if data is not None else base.splits,
                          reward_set(rewards) if rewards is not None else base.rewards, dict(base.defaults),
-                         env=base.env))
+                         env=base.env, info=base.info if data is None else {}))
 
 
 def _rebuilt(name: str, config_keys: set[str]) -> Task:
@@ -333,6 +389,10 @@ def load(name: str, config_keys: set[str]) -> Task:
                         "task, data and rewards to policygrad.train or policygrad.evaluate to use it again")
     if name in BUILTINS:
         return builtin(name)
+    if name.startswith(TEXTARENA):
+        return textarena_task(name[len(TEXTARENA):])
+    if name.startswith(REASONING_GYM):
+        return reasoning_gym_task(reasoning_tasks.parse(name[len(REASONING_GYM):], f"task '{name}'"))
     if ":" in name and not name.endswith((".yaml", ".yml")):
         return from_env(name)
     path = Path(name)
@@ -341,7 +401,7 @@ def load(name: str, config_keys: set[str]) -> Task:
             raise TaskError(f"task file '{name}' not found")
         return from_yaml(path, config_keys)
     raise TaskError(f"unknown task '{name}'; built-in tasks: {', '.join(BUILTINS)}, "
-                    "a task .yaml file, or a text env as module:Class")
+                    "reasoning-gym:GENERATOR, textarena:GAME, a task .yaml file, or a text env as module:Class")
 
 
 __all__ = ["Task", "TaskError", "RewardError", "load", "builtin", "read_rows", "cut_splits", "splits_of",
