@@ -290,6 +290,9 @@ class Config:
     max_episode_tokens: int = setting(1024, "lm", rule="positive")
     """Multi-turn tasks: the most tokens of an episode after its first prompt (the model's and the
     environment's); an episode that spends them is truncated."""
+    tool_timeout: float = setting(10.0, "lm", rule="positive")
+    """Multi-turn tasks whose env offers tools: seconds one tool call may run; one that overruns
+    answers the model with an error (a failed call, lm/tools.py), and the episode goes on."""
     turn_advantage: str = setting("outcome", "lm", choices=("outcome", "discounted", "gae"))
     """Multi-turn tasks' credit assignment: outcome (the episode's return on every turn, minus the
     baseline) | discounted (each turn's discounted return-to-go, gamma over turns, minus the

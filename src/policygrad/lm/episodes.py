@@ -30,6 +30,7 @@ from .. import dist
 from ..batch import Batch
 from ..errors import ConfigError, EpisodeError, TaskError
 from ..log import write_samples
+from . import tools
 from .scoring import kl_per_completion, values_of
 
 REPLY_MARKER = "@@policygrad-reply@@"
@@ -59,6 +60,15 @@ class Episode:
     truncated: bool = False
     success: Optional[bool] = None
     done: bool = False
+    invalid_moves: Optional[int] = None
+    """Turns the env flagged as an invalid move (info["invalid_move"]); None: it never says."""
+    tool_calls: Optional[int] = None
+    """Replies that called a tool (None: the env offers none); such a turn earns 0 and the env is
+    not stepped: the tools answer."""
+    bad_tool_calls: int = 0
+    """Tool-call turns with a call that was malformed, raised or overran its time (lm/tools.py)."""
+    render_kwargs: dict = field(default_factory=dict)
+    """What the chat template is given besides the messages (tools=), the same for every turn."""
 
     def add_reply(self, ids: list[int], log_prob: list[float]) -> None:
         k = len(self.ends)
@@ -67,6 +77,10 @@ class Episode:
         self.turn += [k] * len(ids)
         self.log_prob += log_prob
         self.ends.append(len(self.ids) - 1)
+
+    def flag_invalid(self, invalid: Any) -> None:
+        if invalid is not None:
+            self.invalid_moves = (self.invalid_moves or 0) + bool(invalid)
 
     def add_answer(self, ids: list[int]) -> None:
         """The environment's tokens after the latest reply (they belong to its turn)."""
@@ -90,7 +104,10 @@ class Episode:
         return {"prompt": first, "completion": "\n".join(f"[{m['role']}] {m['content']}" for m in rest),
                 "reward": float(sum(self.rewards)), "turn_rewards": list(self.rewards), "turns": len(self.ends),
                 "env_seed": self.seed, "conversation": self.messages,
-                **({"success": self.success} if self.success is not None else {})}
+                **({"success": self.success} if self.success is not None else {}),
+                **({"invalid_moves": self.invalid_moves} if self.invalid_moves is not None else {}),
+                **({"tool_calls": self.tool_calls, "bad_tool_calls": self.bad_tool_calls}
+                   if self.tool_calls is not None else {})}
 
 
 # --- the environment's side -------------------------------------------------------------------
@@ -133,23 +150,26 @@ def step(env: gym.Env, reply: str, spec: str, turn: int) -> tuple[str, float, bo
     return observation, reward, bool(terminated), bool(truncated), info if isinstance(info, dict) else {}
 
 
-def answer_ids(policy, history: list[dict], observation: str, ended_with: Optional[int], more: bool) -> list[int]:
+def answer_ids(policy, history: list[dict], observation: str, ended_with: Optional[int], more: bool,
+               answers: Optional[list[dict]] = None, render_kwargs: Optional[dict] = None) -> list[int]:
     """The environment's answer as token ids, as the chat template frames it after a reply: the
     template's text between the reply and the next one (its end-of-turn marker dropped when the
-    model sampled it itself), with the next reply's header when `more` turns follow. Without a chat
+    model sampled it itself), with the next reply's header when `more` turns follow. answers: the
+    messages after the reply, when they are not one user message (a tool's). Without a chat
     template: the answer on its own line."""
     tokenizer = policy.tokenizer
     if getattr(tokenizer, "chat_template", None):
-        conversation = history + [{"role": "assistant", "content": REPLY_MARKER},
-                                  {"role": "user", "content": observation}]
-        rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=more, tokenize=False)
+        conversation = history + [{"role": "assistant", "content": REPLY_MARKER}] + (
+            answers or [{"role": "user", "content": observation}])
+        rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=more, tokenize=False,
+                                                 **(render_kwargs or {}))
         text = rendered[rendered.rindex(REPLY_MARKER) + len(REPLY_MARKER):]
         if ended_with is not None:
             sampled_end = tokenizer.decode([ended_with])
             if text.startswith(sampled_end):
                 text = text[len(sampled_end):]
     else:
-        text = f"\n{observation}\n"
+        text = "".join(f"\n{m['content']}\n" for m in answers) if answers else f"\n{observation}\n"
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -166,11 +186,15 @@ def play(policy, envs: list[gym.Env], spec: str, seeds: list[int], cfg, seed: in
     spent; max_turns is terminal (the game's horizon) unless cfg.max_turns_truncates, the others
     truncate it."""
     episodes = []
+    toolbox = tools.Toolbox.of(envs[0], f"text env '{spec}'", cfg.tool_timeout) if envs else None
     for env, env_seed in zip(envs, seeds):
-        messages = reset(env, env_seed, spec)
-        text = policy.render({"messages": messages})
+        messages, render_kwargs = reset(env, env_seed, spec), {}
+        if toolbox is not None:
+            messages, render_kwargs = tools.framed(policy.tokenizer, messages, toolbox.schemas)
+        text = policy.render({"messages": messages}, **render_kwargs)
         ids = policy.tokenizer(text, add_special_tokens=policy.add_special_tokens)["input_ids"]
-        episodes.append(Episode(env_seed, ids, messages))
+        episodes.append(Episode(env_seed, ids, messages, render_kwargs=render_kwargs,
+                                tool_calls=None if toolbox is None else 0))
     limit = context_limit(policy)
     longest = max(len(e.prompt_ids) for e in episodes)
     if longest >= limit:
@@ -195,7 +219,7 @@ def play(policy, envs: list[gym.Env], spec: str, seeds: list[int], cfg, seed: in
             kept[row, :n] = 1.0
             reply = out.tokens[row, :n].tolist()
             log_prob = out.log_prob[row, :n].tolist()
-            _take_turn(policy, episodes[i], envs[i], spec, k, reply, log_prob, cfg, limit)
+            _take_turn(policy, episodes[i], envs[i], spec, k, reply, log_prob, cfg, limit, toolbox)
         going = [row for row, i in enumerate(live) if not episodes[i].done]
         if not going:
             break
@@ -223,12 +247,23 @@ def left_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[
 
 
 def _take_turn(policy, episode: Episode, env: gym.Env, spec: str, k: int, reply: list[int],
-               log_prob: list[float], cfg, limit: int) -> None:
-    """Append the reply, step the env with its text, append the answer; end the episode if due."""
+               log_prob: list[float], cfg, limit: int, toolbox: Optional[tools.Toolbox] = None) -> None:
+    """Append the reply, step the env with its text (or run the tools it calls), append the
+    answer; end the episode if due."""
     episode.add_reply(reply, log_prob)
     text = policy.tokenizer.decode(reply, skip_special_tokens=True).strip()
-    observation, reward, terminated, truncated, info = step(env, text, spec, k)
+    calls = tools.parse_calls(text, set(toolbox.tools)) if toolbox is not None else []
+    answers = None
+    if calls:  # the tools answer, not the env: the turn earns nothing and the env does not move
+        texts, failed = tools.answers(calls, toolbox.tools, toolbox.timeout)
+        episode.tool_calls += 1
+        episode.bad_tool_calls += failed > 0
+        answers = [{"role": "tool", "content": t} for t in texts]
+        observation, reward, terminated, truncated, info = "\n".join(texts), 0.0, False, False, {}
+    else:
+        observation, reward, terminated, truncated, info = step(env, text, spec, k)
     episode.rewards.append(reward)
+    episode.flag_invalid(info.get("invalid_move"))
     if "success" in info:
         episode.success = bool(info["success"])
     history = list(episode.messages)
@@ -239,11 +274,11 @@ def _take_turn(policy, episode: Episode, env: gym.Env, spec: str, k: int, reply:
     final = terminated or (horizon and not cfg.max_turns_truncates)
     # Every answer but a final one ends with the next reply's header: a truncated episode's too, so
     # that the state it was cut in, whose value it bootstraps from, is a turn's start like any other
-    answer = answer_ids(policy, history, observation, ended_with, more=not final) if (observation or not final) \
-        else []
+    answer = answer_ids(policy, history, observation, ended_with, more=not final, answers=answers,
+                        render_kwargs=episode.render_kwargs) if (observation or not final) else []
     if answer:
         episode.add_answer(answer)
-        episode.messages.append({"role": "user", "content": observation})
+        episode.messages += answers or [{"role": "user", "content": observation}]
     spent = len(episode.ids) >= min(cfg.max_episode_tokens, limit - len(episode.prompt_ids))
     if final or truncated or horizon or spent:
         episode.done, episode.terminated = True, final
@@ -304,12 +339,22 @@ def refuse_overlong_keys(cfg, spec: str) -> None:
                           "overlong_buffer=0")
 
 
+STATS = 9
+"""Columns of episode_stats."""
+
+
 def episode_stats(episodes: list[Episode], kl: torch.Tensor) -> np.ndarray:
-    """(B, 6) per episode: mean reward per turn, return, turns, success (nan: the env does not
-    say), model tokens, KL to the reference (nats)."""
+    """(B, STATS) per episode: mean reward per turn, return, turns, success (nan: the env does not
+    say), model tokens, KL to the reference (nats), the share of turns that were invalid moves
+    (nan: the env does not say), of turns that called a tool and of those calls that failed (nan:
+    no tools, no calls)."""
+    def share(count: Optional[int], of: int) -> float:
+        return np.nan if count is None or of == 0 else count / of
     return np.array([[float(np.mean(e.rewards)), float(sum(e.rewards)), len(e.ends),
-                      np.nan if e.success is None else float(e.success), float(sum(e.model)), float(k)]
-                     for e, k in zip(episodes, kl.tolist())], dtype=np.float64).reshape(-1, 6)
+                      np.nan if e.success is None else float(e.success), float(sum(e.model)), float(k),
+                      share(e.invalid_moves, len(e.ends)), share(e.tool_calls, len(e.ends)),
+                      share(e.bad_tool_calls if e.tool_calls else None, e.tool_calls or 0)]
+                     for e, k in zip(episodes, kl.tolist())], dtype=np.float64).reshape(-1, STATS)
 
 
 def episode_metrics(stats: np.ndarray, prefix: str) -> dict:
@@ -317,9 +362,12 @@ def episode_metrics(stats: np.ndarray, prefix: str) -> dict:
     turn, each episode weighing the same) and `{prefix}/episode/...`."""
     success = stats[:, 3][~np.isnan(stats[:, 3])]
     episode = "episode" if prefix == "train" else f"{prefix}/episode"
+    rates = {f"{episode}/{name}": float(np.nanmean(stats[:, column])) for column, name in
+             ((6, "invalid_move_rate"), (7, "tool_call_rate"), (8, "bad_tool_call_rate"))
+             if not np.isnan(stats[:, column]).all()}
     return {f"{prefix}/reward_mean": float(stats[:, 0].mean()), f"{prefix}/reward_std": float(stats[:, 0].std()),
             f"{episode}/return_mean": float(stats[:, 1].mean()), f"{episode}/turns_mean": float(stats[:, 2].mean()),
-            **({f"{episode}/success_rate": float(success.mean())} if len(success) else {})}
+            **({f"{episode}/success_rate": float(success.mean())} if len(success) else {}), **rates}
 
 
 class EpisodeCollector:
@@ -331,6 +379,15 @@ class EpisodeCollector:
         self.policy, self.task, self.cfg, self.placement, self.scoring = policy, task, cfg, placement, scoring
         self.pool: list[gym.Env] = []
         self.sample_times: dict[str, float] = {}
+        self.template_checked = False
+
+    def check_template(self, env: gym.Env) -> None:
+        """Once per run, before the first episode: the chat template keeps history as it was for the
+        roles the episodes use (lm/tools.py)."""
+        if not self.template_checked:
+            roles = ("user", "assistant", "tool") if getattr(env, "tools", None) else ("user", "assistant")
+            tools.check_prefix_preserving(self.policy.tokenizer, roles, f"task '{self.task.name}'")
+            self.template_checked = True
 
     def envs(self, n: int) -> list[gym.Env]:
         """n envs, made once and reused (reset with each episode's seed, as Gymnasium envs are):
@@ -344,6 +401,7 @@ class EpisodeCollector:
         sampling: a config with other sampling settings (`sample`), else the run's."""
         policy = self.policy
         seeds = [int(r["env_seed"]) for r in rows for _ in range(n)]
+        self.check_template(self.envs(1)[0])
         # no_grad: under autocast the old log-probs' pass below would otherwise build a graph (and
         # bfloat16 episodes crashed reading them)
         with policy.gathered(), torch.no_grad():
@@ -378,7 +436,7 @@ class EpisodeCollector:
         finals = torch.tensor([e.ends[-1] for e in episodes], device=device)                # (B,)
         values, next_values = values_of(self.policy, batch, (finals, bootstrap_positions(episodes).to(device)))
         batch = self.scoring.finish(batch, rewards, values, next_values, len(rows))
-        stats = dist.gather_rows(episode_stats(episodes, kl))                               # (B_global, 6)
+        stats = dist.gather_rows(episode_stats(episodes, kl))                               # (B_global, STATS)
         scores = dist.gather_rows((batch.rewards * batch.mask).sum(1).float().cpu().numpy().astype(np.float64))
         self.scoring.record(torch.from_numpy(scores), torch.from_numpy(stats[:, 5]))
         return batch, {**episode_metrics(stats, "train"), **self.scoring.metrics(stats[:, 5], stats[:, 4],
@@ -398,7 +456,7 @@ class EpisodeCollector:
                 episodes, batch = self.play(rows[start:start + size], 1, seed=10_000_019 + start)
                 mine.append((start, episode_stats(episodes, kl_per_completion(batch)).tolist(), [e.as_sample() for e in episodes]))
         chunks = sorted((c for part in dist.gather_objects(mine) for c in part), key=lambda c: c[0])
-        stats = np.array([row for c in chunks for row in c[1]], dtype=np.float64).reshape(-1, 6)
+        stats = np.array([row for c in chunks for row in c[1]], dtype=np.float64).reshape(-1, STATS)
         samples = [s for c in chunks for s in c[2]]
         if out_dir is not None and dist.is_main():
             write_samples(out_dir, f"{split}-step{self.scoring.steps:05d}", samples)

@@ -152,11 +152,13 @@ class LMPolicy(nn.Module):
                 self.is_gathered = False
 
     # --- prompts and sampling ---
-    def render(self, row: dict) -> str:
-        """The text the model continues: the chat template for instruct models, else the prompt."""
+    def render(self, row: dict, **template_kwargs) -> str:
+        """The text the model continues: the chat template for instruct models (template_kwargs:
+        its tools=, say), else the prompt."""
         messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                      **template_kwargs)
         return row.get("prompt") or "\n".join(m["content"] for m in messages)
 
     def completion_mask(self, tokens: torch.Tensor) -> torch.Tensor:

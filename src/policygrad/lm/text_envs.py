@@ -5,9 +5,13 @@ makes them tasks, as it does a user's env):
   guessed, minus turn_cost every turn (a reply without a number is a wasted turn).
 - `dialogue`: a scripted user asks for something, then asks two follow-ups built from the model's
   own words; every reply is scored by a reward spec (VADER positivity by default).
+- `calculator-arithmetic`: two-digit arithmetic with a `calc` tool (lm/tools.py); reward 1 when
+  the final answer's last number is right.
 """
 from __future__ import annotations
 
+import ast
+import operator
 import re
 import string
 from typing import Any, Optional
@@ -117,6 +121,69 @@ class Dialogue(gym.Env):
         return self.asked, reward, False, False, {}
 
 
-ENVS: dict[str, type] = {"guess-number": GuessNumber, "dialogue": Dialogue}
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+
+
+def _evaluate(node: ast.AST) -> float:
+    """Numbers and + - * / // % ** only: what a calculator does, nothing Python could run besides."""
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _evaluate(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > 64:
+            raise ValueError("exponent too large")
+        return _OPERATORS[type(node.op)](left, right)
+    raise ValueError("only numbers, parentheses and + - * / // % ** are allowed")
+
+
+def calc(expression: str) -> str:
+    """Evaluate an arithmetic expression.
+
+    Args:
+        expression: numbers, parentheses and the operators + - * / // % **, e.g. "37 * (12 + 5)"
+    """
+    if not isinstance(expression, str) or len(expression) > 200:
+        raise ValueError("expression must be a text of at most 200 characters")
+    value = _evaluate(ast.parse(expression.strip(), mode="eval"))
+    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
+
+
+class CalculatorArithmetic(gym.Env):
+    """Arithmetic the model may hand to a `calc` tool, then answer."""
+    description = ("multi-turn with a tool: two-digit arithmetic with a calc tool; reward 1 when the final "
+                   "answer's last number is right")
+    # A call, its answer, the final reply: three turns. A tool call's JSON is ~25 tokens.
+    run_defaults = {"max_turns": 3, "max_new_tokens": 40, "max_episode_tokens": 192, "prompts_per_step": 4,
+                    "samples_per_prompt": 4, "kl_in": "loss", "kl_estimator": "k2", "kl_coef": 0.05}
+    metadata: dict = {}
+    tools = [calc]
+
+    def __init__(self, top: int = 99):
+        if not isinstance(top, int) or top < 10:
+            raise TaskError(f"calculator-arithmetic: top must be a whole number >= 10; got {top!r}")
+        self.top = top
+        self.observation_space, self.action_space = _text_space(), _text_space()
+        self.answer = 0
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        super().reset(seed=seed)
+        a, b = (int(self.np_random.integers(10, self.top + 1)) for _ in range(2))
+        op = "+-*"[int(self.np_random.integers(3))]
+        self.answer = a + b if op == "+" else a - b if op == "-" else a * b
+        return f"What is {a} {op} {b}? You may use the calc tool. Give the final answer as just the number.", {}
+
+    def step(self, action: str):
+        found = re.findall(r"-?\d+(?:\.\d+)?", action.replace(",", ""))
+        right = bool(found) and float(found[-1]) == self.answer
+        return "", float(right), True, False, {"success": right}
+
+
+ENVS: dict[str, type] = {"guess-number": GuessNumber, "dialogue": Dialogue, "calculator-arithmetic": CalculatorArithmetic}
 """The built-in multi-turn tasks by name: each class says what it is (`description`) and the run
 settings its task starts from (`run_defaults`)."""
