@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 
-def make_tiny_lm(path: Path, seed: int = 0, layers: int = 2) -> Path:
+def make_tiny_lm(path: Path, seed: int = 0, layers: int = 2, context: int = 512) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -17,7 +17,7 @@ def make_tiny_lm(path: Path, seed: int = 0, layers: int = 2) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, eos_token_id=1, pad_token_id=0, bos_token_id=None,
+                         max_position_embeddings=context, eos_token_id=1, pad_token_id=0, bos_token_id=None,
                          tie_word_embeddings=True)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -256,7 +256,26 @@ CASES = {
                                                     "--nproc", 2], "shard=fsdp with dtype=float16"),
     "resume at another process count": (lambda r, m, o, c: ["train", "--resume", c, "--nproc", 2],
                                         "written by 1 process(es)"),
+    # tasks from the ecosystem (the tasks extra)
+    "unknown reasoning-gym generator": (lambda r, m, o, c: [*eco_train("reasoning-gym:chain_summ", m), "--out", o],
+                                        "no generator 'chain_summ'; did you mean chain_sum"),
+    "bad reasoning-gym options": (lambda r, m, o, c: [*eco_train(write(r / "rg.yaml", "reasoning_gym:\n  chain_sum: "
+                                                                       "{min_terms: 0}\n"), m), "--out", o],
+                                  "bad generator options"),
+    "unknown reasoning-gym option": (lambda r, m, o, c: [*eco_train(write(r / "rg2.yaml", "reasoning_gym:\n  "
+                                                                          "chain_sum: {terms: 3}\n"), m), "--out", o],
+                                     "unexpected keyword argument 'terms'"),
+    "unknown TextArena game": (lambda r, m, o, c: [*eco_train("textarena:GuessTheNumbr-v0", m), "--out", o],
+                               "did you mean GuessTheNumber-v0"),
+    "TextArena game without its NLTK data": (lambda r, m, o, c: [*eco_train("textarena:Wordle-v0", m), "--out", o],
+                                             "needs NLTK data 'words'"),
+    "two-player TextArena game without an opponent": (
+        lambda r, m, o, c: [*eco_train("textarena:IteratedRockPaperScissors-v0", m), "--out", o], "game for two"),
 }
+
+
+def eco_train(task, model) -> list:
+    return ["train", "--algo", "reinforce", "--task", task, "--model", model, "--steps", 2, "--no-progress"]
 
 
 def write(path: Path, text: str) -> Path:

@@ -184,6 +184,28 @@ def test_multi_turn_run_killed_three_times_ends_identical_to_uninterrupted(lm_ta
         assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs; {context}"
 
 
+def test_textarena_run_killed_three_times_ends_identical_to_uninterrupted(tmp_path_factory, tmp_path):
+    """A TextArena game (its own random draws kept per env, lm/arena.py) resumes bit for bit too."""
+    from lm_helpers import make_tiny_lm
+    model = make_tiny_lm(tmp_path_factory.mktemp("arena") / "tiny", context=2048)
+    steps = 6
+    args = ["--algo", "reinforce", "--task", "textarena:GuessTheNumber-v0", "--model", model, "--steps", steps,
+            "--seed", 4, "--no-progress", "checkpoint_every=2", "eval_every=3", "prompts_per_step=2",
+            "samples_per_prompt=2", "max_turns=3", "max_new_tokens=4", "eval_prompts=2"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    r = subprocess.run(cli("train", "--out", straight, *args), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    log = interrupted_run(cli("train", "--out", broken, *args), broken, steps,
+                          [cli("train", "--resume", broken, "--no-progress")])
+    context = f"POLICYGRAD_KILL_SEED={KILL_SEED}: " + "; ".join(log)
+    rows = rows_without_timings(straight)
+    assert rows_without_timings(broken) == rows, context
+    assert all("episode/invalid_move_rate" in r for r in rows if "train/reward_mean" in r)
+    a = load_file(latest_checkpoint(straight) / "policy/model.safetensors")
+    b = load_file(latest_checkpoint(broken) / "policy/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), context
+
+
 def test_control_run_killed_three_times_keeps_its_counters(tmp_path):
     updates = 16
     args = ["--algo", "ppo", "--env", "CartPole-v1", "--total-steps", updates * 128, "--seed", 2, "--no-progress",
