@@ -272,8 +272,10 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
     print("built-in tasks:")
     for name, text in BUILTINS.items():
-        print(f"  {name:<16} {text}")
+        print(f"  {name:<22} {text}")
     print("a text env: module:Class (a gymnasium.Env whose observations and actions are text)")
+    print("from the ecosystem (the tasks extra): reasoning-gym:GENERATOR[+GENERATOR...], textarena:GAME "
+          "(docs/ecosystem.md)")
     print("rewards: " + ", ".join(BUILTIN) + ", python:path/to/file.py:function, http://host:port/path, "
           "rm:MODEL_FOLDER[#LABEL]")
     return 0
