@@ -76,6 +76,17 @@ def interrupted_run(cmd: list[str], out, total_lines: int, resume_cmds: list[lis
     return log
 
 
+def straight_and_killed(args: list, tmp_path, updates: int, resume_cmds=None) -> tuple:
+    """The run of args left alone, and the same run killed three times and resumed (resume_cmds, by
+    default `train --resume`): (straight, broken, the kills' log to print on a failure)."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    r = subprocess.run(cli("train", "--out", straight, *args), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    log = interrupted_run(cli("train", "--out", broken, *args), broken, updates,
+                          resume_cmds or [cli("train", "--resume", broken, "--no-progress")])
+    return straight, broken, f"POLICYGRAD_KILL_SEED={KILL_SEED}: " + "; ".join(log)
+
+
 @pytest.fixture(scope="module")
 def lm_task(tmp_path_factory):
     from lm_helpers import make_tiny_lm, write_task
@@ -169,12 +180,9 @@ def test_multi_turn_run_killed_three_times_ends_identical_to_uninterrupted(lm_ta
             "--no-progress", "checkpoint_every=2", "eval_every=3", "use_value_head=true", "adaptive_kl=true",
             "batch_size=2", "n_epochs=2", "prompts_per_step=2", "samples_per_prompt=2", "max_turns=3",
             "max_new_tokens=4", "eval_prompts=3"]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    r = subprocess.run(cli("train", "--out", straight, *args), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    log = interrupted_run(cli("train", "--out", broken, *args), broken, steps,
-                          [cli("train", "--resume", broken, "--no-progress"), cli("train", "--out", broken, *args)])
-    context = f"POLICYGRAD_KILL_SEED={KILL_SEED}: " + "; ".join(log)
+    broken = tmp_path / "broken"
+    straight, broken, context = straight_and_killed(args, tmp_path, steps, [cli("train", "--resume", broken, "--no-progress"),
+                                                                           cli("train", "--out", broken, *args)])
     rows = rows_without_timings(straight)
     assert rows_without_timings(broken) == rows, context
     assert any("eval/episode/turns_mean" in r for r in rows) and all("episode/turns_mean" in r for r in rows
@@ -192,12 +200,7 @@ def test_textarena_run_killed_three_times_ends_identical_to_uninterrupted(tmp_pa
     args = ["--algo", "reinforce", "--task", "textarena:GuessTheNumber-v0", "--model", model, "--steps", steps,
             "--seed", 4, "--no-progress", "checkpoint_every=2", "eval_every=3", "prompts_per_step=2",
             "samples_per_prompt=2", "max_turns=3", "max_new_tokens=4", "eval_prompts=2"]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    r = subprocess.run(cli("train", "--out", straight, *args), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    log = interrupted_run(cli("train", "--out", broken, *args), broken, steps,
-                          [cli("train", "--resume", broken, "--no-progress")])
-    context = f"POLICYGRAD_KILL_SEED={KILL_SEED}: " + "; ".join(log)
+    straight, broken, context = straight_and_killed(args, tmp_path, steps)
     rows = rows_without_timings(straight)
     assert rows_without_timings(broken) == rows, context
     assert all("episode/invalid_move_rate" in r for r in rows if "train/reward_mean" in r)
@@ -211,12 +214,7 @@ def test_control_run_killed_three_times_keeps_its_counters(tmp_path):
     args = ["--algo", "ppo", "--env", "CartPole-v1", "--total-steps", updates * 128, "--seed", 2, "--no-progress",
             "num_envs=2", "n_steps=64", "batch_size=64", "n_epochs=2", "eval_every=0", "checkpoint_every=3",
             "normalize_obs=true"]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    r = subprocess.run(cli("train", "--out", straight, *args), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    log = interrupted_run(cli("train", "--out", broken, *args), broken, updates,
-                          [cli("train", "--resume", broken, "--no-progress")])
-    context = f"POLICYGRAD_KILL_SEED={KILL_SEED}: " + "; ".join(log)
+    straight, broken, context = straight_and_killed(args, tmp_path, updates)
     rows = rows_without_timings(broken)
     assert [r["update"] for r in rows] == list(range(1, updates + 1)), context
     assert [r["env_steps"] for r in rows] == [r["env_steps"] for r in rows_without_timings(straight)]
