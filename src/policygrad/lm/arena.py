@@ -204,12 +204,9 @@ class ArenaEnv(gym.Env):
         if done:
             rewards, _ = self._call(self.env.close)
             reward = float((rewards or {}).get(PLAYER, 0.0))
-            return self._final_text(), reward, True, False, {"success": reward >= 1.0, "invalid_move": invalid}
+            # what the game says at its end: a closing answer the model is not trained on
+            return self._observation(), reward, True, False, {"success": reward >= 1.0, "invalid_move": invalid}
         return self._observation(), 0.0, False, False, {"invalid_move": invalid}
-
-    def _final_text(self) -> str:
-        """What the game says at its end (a closing answer the model is not trained on)."""
-        return self._observation()
 
 
 def task_kwargs(spec: dict, where: str) -> tuple[Optional[str], dict]:
