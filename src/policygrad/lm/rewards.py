@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import re
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -28,6 +27,7 @@ import torch
 
 from ..errors import RewardError
 from ..identity import callable_identity
+from . import timed
 from .reward_model import RewardModel
 
 
@@ -335,29 +335,15 @@ def build(spec: Any, base: Path = Path(".")) -> WeightedReward:
 
 def _in_thread(r: WeightedReward, prompts: list[str], completions: list[str], extras: dict,
                timeout: float) -> list[float]:
-    """r.fn's answer, or its exception, from a daemon thread given `timeout` seconds.
-
-    A daemon thread, not concurrent.futures: that module joins its workers at interpreter exit, so
-    a hung reward would hang the exit too. Python cannot stop a thread, so a hung one runs on in
-    the background; the error it causes ends the run anyway.
-    """
-    box: dict[str, Any] = {}
-
-    def target():
-        try:
-            box["values"] = r.fn(prompts, completions, extras)
-        except BaseException as e:  # carried back: the caller reports it as it always has
-            box["error"] = e
-
-    thread = threading.Thread(target=target, name=f"reward {r.name}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
+    """r.fn's answer, or its exception, within `timeout` seconds (timed.in_thread); a hung reward
+    is an error that ends the run."""
+    finished, values, error = timed.in_thread(lambda: r.fn(prompts, completions, extras), timeout, f"reward {r.name}")
+    if not finished:
         raise RewardError(f"reward '{r.name}' did not answer within {timeout:g} s for "
                           f"{len(completions)} completions; raise reward_timeout if it is only slow")
-    if "error" in box:
-        raise box["error"]
-    return box["values"]
+    if error is not None:
+        raise error
+    return values
 
 
 @dataclass

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ..errors import TaskError
+from . import timed
 
 CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 SYSTEM = ("You can call these tools:\n<tools>\n{tools}\n</tools>\nTo call one, reply with <tool_call>"
@@ -92,25 +92,12 @@ def parse_calls(reply: str, names: set[str]) -> list[Call]:
 
 def run(tool: Callable, arguments: dict, timeout: float) -> tuple[str, bool]:
     """(the tool's answer as text, whether it ran fine): a bad argument, an exception or no answer
-    within `timeout` seconds is an error text for the model. A daemon thread, as for rewards: Python
-    cannot stop a thread, so a hung tool runs on in the background while the episode goes on."""
-    box: dict[str, Any] = {}
-
-    def target():
-        try:
-            box["value"] = tool(**arguments)
-        except BaseException as e:  # the model's arguments or the tool itself: text for the model
-            box["error"] = e
-
-    thread = threading.Thread(target=target, name=f"tool {getattr(tool, '__name__', '')}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
+    within `timeout` seconds (timed.in_thread) is an error text for the model, and the episode goes on."""
+    finished, value, error = timed.in_thread(lambda: tool(**arguments), timeout, f"tool {getattr(tool, '__name__', '')}")
+    if not finished:
         return f"error: the tool gave no answer within {timeout:g} s", False
-    if "error" in box:
-        e = box["error"]
-        return f"error: {e.__class__.__name__}: {' '.join(str(e).split())[:200]}", False
-    value = box["value"]
+    if error is not None:
+        return f"error: {error.__class__.__name__}: {' '.join(str(error).split())[:200]}", False
     return (value if isinstance(value, str) else json.dumps(value, default=str)), True
 
 
