@@ -97,6 +97,21 @@ def test_reasoning_gym_reward_is_the_librarys_score_of_the_extracted_answer(answ
     assert got[:6].tolist() == [1.0] * 6 and max(got[6:].tolist()) < 1.0
 
 
+def test_without_partial_credit_a_score_below_one_is_zero():
+    # the default score_answer gives len(oracle) / len(answer) to an answer containing the oracle
+    kw = dict(answer_format="number", sizes=SMALL)
+    scored, strict = (policygrad.Task.reasoning_gym("gcd", partial_credit=p, **kw) for p in (True, False))
+    assert strict.info["partial_credit"] is False and scored.info["partial_credit"] is True
+    rows = strict.rows("test")[:4]
+    completions = [f"it is {r['answer']}" for r in rows] + [f"it is 1{r['answer']}" for r in rows]
+    args = ([r["prompt"] for r in rows * 2], completions, {"entry": [r["entry"] for r in rows * 2]})
+    partial, exact = scored.rewards(*args).tolist(), strict.rewards(*args).tolist()
+    assert partial[:4] == exact[:4] == [1.0] * 4
+    assert all(0 < p < 1 for p in partial[4:]) and exact[4:] == [0.0] * 4
+    with pytest.raises(TaskError, match="partial_credit must be true or false"):
+        policygrad.Task.reasoning_gym("gcd", partial_credit="no")
+
+
 def test_answer_extraction_is_explicit():
     assert reasoning_tasks.extract_answer("a <answer> 1 </answer> b <answer>42</answer>", "tag") == "42"
     assert reasoning_tasks.extract_answer("42", "tag") is None

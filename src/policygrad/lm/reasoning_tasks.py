@@ -59,6 +59,10 @@ class ReasoningGymSpec:
     sizes: dict[str, int] = field(default_factory=lambda: dict(SPLIT_SIZES))
     seed: int = 0
     """Added to every split's seed (SPLIT_SEEDS): another draw of the same generators."""
+    partial_credit: bool = True
+    """False: a score below 1 counts as 0. Many generators' default score_answer gives
+    len(oracle) / len(answer) to an answer that merely contains the oracle ('12' for '2' scores
+    0.5), which a policy can learn to farm instead of the task."""
 
     @property
     def name(self) -> str:
@@ -67,7 +71,7 @@ class ReasoningGymSpec:
     def describe(self) -> dict:
         """JSON: everything the rows derive from (written beside each checkpoint as task.json)."""
         return {"source": "reasoning-gym", "version": _version(), "generators": self.generators,
-                "answer_format": self.answer_format,
+                "answer_format": self.answer_format, "partial_credit": self.partial_credit,
                 "splits": {s: {"seed": SPLIT_SEEDS[s] + self.seed, "size": self.sizes[s]} for s in SPLIT_SEEDS}}
 
 
@@ -88,12 +92,14 @@ def parse(spec: Any, where: str) -> ReasoningGymSpec:
     names, a {name: options} mapping, or {generators: ..., answer_format, sizes, seed}."""
     if isinstance(spec, dict) and "generators" in spec:
         rest = {k: v for k, v in spec.items() if k != "generators"}
-        unknown = sorted(set(rest) - {"answer_format", "sizes", "seed"})
+        unknown = sorted(set(rest) - {"answer_format", "sizes", "seed", "partial_credit"})
         if unknown:
-            raise TaskError(f"{where}: unknown key '{unknown[0]}' (generators, answer_format, sizes, seed)")
+            raise TaskError(f"{where}: unknown key '{unknown[0]}' (generators, answer_format, sizes, seed, "
+                            "partial_credit)")
         parsed = parse(spec["generators"], where)
         return _checked(ReasoningGymSpec(parsed.generators, rest.get("answer_format", "tag"),
-                                         {**SPLIT_SIZES, **(rest.get("sizes") or {})}, rest.get("seed", 0)), where)
+                                         {**SPLIT_SIZES, **(rest.get("sizes") or {})}, rest.get("seed", 0),
+                                         rest.get("partial_credit", True)), where)
     if isinstance(spec, str):
         spec = [name for name in spec.split("+")]
     if isinstance(spec, list) and all(isinstance(n, str) and n for n in spec):
@@ -113,6 +119,8 @@ def _checked(spec: ReasoningGymSpec, where: str) -> ReasoningGymSpec:
         raise TaskError(f"{where}: sizes must give train, validation and test a whole number > 0; got {spec.sizes}")
     if not isinstance(spec.seed, int) or isinstance(spec.seed, bool) or spec.seed < 0:
         raise TaskError(f"{where}: seed must be a whole number >= 0; got {spec.seed!r}")
+    if not isinstance(spec.partial_credit, bool):
+        raise TaskError(f"{where}: partial_credit must be true or false; got {spec.partial_credit!r}")
     for name, options in spec.generators.items():
         weight = options.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
@@ -173,14 +181,16 @@ def rows(spec: ReasoningGymSpec) -> dict[str, list[dict]]:
 
 
 class Score:
-    """The generators' own score_answer of the answer extract_answer takes from each completion."""
+    """The generators' own score_answer of the answer extract_answer takes from each completion
+    (without partial_credit, a score below 1 is 0)."""
 
     def __init__(self, spec: ReasoningGymSpec):
-        self.answer_format = spec.answer_format
+        self.answer_format, self.partial_credit = spec.answer_format, spec.partial_credit
         self.scorer = dataset(spec, SPLIT_SEEDS["train"] + spec.seed, 1)
 
     def __call__(self, prompts: list[str], completions: list[str], extras: dict[str, list]) -> list[float]:
         if "entry" not in extras:
             raise TaskError("the reasoning-gym reward needs the rows' 'entry' column (rows of a reasoning-gym task)")
-        return [float(self.scorer.score_answer(extract_answer(c, self.answer_format), entry))
-                for c, entry in zip(completions, extras["entry"])]
+        scores = [float(self.scorer.score_answer(extract_answer(c, self.answer_format), entry))
+                  for c, entry in zip(completions, extras["entry"])]
+        return scores if self.partial_credit else [float(score >= 1.0) for score in scores]

@@ -64,10 +64,11 @@ class Task:
 
     @classmethod
     def reasoning_gym(cls, generators: Any, answer_format: str = "tag", sizes: Optional[dict] = None,
-                      seed: int = 0) -> "Task":
+                      seed: int = 0, partial_credit: bool = True) -> "Task":
         """reasoning-gym generators as a task: a name, a list of names, or {name: options} (a
         `weight` option weighs a composite); see lm/reasoning_tasks.py."""
         spec = {"generators": generators, "answer_format": answer_format, "seed": seed,
+                "partial_credit": partial_credit,
                 **({"sizes": sizes} if sizes is not None else {})}
         return reasoning_gym_task(reasoning_tasks.parse(spec, "reasoning_gym"))
 
