@@ -245,8 +245,46 @@ def test_a_two_player_game_needs_an_opponent_and_plays_against_it(tmp_path, monk
         boom = ArenaEnv("IteratedRockPaperScissors-v0", opponent="rps_bot:boom")
         boom.reset(seed=0)
         boom.step("[paper]")
-    with pytest.raises(TaskError, match="not built yet"):
+    with pytest.raises(TaskError, match="name the frozen model as model:NAME"):
         ArenaEnv("IteratedRockPaperScissors-v0", opponent="reference")
+
+
+def test_a_frozen_model_plays_the_other_seat_greedily(chat_lm, tmp_path):
+    from policygrad.lm.arena import ArenaEnv, ModelOpponent
+    seat = ArenaEnv("IteratedRockPaperScissors-v0", opponent=f"model:{chat_lm}", env_kwargs={"num_rounds": 3})
+    again = ArenaEnv("IteratedRockPaperScissors-v0", opponent=f"model:{chat_lm}", env_kwargs={"num_rounds": 3})
+    assert seat.opponent.model is again.opponent.model          # one copy per process
+    calls = []
+    replies = seat.opponent.__class__.__call__
+
+    def counted(self, observation):
+        calls.append(observation)
+        return replies(self, observation)
+    ModelOpponent.__call__ = counted
+    try:
+        games = []
+        for env in (seat, again):
+            first, _ = env.reset(seed=3)
+            transcript = [first]
+            for move in ("[rock]", "[paper]", "[scissors]"):
+                observation, reward, done, _, info = env.step(move)
+                transcript.append((observation, reward, done))
+                if done:
+                    break
+            games.append(transcript)
+    finally:
+        ModelOpponent.__call__ = replies
+    assert calls and games[0] == games[1]                          # greedy: the same game twice
+    # its move is the model's greedy reply to the game's messages under its chat template
+    model, tokenizer = ModelOpponent.loaded[str(chat_lm)]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": calls[0]}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    greedy = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
+                            pad_token_id=tokenizer.pad_token_id)
+    assert seat.opponent(calls[0]) == tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    with pytest.raises(TaskError, match="opponent 'model:.*no-such-model'"):
+        ArenaEnv("IteratedRockPaperScissors-v0", opponent=f"model:{tmp_path / 'no-such-model'}")
 
 
 # --- tools ------------------------------------------------------------------------------------
@@ -356,6 +394,7 @@ CROSSINGS = {
                                                                      "advantage=gae", "max_turns=2"]),
     "tools, lora in bfloat16": ("calculator-arithmetic", ["lora_r=4", "dtype=bfloat16", "max_new_tokens=8"]),
     "tools, 2 processes": ("calculator-arithmetic", ["--nproc", "2", "max_new_tokens=8"]),
+    "textarena for two against a frozen model, 2 processes": ("rps", ["--nproc", "2", "max_turns=2"]),
 }
 
 
@@ -366,6 +405,10 @@ def test_ecosystem_tasks_cross_the_run_options(crossing, chat_lm, tmp_path):
         task = str(tmp_path / "rg.yaml")
         (tmp_path / "rg.yaml").write_text("reasoning_gym:\n  generators: chain_sum\n  sizes: {train: 40, validation: 6, "
                                           "test: 6}\nmax_new_tokens: 4\n")
+    if task == "rps":
+        task = str(tmp_path / "rps.yaml")
+        (tmp_path / "rps.yaml").write_text(f"env: textarena:IteratedRockPaperScissors-v0\nenv_kwargs: "
+                                           f"{{opponent: 'model:{chat_lm}', num_rounds: 2}}\n")
     algo = [] if "--algo" in extra else ["--algo", "reinforce"]
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "policygrad", "train", *algo, "--task", task, "--model", str(chat_lm),

@@ -10,7 +10,9 @@ episode path as our own text envs (lm/episodes.py), the model as player 0.
 - Invalid moves: the game's own handling (a warning and a retry, then the end of the game) stays;
   each turn reports `invalid_move` (logged as episode/invalid_move_rate).
 - Two-player games: the other player is a fixed opponent, a Python function
-  `opponent(observation: str) -> str` named as `module:function`.
+  `opponent(observation: str) -> str` named as `module:function`, or a frozen language model
+  named as `model:NAME` (`model:smollm2-135m`, the run's own --model, is the reference: the
+  policy's frozen starting point), which plays greedily.
 - Randomness: TextArena games draw from Python's global `random` (seeded at reset); each env here
   keeps its own copy of that state and swaps it in around every call, so envs of one batch do not
   share a stream and nothing else's `random` is disturbed.
@@ -51,16 +53,56 @@ def _library():
     return textarena
 
 
+OPPONENT_TOKENS = 32
+"""A model opponent's longest move, in tokens (TextArena moves are short: '[rock]', '[e2e4]')."""
+
+
+class ModelOpponent:
+    """The other player as a frozen language model (`opponent: model:NAME`, NAME a model folder or
+    alias): its greedy reply, at most OPPONENT_TOKENS tokens, to the game's messages as one user
+    message under its chat template. Greedy, so a game replays the same against the same moves
+    and a resumed run needs no opponent state; loaded once per process, shared by every env, on
+    the CPU (a move is a few short generations; the accelerator stays the policy's)."""
+    loaded: dict[str, tuple] = {}
+
+    def __init__(self, name: str):
+        if name not in ModelOpponent.loaded:
+            from . import models  # transformers: only a model opponent needs it here
+            try:
+                model, tokenizer = models.load(name)
+            except Exception as e:  # ModelError's line, or the library's own
+                raise TaskError(f"opponent 'model:{name}': {e}") from None
+            ModelOpponent.loaded[name] = (model.eval().requires_grad_(False), tokenizer)
+        self.model, self.tokenizer = ModelOpponent.loaded[name]
+
+    def __call__(self, observation: str) -> str:
+        import torch  # the opponent's generation; the module's games need no torch
+
+        tokenizer = self.tokenizer
+        text = (tokenizer.apply_chat_template([{"role": "user", "content": observation}], tokenize=False,
+                                              add_generation_prompt=True)
+                if tokenizer.chat_template else observation + "\n")
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=OPPONENT_TOKENS, pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
 def opponent_fn(spec: Optional[str]) -> Optional[Callable[[str], str]]:
-    """The other player of a two-player game: `module:function`, found beside the user."""
+    """The other player of a two-player game: `module:function`, found beside the user, or
+    `model:NAME`, a frozen language model (ModelOpponent)."""
     if spec is None:
         return None
     if spec == "reference":
-        raise TaskError("opponent 'reference' (the frozen reference model) is not built yet; give a scripted "
-                        "opponent as module:function, a function (observation: str) -> str")
+        raise TaskError("opponent 'reference': name the frozen model as model:NAME, e.g. model:smollm2-135m "
+                        "(the run's --model is the reference: the policy's frozen starting point)")
+    if str(spec).startswith("model:"):
+        return ModelOpponent(str(spec)[len("model:"):])
     module_name, sep, name = str(spec).partition(":")
     if not sep:
-        raise TaskError(f"opponent '{spec}' must be module:function, a function (observation: str) -> str")
+        raise TaskError(f"opponent '{spec}' must be module:function, a function (observation: str) -> str, or "
+                        "model:NAME, a frozen language model")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -158,7 +200,8 @@ class ArenaEnv(gym.Env):
             self.players = 2
             if self.opponent is None:
                 raise TaskError(f"textarena:{self.game} is a game for two: give its other player as opponent: "
-                                "module:function (a function observation -> action)") from None
+                                "module:function (a function observation -> action) or model:NAME (a frozen language "
+                                "model)") from None
             self._call(self.env.reset, num_players=self.players, seed=seed)
         except LookupError as e:
             raise TaskError(missing_data(self.game, e)) from None
@@ -214,5 +257,5 @@ def task_kwargs(spec: dict, where: str) -> tuple[Optional[str], dict]:
     kwargs = dict(spec or {})
     opponent = kwargs.pop("opponent", None)
     if opponent is not None and not isinstance(opponent, str):
-        raise TaskError(f"{where}: opponent must be module:function; got {opponent!r}")
+        raise TaskError(f"{where}: opponent must be module:function or model:NAME; got {opponent!r}")
     return opponent, kwargs
