@@ -3,7 +3,9 @@
 - `rg-base`: the untrained model's test accuracy on reasoning-gym generators (the share of test
   questions whose score is 1), to pick ones it can start on (5% to 50%).
 - `rg`: REINFORCE on a reasoning-gym generator for --steps (60); held-out accuracy must at least
-  double and gain 15 points, on every seed given (the worst counts).
+  double and gain 15 points, on every seed given (the worst counts). Beside it, the accuracy of
+  always giving the test split's most common answer, and how many distinct answers the trained
+  model gives: a skewed generator lets a policy meet the bar without reading the question.
 - `arena`: REINFORCE on textarena:GuessTheNumber-v0 for 80 steps; the test success rate must at
   least double and gain 15 points.
 - `calculator`: REINFORCE on calculator-arithmetic; reports the share of turns with a well-formed
@@ -18,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from common import cpu_name, run_cli  # benchmarks/common.py
@@ -65,19 +68,41 @@ def rg_base(args) -> dict:
     return {"benchmark": "ecosystem_rg_base", "generators": rows}
 
 
+def constant_answer(task: str) -> tuple[str, float]:
+    """The test split's most common right answer and its share: the accuracy of a policy that
+    always gives it, without reading the question (a skewed generator rewards that)."""
+    import policygrad
+    answers = Counter(row["answer"] for row in policygrad.Task.load(task).rows("test"))
+    answer, count = answers.most_common(1)[0]
+    return answer, count / sum(answers.values())
+
+
+def answer_spread(task: str, samples: list[dict]) -> dict:
+    """What the model answered: how many distinct answers, and the share of the most common one."""
+    import policygrad
+    from policygrad.lm.reasoning_tasks import extract_answer
+    answer_format = policygrad.Task.load(task).info["answer_format"]
+    given = Counter(extract_answer(s["completion"], answer_format) for s in samples)
+    answer, count = given.most_common(1)[0]
+    return {"distinct_answers": len(given), "top_answer": answer, "top_answer_share": count / len(samples)}
+
+
 def rg(args) -> dict:
     out = Path(args.out)
     base = base_eval(args.task, args.model, out)
     base_acc, runs = accuracy(base["samples"]), {}
+    constant, constant_acc = constant_answer(args.task)
     for seed in args.seeds:
         run = trained(args.task, args.model, out / f"{Path(args.task).stem.replace(':', '_')}-seed{seed}", args.steps,
                       seed, args.set, args.resume)
         acc = accuracy(run["samples"])
         runs[str(seed)] = {"accuracy": acc, "mean_score": run["final"]["test/reward_mean"],
                            "kl": run["final"]["test/kl_to_reference"], "train_wall_s": run["train_wall_s"],
+                           **answer_spread(args.task, run["samples"]), "beats_constant": acc > constant_acc,
                            "passed": acc >= FACTOR * base_acc and acc - base_acc >= RISE}
     return {"benchmark": "ecosystem_rg", "task": args.task, "steps": args.steps, "set": args.set,
-            "base_accuracy": base_acc, "base_mean_score": base["mean_reward"], "runs": runs,
+            "base_accuracy": base_acc, "base_mean_score": base["mean_reward"],
+            "constant_answer": constant, "constant_answer_accuracy": constant_acc, "runs": runs,
             "worst_accuracy": min(r["accuracy"] for r in runs.values()), "threshold": "x2 and +0.15",
             "passed": all(r["passed"] for r in runs.values())}
 

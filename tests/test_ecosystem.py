@@ -112,6 +112,22 @@ def test_without_partial_credit_a_score_below_one_is_zero():
         policygrad.Task.reasoning_gym("gcd", partial_credit="no")
 
 
+def test_the_benchmark_reports_what_always_giving_the_commonest_answer_scores(tmp_path, monkeypatch):
+    # a skewed generator lets a policy meet the learning bar without reading the question
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    import ecosystem
+    spec = tmp_path / "syllogisms.yaml"
+    spec.write_text("reasoning_gym:\n  generators: syllogism\n  answer_format: plain\n"
+                    "  sizes: {train: 40, validation: 10, test: 30}\n")
+    answers = [r["answer"] for r in policygrad.Task.load(str(spec)).rows("test")]
+    top = max(set(answers), key=answers.count)
+    assert ecosystem.constant_answer(str(spec)) == (top, answers.count(top) / 30)
+    samples = [{"completion": "Yes."}, {"completion": "Yes\nbecause"}, {"completion": "No"}, {"completion": ""}]
+    assert ecosystem.answer_spread(str(spec), samples) == {"distinct_answers": 3, "top_answer": "Yes",
+                                                         "top_answer_share": 0.5}
+
+
 def test_answer_extraction_is_explicit():
     assert reasoning_tasks.extract_answer("a <answer> 1 </answer> b <answer>42</answer>", "tag") == "42"
     assert reasoning_tasks.extract_answer("42", "tag") is None
