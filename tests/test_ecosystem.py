@@ -265,6 +265,19 @@ def test_a_two_player_game_needs_an_opponent_and_plays_against_it(tmp_path, monk
         ArenaEnv("IteratedRockPaperScissors-v0", opponent="reference")
 
 
+def test_python_makes_a_game_for_two_with_a_function_as_the_other_player():
+    task = policygrad.Task.textarena("IteratedRockPaperScissors-v0", opponent=lambda observation: "[rock]",
+                                     num_rounds=2)
+    env = task.env()
+    env.reset(seed=0)
+    env.step("[paper]")
+    _, reward, done, _, info = env.step("[paper]")
+    assert done and reward == 1.0 and info["success"]
+    assert len(task.rows("test")) > 0 and task.defaults["max_turns"] == 10
+    with pytest.raises(TaskError, match="opponent must be module:function, model:NAME"):
+        policygrad.Task.textarena("IteratedRockPaperScissors-v0", opponent=3)
+
+
 def test_a_frozen_model_plays_the_other_seat_greedily(chat_lm, tmp_path):
     from policygrad.lm.arena import ArenaEnv, ModelOpponent
     seat = ArenaEnv("IteratedRockPaperScissors-v0", opponent=f"model:{chat_lm}", env_kwargs={"num_rounds": 3})

@@ -89,11 +89,11 @@ class ModelOpponent:
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def opponent_fn(spec: Optional[str]) -> Optional[Callable[[str], str]]:
+def opponent_fn(spec: Any) -> Optional[Callable[[str], str]]:
     """The other player of a two-player game: `module:function`, found beside the user, or
     `model:NAME`, a frozen language model (ModelOpponent)."""
-    if spec is None:
-        return None
+    if spec is None or callable(spec):  # Python's Task.textarena(..., opponent=fn) passes the function
+        return spec
     if spec == "reference":
         raise TaskError("opponent 'reference': name the frozen model as model:NAME, e.g. model:smollm2-135m "
                         "(the run's --model is the reference: the policy's frozen starting point)")
@@ -171,7 +171,7 @@ class ArenaEnv(gym.Env):
     """A TextArena game as a Gymnasium text env (reset -> first message, step(reply) -> answer)."""
     metadata: dict = {}
 
-    def __init__(self, game: str, opponent: Optional[str] = None, env_kwargs: Optional[dict] = None):
+    def __init__(self, game: str, opponent: Any = None, env_kwargs: Optional[dict] = None):
         self.game, self.kwargs = game, dict(env_kwargs or {})
         self.env = _made(game, self.kwargs)
         self.opponent = opponent_fn(opponent)
@@ -256,6 +256,7 @@ def task_kwargs(spec: dict, where: str) -> tuple[Optional[str], dict]:
     """(opponent, the game's own keyword arguments) from a task YAML's env_kwargs."""
     kwargs = dict(spec or {})
     opponent = kwargs.pop("opponent", None)
-    if opponent is not None and not isinstance(opponent, str):
-        raise TaskError(f"{where}: opponent must be module:function or model:NAME; got {opponent!r}")
+    if opponent is not None and not isinstance(opponent, str) and not callable(opponent):
+        raise TaskError(f"{where}: opponent must be module:function, model:NAME or (from Python) a function; "
+                        f"got {opponent!r}")
     return opponent, kwargs

@@ -73,6 +73,13 @@ class Task:
         return reasoning_gym_task(reasoning_tasks.parse(spec, "reasoning_gym"))
 
     @classmethod
+    def textarena(cls, game: str, opponent: Any = None, **game_kwargs: Any) -> "Task":
+        """A TextArena game as a multi-turn task (lm/arena.py), game_kwargs its own arguments; a game
+        for two needs the opponent: a function observation -> action, module:function, or
+        model:NAME (a frozen language model)."""
+        return textarena_task(game, {**game_kwargs, **({"opponent": opponent} if opponent is not None else {})})
+
+    @classmethod
     def from_env(cls, env: Any) -> "Task":
         """A text Gymnasium env (an instance, a class or a factory): prompts are its seeded resets."""
         name = getattr(env, "__name__", type(env).__name__)
