@@ -89,7 +89,7 @@ def _library():
 
 def parse(spec: Any, where: str) -> ReasoningGymSpec:
     """`reasoning_gym:` of a task YAML (or Python's arguments): a generator's name, a list of
-    names, a {name: options} mapping, or {generators: ..., answer_format, sizes, seed}."""
+    names, a {name: options} mapping, or {generators: ..., answer_format, sizes, seed, partial_credit}."""
     if isinstance(spec, dict) and "generators" in spec:
         rest = {k: v for k, v in spec.items() if k != "generators"}
         unknown = sorted(set(rest) - {"answer_format", "sizes", "seed", "partial_credit"})
