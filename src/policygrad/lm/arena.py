@@ -32,9 +32,11 @@ import sys
 from typing import Any, Callable, Optional
 
 import gymnasium as gym
+import torch
 from gymnasium import spaces
 
 from ..errors import TaskError
+from . import models
 
 EXTRA = "pip install -e '.[tasks]' (make install does)"
 PLAYER = 0
@@ -67,7 +69,6 @@ class ModelOpponent:
 
     def __init__(self, name: str):
         if name not in ModelOpponent.loaded:
-            from . import models  # transformers: only a model opponent needs it here
             try:
                 model, tokenizer = models.load(name)
             except Exception as e:  # ModelError's line, or the library's own
@@ -76,8 +77,6 @@ class ModelOpponent:
         self.model, self.tokenizer = ModelOpponent.loaded[name]
 
     def __call__(self, observation: str) -> str:
-        import torch  # the opponent's generation; the module's games need no torch
-
         tokenizer = self.tokenizer
         text = (tokenizer.apply_chat_template([{"role": "user", "content": observation}], tokenize=False,
                                               add_generation_prompt=True)
