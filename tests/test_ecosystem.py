@@ -278,31 +278,24 @@ def test_python_makes_a_game_for_two_with_a_function_as_the_other_player():
         policygrad.Task.textarena("IteratedRockPaperScissors-v0", opponent=3)
 
 
-def test_a_frozen_model_plays_the_other_seat_greedily(chat_lm, tmp_path):
+def test_a_frozen_model_plays_the_other_seat_greedily(chat_lm, tmp_path, monkeypatch):
     from policygrad.lm.arena import ArenaEnv, ModelOpponent
     seat = ArenaEnv("IteratedRockPaperScissors-v0", opponent=f"model:{chat_lm}", env_kwargs={"num_rounds": 3})
     again = ArenaEnv("IteratedRockPaperScissors-v0", opponent=f"model:{chat_lm}", env_kwargs={"num_rounds": 3})
     assert seat.opponent.model is again.opponent.model          # one copy per process
-    calls = []
-    replies = seat.opponent.__class__.__call__
-
-    def counted(self, observation):
-        calls.append(observation)
-        return replies(self, observation)
-    ModelOpponent.__call__ = counted
-    try:
-        games = []
-        for env in (seat, again):
-            first, _ = env.reset(seed=3)
-            transcript = [first]
-            for move in ("[rock]", "[paper]", "[scissors]"):
-                observation, reward, done, _, info = env.step(move)
-                transcript.append((observation, reward, done))
-                if done:
-                    break
-            games.append(transcript)
-    finally:
-        ModelOpponent.__call__ = replies
+    calls, replies = [], ModelOpponent.__call__
+    monkeypatch.setattr(ModelOpponent, "__call__", lambda self, observation: calls.append(observation) or
+                        replies(self, observation))
+    games = []
+    for env in (seat, again):
+        transcript = [env.reset(seed=3)[0]]
+        for move in ("[rock]", "[paper]", "[scissors]"):
+            observation, reward, done, _, _ = env.step(move)
+            transcript.append((observation, reward, done))
+            if done:
+                break
+        games.append(transcript)
+    monkeypatch.undo()
     assert calls and games[0] == games[1]                          # greedy: the same game twice
     # its move is the model's greedy reply to the game's messages under its chat template
     model, tokenizer = ModelOpponent.loaded[str(chat_lm)]
